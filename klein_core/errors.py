@@ -1,0 +1,25 @@
+"""User-facing errors: each names the file or value at fault and says what to do about it."""
+
+
+class KleinError(ValueError):
+    """Base class for every error the pack reports to a user (CLI prints it without a traceback)."""
+
+
+class PlanError(KleinError):
+    """A planner input (image count, batch size, grad accumulation, repeats, steps) is out of range."""
+
+
+class DatasetError(KleinError):
+    """The dataset folder or one of its files cannot be used."""
+
+
+class ModelError(KleinError):
+    """A model file or folder is missing, corrupt, distilled, not Klein, or mismatched."""
+
+
+class LoraFormatError(KleinError):
+    """A LoRA file has keys we cannot map onto a Klein transformer."""
+
+
+class ResumeError(KleinError):
+    """A run folder cannot be resumed with the given dataset or config."""

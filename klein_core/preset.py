@@ -1,0 +1,36 @@
+"""The Klein 9B Base starter preset: the one source of truth for node defaults, CLI defaults and docs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class StarterPreset:
+    """Starting values for a character/identity LoRA on FLUX.2 [klein] Base 9B (4B uses the same)."""
+
+    batch_size: int = 1
+    grad_accum: int = 1  # 2-4 only to save VRAM; the planner lowers training steps in proportion
+    learning_rate: float = 1e-4
+    unstable_learning_rate: float = 5e-5  # first advice when a run collapses or the loss goes non-finite
+    rank: int = 16  # 32 only when the run is stable and underfitting
+    stable_underfit_rank: int = 32
+    alpha: int = 16  # alpha = rank: the LoRA scale alpha/rank is 1.0
+    resolution: int = 1024
+    optional_resolutions: tuple[int, ...] = (768,)
+    trigger_placeholder: str = "[trigger]"
+    default_caption: str = "photo of [trigger]"
+    caption_dropout: float = 0.05
+    target_repeats: float = 100.0
+    sample_steps: int = 50  # denoising steps of a preview, not training steps
+    cfg: float = 4.0  # real classifier-free guidance: Base is undistilled
+    preview_seed: int = 0
+    min_base_sample_steps: int = 30  # below this a Base preview is under-sampled (warning)
+    min_base_cfg: float = 1.5  # at or below this a Base preview has no real guidance (warning)
+    text_encoder_layers: tuple[int, ...] = field(default=(9, 18, 27))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESET = StarterPreset()
