@@ -1,0 +1,75 @@
+"""Klein latents: VAE encode, 2x2 patchify to 128 channels, batch-norm normalise, pack to tokens; and back.
+
+Shapes: pixels (B,3,H,W) in [-1,1] -> VAE (B,32,H/8,W/8) -> patchified (B,128,H/16,W/16), channel c*4+dy*2+dx
+-> normalised with the VAE's ``bn`` running stats -> packed tokens (B, H/16*W/16, 128), token index h*W+w.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LATENT_MULTIPLE = 16  # image sides must be multiples of 16 (VAE /8, then 2x2 patches)
+
+
+def patchify(latents: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, c * 4, h // 2, w // 2)
+
+
+def unpatchify(latents: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, c // 4, h * 2, w * 2)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = latents.shape
+    return latents.reshape(b, c, h * w).permute(0, 2, 1)
+
+
+def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack` for a (height, width) latent grid (in /16 units)."""
+    b, _, c = tokens.shape
+    return tokens.permute(0, 2, 1).reshape(b, c, height, width)
+
+
+def _bn_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(like.device, like.dtype)
+    return mean, std
+
+
+def normalise(vae, patchified: torch.Tensor) -> torch.Tensor:
+    mean, std = _bn_stats(vae, patchified)
+    return (patchified - mean) / std
+
+
+def denormalise(vae, normalised: torch.Tensor) -> torch.Tensor:
+    mean, std = _bn_stats(vae, normalised)
+    return normalised * std + mean
+
+
+@torch.no_grad()
+def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) in [-1,1] -> normalised patchified latents (B,128,H/16,W/16). Uses the distribution's mode."""
+    param = next(vae.parameters())
+    latents = vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode()
+    return normalise(vae, patchify(latents))
+
+
+@torch.no_grad()
+def decode_latents(vae, normalised: torch.Tensor) -> torch.Tensor:
+    """Normalised patchified latents (B,128,h,w) -> pixels (B,3,16h,16w) in [-1,1]."""
+    param = next(vae.parameters())
+    latents = unpatchify(denormalise(vae, normalised.to(param.device, param.dtype)))
+    return vae.decode(latents, return_dict=False)[0]
+
+
+def image_ids(batch: int, height: int, width: int, device="cpu") -> torch.Tensor:
+    """Image position ids (0, h, w, 0) in token order h*W+w, shape (B, h*w, 4)."""
+    hh, ww = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+    ids = torch.zeros(height * width, 4, dtype=torch.long, device=device)
+    ids[:, 1] = hh.reshape(-1)
+    ids[:, 2] = ww.reshape(-1)
+    return ids.unsqueeze(0).expand(batch, -1, -1)

@@ -1,0 +1,52 @@
+"""Klein prompt embeddings: Qwen3 chat template, hidden states (9, 18, 27), stacked per token."""
+
+from __future__ import annotations
+
+import torch
+
+from .preset import PRESET
+
+MAX_TEXT_TOKENS = 512
+
+
+def klein_chat_text(prompt: str) -> str:
+    """The single-turn Qwen3 chat text with thinking disabled, exactly as the Klein pipeline renders it."""
+    return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def substitute_trigger(text: str, trigger: str) -> str:
+    """Replace the ``[trigger]`` placeholder (in captions and preview prompts) by the trigger word."""
+    return text.replace(PRESET.trigger_placeholder, trigger)
+
+
+@torch.no_grad()
+def encode_prompts(
+    text_encoder,
+    tokenizer,
+    prompts: list[str],
+    layers: tuple[int, ...] = PRESET.text_encoder_layers,
+    max_tokens: int = MAX_TEXT_TOKENS,
+) -> torch.Tensor:
+    """Return (B, 512, 3*H) embeddings: per token ``[h9 | h18 | h27]``, all 512 padded tokens kept.
+
+    Runs under ``no_grad``: cached embeddings must not hold a graph (a second backward would fail).
+    """
+    texts = [klein_chat_text(p) for p in prompts]
+    batch = tokenizer(texts, padding="max_length", truncation=True, max_length=max_tokens, return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    out = text_encoder(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    stacked = torch.stack([out.hidden_states[i] for i in layers], dim=1)  # (B, 3, L, H)
+    b, n, length, hidden = stacked.shape
+    return stacked.permute(0, 2, 1, 3).reshape(b, length, n * hidden)
+
+
+def text_ids(batch: int, length: int = MAX_TEXT_TOKENS, device="cpu") -> torch.Tensor:
+    """Text position ids (0, 0, 0, l) for l = 0..L-1, shape (B, L, 4)."""
+    ids = torch.zeros(length, 4, dtype=torch.long, device=device)
+    ids[:, 3] = torch.arange(length, device=device)
+    return ids.unsqueeze(0).expand(batch, -1, -1)

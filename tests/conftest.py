@@ -1,0 +1,85 @@
+"""Shared fixtures: the tiny Klein model (built offline at run time, cached) and the sample dataset.
+
+Nothing here fakes ComfyUI; tests that need the real one use the server harness or skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KLEIN_LORA_CACHE", Path.home() / ".cache" / "klein-lora"))
+
+
+def _tiny_key(seed: int, distilled: bool) -> str:
+    import klein_core.keymap
+    import klein_core.tiny
+
+    h = hashlib.sha256()
+    for module in (klein_core.tiny, klein_core.keymap):
+        h.update(Path(module.__file__).read_bytes())
+    h.update(f"{seed}-{distilled}".encode())
+    return h.hexdigest()[:12]
+
+
+def tiny_model_dir(seed: int = 0, distilled: bool = False) -> Path:
+    """Build (once per source version) a tiny Klein in both formats and return its folder."""
+    from klein_core.atomic import atomic_write_bytes
+    from klein_core.tiny import make_tiny
+
+    folder = cache_root() / "tiny" / _tiny_key(seed, distilled)
+    if not (folder / "complete").exists():
+        make_tiny(folder, fmt="both", distilled=distilled, seed=seed)
+        atomic_write_bytes(folder / "complete", b"ok")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusers(tiny_model) -> Path:
+    return tiny_model / "diffusers"
+
+
+@pytest.fixture(scope="session")
+def tiny_comfy_files(tiny_model) -> dict[str, Path]:
+    from klein_core.tiny import COMFY_FILES
+
+    root = tiny_model / "comfyui"
+    return {name: root / rel for name, rel in COMFY_FILES.items() if (root / rel).exists()}
+
+
+# ---- real ComfyUI server (tests marked comfy_server); see tests/comfy_harness.py ---------------------------------------
+from comfy_harness import comfy_env, comfy_server  # noqa: E402,F401  (session fixtures)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _RepoRootIsNotATestPackage:
+    """The repo root holds ComfyUI's ``__init__.py`` entry point, which only imports inside ComfyUI.
+
+    pytest would collect the root as a Package and import that file (as a module named after the checkout folder);
+    collecting it as a plain directory instead keeps pytest away from it. Registered as a global plugin because a
+    conftest's own hooks do not see its parent directory.
+    """
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if Path(path).resolve() == REPO_ROOT:
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_RepoRootIsNotATestPackage(), "klein-repo-root-is-not-a-test-package")
