@@ -21,6 +21,7 @@ class StarterPreset:
     trigger_placeholder: str = "[trigger]"
     default_caption: str = "photo of [trigger]"
     caption_dropout: float = 0.05
+    regularization_weight: float = 0.1  # loss weight of the optional class-image set: low, so it anchors without diluting
     target_repeats: float = 100.0
     sample_steps: int = 50  # denoising steps of a preview, not training steps
     cfg: float = 4.0  # real classifier-free guidance: Base is undistilled
