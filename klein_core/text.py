@@ -14,11 +14,6 @@ def klein_chat_text(prompt: str) -> str:
     return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
-def substitute_trigger(text: str, trigger: str) -> str:
-    """Replace the ``[trigger]`` placeholder (in captions and preview prompts) by the trigger word."""
-    return text.replace(PRESET.trigger_placeholder, trigger)
-
-
 @torch.no_grad()
 def encode_prompts(
     text_encoder,

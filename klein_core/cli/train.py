@@ -1,0 +1,105 @@
+"""``klein-lora train``: headless training, the same calls the ComfyUI trainer node makes."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+from ..dataset import DatasetSpec
+from ..loading import resolve_model
+from ..preset import PRESET
+from ..training import TrainCallbacks, TrainConfig, train
+from ._common import add_model_args, print_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a Klein Base LoRA on a folder of images")
+    add_model_args(p)
+    p.add_argument("--images", required=True, help="dataset folder (images + optional same-stem .txt captions)")
+    p.add_argument("--trigger", required=True, help="the trigger word; replaces [trigger] in captions")
+    p.add_argument("--out", required=True, help="run folder (LoRA checkpoints, run.json, training state)")
+    p.add_argument("--name", default="klein_lora", help="LoRA file name stem")
+    dose = p.add_mutually_exclusive_group()
+    dose.add_argument("--target-repeats", type=float, default=PRESET.target_repeats, help="dose in repeats per image R")
+    dose.add_argument("--training-steps", type=int, help="optimizer updates S (instead of a target dose)")
+    p.add_argument("--batch-size", type=int, default=PRESET.batch_size)
+    p.add_argument("--grad-accum", type=int, default=PRESET.grad_accum, help="micro-batches per training step")
+    p.add_argument("--lr", type=float, default=PRESET.learning_rate, help=f"learning rate ({PRESET.unstable_learning_rate:g} when unstable)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="training steps of linear LR warmup")
+    p.add_argument("--rank", type=int, default=PRESET.rank)
+    p.add_argument("--resolution", type=int, nargs="+", default=[PRESET.resolution], help="e.g. 1024, or 1024 768")
+    p.add_argument("--default-caption", default=PRESET.default_caption)
+    p.add_argument("--caption-dropout", type=float, default=PRESET.caption_dropout)
+    p.add_argument("--save-every", type=int, default=250, help="training steps between checkpoints")
+    p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0 = all)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", help="latent/embedding cache (default ~/.cache/klein-lora or $KLEIN_LORA_CACHE)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out to its planned total")
+    p.add_argument("--allow-changes", action="store_true", help="resume even though the dataset or config changed")
+    p.add_argument("--json", action="store_true", help="print a final JSON summary")
+    p.set_defaults(func=run)
+
+
+class _Signals:
+    """SIGINT/SIGTERM ask the loop to stop after the current micro-batch; it saves the last completed step."""
+
+    def __init__(self) -> None:
+        self.stop = False
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        self.stop = True
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def progress_line(info: dict) -> str:
+    done, total = info["training_step"], info["training_steps"]
+    bar = "#" * int(20 * done / total)
+    return (f"\rtraining step {done}/{total} [{bar:<20}] loss {info['loss']:.4f} "
+            f"{info['s_per_step']:.2f} s/step ETA {time.strftime('%H:%M:%S', time.gmtime(info['eta_s']))}")
+
+
+def run(args) -> int:
+    spec = DatasetSpec(
+        folder=args.images, trigger=args.trigger, default_caption=args.default_caption,
+        caption_dropout=args.caption_dropout, resolutions=tuple(args.resolution),
+    )
+    spec.scan()  # dataset errors before any model work
+    resolved = resolve_model(args.model, args.text_encoder, args.vae, args.tokenizer)
+    config = TrainConfig(
+        output_name=args.name, training_steps=args.training_steps, target_repeats=args.target_repeats,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup_steps,
+        rank=args.rank, seed=args.seed, save_every=args.save_every, keep_last=args.keep_last,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    with _Signals() as signals:
+        callbacks = TrainCallbacks(
+            on_step=lambda info: print(progress_line(info), end="", file=sys.stderr, flush=True),
+            should_stop=lambda: signals.stop,
+            log=lambda m: log(f"\n{m}" if m.startswith("training stopped") else m),
+        )
+        result = train(resolved, spec, config, Path(args.out), callbacks=callbacks, cache_dir=args.cache_dir, resume=args.resume, allow_changes=args.allow_changes)
+    print(file=sys.stderr)
+    summary = {
+        "training_steps": result.plan.training_steps,
+        "repeats_per_image": result.plan.repeats_per_image,
+        "final_lora": str(result.final_lora),
+        "checkpoints": [str(path) for _, path, _ in result.checkpoints],
+        "run_dir": str(result.run_dir),
+    }
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"final LoRA: {summary['final_lora']}")
+        print(f"run manifest: {result.run_dir / 'run.json'}")
+    return 0
