@@ -204,13 +204,16 @@ def read_lora_file(path: str | Path) -> LoraWeights:
 class LoraPatcher:
     """Merge LoRA deltas into a plain transformer's Linear weights, and put the exact originals back.
 
-    Merging makes a preview cost the same as the base model (an unmerged LoRA costs 1.2-1.4x per forward).
+    Merging makes a preview cost the same as the base model (an unmerged LoRA costs 1.2-1.4x per forward). A
+    quantised weight (the 8-bit base of the low-VRAM mode) cannot take a dense delta: such a module gets the LoRA as
+    a forward hook instead (output + x·Aᵀ·Bᵀ·strength), removed again by ``restore``.
     """
 
     def __init__(self, transformer):
         self.transformer = transformer
         self.modules = dict(transformer.named_modules())
         self.originals: dict[str, torch.Tensor] = {}
+        self.hooks: list = []
 
     def apply(self, weights: LoraWeights, strength: float = 1.0) -> None:
         self.restore()
@@ -221,7 +224,10 @@ class LoraPatcher:
             weight = module.weight
             if (b.shape[0], a.shape[1]) != tuple(weight.shape):
                 raise LoraFormatError(f"LoRA module {name} has shape {(b.shape[0], a.shape[1])}, the model {tuple(weight.shape)}")
-            self.originals[name] = weight.data.clone()
+            if type(weight.data) is not torch.Tensor:  # a quantised tensor subclass: patch the output instead
+                self.hooks.append(module.register_forward_hook(_lora_output_hook(a, b, strength, weight.device)))
+                continue
+            self.originals[name] = weight.data  # never modified: the merged weight is a new tensor
             delta = (b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)) * strength
             weight.data = (weight.data.float() + delta).to(weight.dtype)
 
@@ -229,6 +235,9 @@ class LoraPatcher:
         for name, original in self.originals.items():
             self.modules[name].weight.data = original
         self.originals = {}
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
 
     @contextmanager
     def applied(self, weights: LoraWeights | None, strength: float = 1.0) -> Iterator["LoraPatcher"]:
@@ -239,3 +248,12 @@ class LoraPatcher:
             yield self
         finally:
             self.restore()
+
+
+def _lora_output_hook(a: torch.Tensor, b: torch.Tensor, strength: float, device):
+    a, b = a.to(device, torch.float32), (b * strength).to(device, torch.float32)
+
+    def hook(_module, args, output):
+        return output + (args[0].float() @ a.T @ b.T).to(output.dtype)
+
+    return hook

@@ -28,8 +28,10 @@ from .atomic import atomic_torch_save, atomic_write_json
 from .cache import EmbeddingCache, latent_requests, prompts_to_cache
 from .dataset import BucketBatchSampler, DatasetScan, DatasetSpec, fingerprint_parts, substitute_trigger
 from .errors import KleinError, ResumeError
+from .health import CheckpointRecord, TrainingHistory, non_finite_loss_message
 from .latents import encode_images, image_ids, pack
 from .loading import ResolvedModel, load_text_encoder, load_transformer, load_vae
+from .monitor import HealthMonitor, HealthSummary, validation_loss
 from .planner import Plan, plan
 from .preset import PRESET
 from .text import encode_prompts, text_ids
@@ -37,8 +39,6 @@ from .text import encode_prompts, text_ids
 STATE_FILE = "training_state.pt"
 MANIFEST_FILE = "run.json"
 BASE_SHIFT, MAX_SHIFT, BASE_TOKENS, MAX_TOKENS = 0.5, 1.15, 256, 4096
-VALIDATION_SIGMAS = (0.2, 0.4, 0.6, 0.8)
-VALIDATION_SEED = 20260115
 
 
 class TrainingInterrupted(KleinError):
@@ -65,22 +65,19 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 250  # training steps between LoRA checkpoints (0: only the final LoRA)
     keep_last: int = 0  # keep only the newest N step checkpoints (0: keep all)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # None: automatic, on when the estimate says the GPU needs it
+    base_8bit: bool = False  # low-VRAM mode: int8 base weights, LoRA on top (the optional [lowvram] extra)
+    compile_blocks: bool = False  # torch.compile each transformer block (worth it on CUDA; the first step compiles)
     log_every: int = 1  # training steps between loss reads (the only host-device sync)
     validation_every: int = 0  # extra fixed-noise validation every K training steps (checkpoints always get one)
-    stop_on_collapse: bool = False
+    stop_on_collapse: bool = False  # stop training as soon as a collapse is detected (the best checkpoint is kept)
+    health_previews: bool = True  # render the first preview prompt at each checkpoint for preview stats and likeness
+    health_sample_steps: int = PRESET.sample_steps  # sample steps of those health previews (Base needs ~50)
+    regularization_weight: float = PRESET.regularization_weight  # loss weight of the optional class-image set
     weight_decay: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Checkpoint:
-    training_step: int
-    path: Path
-    train_loss: float | None = None
-    validation_loss: float | None = None
 
 
 @dataclass
@@ -89,7 +86,7 @@ class TrainCallbacks:
 
     on_step: Callable[[dict], None] | None = None  # {training_step, training_steps, loss, s_per_step, eta_s}
     should_stop: Callable[[], bool] | None = None  # checked every micro-batch; may also raise to cancel
-    on_checkpoint: Callable[[Checkpoint], None] | None = None
+    on_checkpoint: Callable[[CheckpointRecord], None] | None = None  # step, path, validation loss, likeness
     log: Callable[[str], None] = print
 
 
@@ -107,6 +104,7 @@ class TrainedRun:
     final_lora: Path
     plan: Plan
     manifest: dict
+    health: HealthSummary | None = None  # collapse verdict, advice and best checkpoint
     is_distilled: bool = False
 
 
@@ -168,17 +166,21 @@ class MicroBatch:
     embeds: torch.Tensor  # (B,512,3H)
     noise: torch.Tensor
     sigma: torch.Tensor
+    weight: float = 1.0  # regularization micro-batches carry the (low) regularization weight
+    is_regularization: bool = False
 
 
 def accumulate_gradients(transformer, micro_batches: list[MicroBatch], should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
-    """Backward over the micro-batches of one training step, each loss scaled by 1/G. Returns the mean loss."""
+    """Backward over the micro-batches of one training step, each loss scaled by weight/G (G = identity
+    micro-batches). Returns the mean identity loss (plus the weighted regularization loss)."""
+    grad_accum = sum(not m.is_regularization for m in micro_batches)
     total = torch.zeros((), device=micro_batches[0].latents.device)
     for micro in micro_batches:
         if should_stop is not None and should_stop():
             raise TrainingInterrupted("cancelled")
-        loss = flow_matching_loss(transformer, micro.latents, micro.embeds, micro.noise, micro.sigma)
-        (loss / len(micro_batches)).backward()
-        total = total + loss.detach() / len(micro_batches)
+        loss = flow_matching_loss(transformer, micro.latents, micro.embeds, micro.noise, micro.sigma) * micro.weight / grad_accum
+        loss.backward()
+        total = total + loss.detach()
     return total
 
 
@@ -193,19 +195,19 @@ class EncodedDataset:
     vae_encoder_calls: int = 0
 
 
-def encode_dataset(
+def encode_datasets(
     resolved: ResolvedModel,
-    scan: DatasetScan,
-    spec: DatasetSpec,
+    datasets: list[tuple[DatasetScan, DatasetSpec]],
     preview_prompts: tuple[str, ...],
     cache_dir: Path | None,
     device,
     log: Callable[[str], None],
-) -> tuple[EncodedDataset, torch.nn.Module]:
-    """Latents and text embeddings through the on-disk cache. The text encoder is loaded only on a cache miss and
-    released before the transformer is loaded; returns the VAE (kept for previews)."""
+) -> tuple[list[EncodedDataset], torch.nn.Module]:
+    """Latents and text embeddings of each dataset (identity set, then an optional regularization set) through the
+    on-disk cache. The text encoder is loaded only on a cache miss and released before the transformer is loaded;
+    returns the VAE too (kept for previews)."""
     cache = EmbeddingCache(cache_dir, resolved.identity)
-    texts = prompts_to_cache(scan, spec, preview_prompts)
+    texts = list(dict.fromkeys(t for scan, spec in datasets for t in prompts_to_cache(scan, spec, preview_prompts)))
     loaded: list = []
 
     def encode_text(prompts: list[str]) -> torch.Tensor:
@@ -219,18 +221,21 @@ def encode_dataset(
     loaded.clear()  # the text encoder is never resident together with the transformer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    embeds = {text: value.to(device) for text, value in embeds.items()}
 
     vae = load_vae(resolved, dtype=torch.float32, device=device)
-    latents = cache.get_or_compute_latents(latent_requests(scan), lambda pixels: encode_images(vae, pixels.to(device)))
-    samples = scan.samples()
-    encoded = EncodedDataset(
-        latents=[latent.to(device) for latent in latents],
-        captions=[scan.items[s.item_index].caption for s in samples],
-        embeds={text: value.to(device) for text, value in embeds.items()},
-        sample_buckets=[(s.resolution, tuple(s.bucket)) for s in samples],
-        text_encoder_calls=cache.stats.text_misses,
-        vae_encoder_calls=cache.stats.latent_misses,
-    )
+    encoded = []
+    for scan, _spec in datasets:
+        latents = cache.get_or_compute_latents(latent_requests(scan), lambda pixels: encode_images(vae, pixels.to(device)))
+        samples = scan.samples()
+        encoded.append(EncodedDataset(
+            latents=[latent.to(device) for latent in latents],
+            captions=[scan.items[s.item_index].caption for s in samples],
+            embeds=embeds,
+            sample_buckets=[(s.resolution, tuple(s.bucket)) for s in samples],
+            text_encoder_calls=cache.stats.text_misses,
+            vae_encoder_calls=cache.stats.latent_misses,
+        ))
     return encoded, vae
 
 
@@ -269,13 +274,18 @@ def train(
     *,
     callbacks: TrainCallbacks | None = None,
     preview_prompts: tuple[str, ...] = (),
+    regularization: DatasetSpec | None = None,
     cache_dir: str | Path | None = None,
     resume: bool = False,
     allow_changes: bool = False,
     device: str | None = None,
     dist: DistributedContext | None = None,
 ) -> TrainedRun:
-    """Train a Klein Base LoRA and return the in-memory run. Every file written is atomic."""
+    """Train a Klein Base LoRA and return the in-memory run. Every file written is atomic.
+
+    ``regularization`` is an optional folder of class images ("photo of a person") mixed into every micro-batch at
+    ``config.regularization_weight``; the planner's repeats per image count the identity images only.
+    """
     callbacks = callbacks or TrainCallbacks()
     dist = dist or DistributedContext.from_env()
     device = device or default_device()
@@ -284,6 +294,7 @@ def train(
 
     # 1. Everything a user can get wrong is checked before any model loads.
     scan = spec.scan()
+    reg_scan = regularization.scan() if regularization is not None else None
     the_plan = plan(len(scan.items), config.target_repeats, config.batch_size, config.grad_accum, config.training_steps)
     config = replace(config, training_steps=the_plan.training_steps)
     fingerprint = fingerprint_parts(scan, spec)
@@ -299,15 +310,36 @@ def train(
         f"plan: N={the_plan.images} images, B={the_plan.batch_size}, G={the_plan.grad_accum}, "
         f"S={the_plan.training_steps} training steps, {the_plan.repeats_per_image:.1f} repeats per image ({the_plan.band})"
     )
+    if reg_scan is not None:
+        reg_repeats = the_plan.training_steps * config.batch_size * config.grad_accum / len(reg_scan.items)
+        log(f"regularization: {len(reg_scan.items)} class images at weight {config.regularization_weight:g} "
+            f"({reg_repeats:.1f} repeats each; not counted in the identity dose)")
+    if config.base_8bit:
+        from .lowvram import choose_backend
+
+        choose_backend()  # a missing optional backend fails here, before any model loads
+    config = replace(config, gradient_checkpointing=_estimate_memory_mode(resolved, spec, scan, config, device, log))
 
     # 2. Encode once (cached), free the text encoder, then load the transformer.
     prompts = tuple(dict.fromkeys(substitute_trigger(p, scan.trigger) for p in preview_prompts))
-    data, vae = encode_dataset(resolved, scan, spec, prompts, cache_dir, device, log)
-    transformer = load_transformer(resolved, dtype=_dtype(device), device=device)
+    datasets = [(scan, spec)] + ([(reg_scan, regularization)] if reg_scan is not None else [])
+    encoded, vae = encode_datasets(resolved, datasets, prompts, cache_dir, device, log)
+    data, reg_data = encoded[0], (encoded[1] if reg_scan is not None else None)
+    # The 8-bit base loads on the CPU and reaches the device block by block, already quantised.
+    transformer = load_transformer(resolved, dtype=_dtype(device), device="cpu" if config.base_8bit else device)
     transformer.requires_grad_(False)
+    if config.base_8bit:
+        from .lowvram import quantize_base_8bit
+
+        log(f"8-bit base: block weights quantised to int8 with {quantize_base_8bit(transformer, device)}")
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    lora_io.add_lora(transformer, config.rank, config.alpha)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # the adapter's initial A matrices depend on the seed alone
+        lora_io.add_lora(transformer, config.rank, config.alpha)
+    if config.compile_blocks:
+        for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
+            block.compile()  # in place: parameter names (and so LoRA keys) are unchanged
     params = lora_io.lora_parameters(transformer)
     optimizer = torch.optim.AdamW(
         params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=str(device).startswith("cuda")
@@ -316,10 +348,18 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
 
     sampler = BucketBatchSampler(data.sample_buckets, config.batch_size, seed=config.seed, rank=dist.rank, world_size=dist.world_size)
+    reg_sampler = (
+        BucketBatchSampler(reg_data.sample_buckets, config.batch_size, seed=config.seed + 1, rank=dist.rank, world_size=dist.world_size)
+        if reg_data is not None else None
+    )
     dropout = spec.dropout(config.seed)
-    manifest = _new_manifest(resolved, spec, scan, config, the_plan, fingerprint)
+    monitor = HealthMonitor(
+        config.learning_rate, config.rank, has_regularization=reg_data is not None,
+        preview=_health_preview(transformer, vae, data, prompts, spec, config) if config.health_previews else None,
+        references=[_reference_image(item) for item in scan.items] if config.health_previews and prompts else None,
+    )
+    manifest = _new_manifest(resolved, spec, scan, config, the_plan, fingerprint, reg_scan)
     start_step = 0
-    checkpoints: list[Checkpoint] = []
     if state is not None:
         lora_io.load_adapter_weights(transformer, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
@@ -327,48 +367,56 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         start_step = state["training_step"]
         manifest = state["manifest"]
-        checkpoints = [Checkpoint(c["training_step"], Path(c["path"]), c.get("train_loss"), c.get("validation_loss")) for c in manifest["checkpoints"]]
+        monitor.history = TrainingHistory.from_dict(manifest["history"])
         log(f"resuming {run_dir} at training step {start_step}/{config.training_steps}")
+    elif dist.is_main:
+        monitor.history.add_checkpoint(0, None, validation_loss(transformer, data.latents, _caption_embeds(data)))
 
     def micro_batches_for(step: int) -> list[MicroBatch]:
         out = []
         for micro in range(config.grad_accum):
-            epoch, batch = sampler.batch_at(step * config.grad_accum + micro)
+            position = step * config.grad_accum + micro
             generator = micro_batch_generator(config.seed, step, micro)
-            latents = torch.stack([data.latents[i] for i in batch])
+            epoch, batch = sampler.batch_at(position)
             captions = [dropout.caption_for(data.captions[i], scan.trigger, epoch, i) for i in batch]
-            noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-            tokens = latents.shape[-1] * latents.shape[-2]
-            sigma = sample_sigmas(len(batch), tokens, generator).to(device)
-            out.append(MicroBatch(latents, torch.stack([data.embeds[c] for c in captions]), noise, sigma))
+            out.append(_micro_batch(data, batch, captions, generator, device))
+            if reg_sampler is not None:
+                _, reg_batch = reg_sampler.batch_at(position)
+                reg = _micro_batch(reg_data, reg_batch, [reg_data.captions[i] for i in reg_batch], generator, device)
+                out.append(replace(reg, weight=config.regularization_weight, is_regularization=True))
         return out
 
-    def save_checkpoint(step: int, loss: float | None, validate: bool = True) -> Checkpoint:
+    def save_checkpoint(step: int, with_health: bool = True) -> Path:
         path = run_dir / checkpoint_name(config.output_name, step)
         weights = lora_io.adapter_weights(transformer)
-        checkpoint = Checkpoint(step, path, loss, validation_loss(transformer, data) if validate else None)
-        if dist.is_main:
-            lora_io.save_lora(path, weights, _lora_metadata(spec, config, the_plan, step, resolved))
-            checkpoints.append(checkpoint)
-            _prune(checkpoints, config.keep_last)
-            manifest["checkpoints"] = [_checkpoint_dict(c) for c in checkpoints]
-            atomic_torch_save(
-                {
-                    "training_step": step,
-                    "lora": weights,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "config": config.as_dict(),
-                    "fingerprint": fingerprint,
-                    "manifest": manifest,
-                },
-                run_dir / STATE_FILE,
-            )
-            atomic_write_json(run_dir / MANIFEST_FILE, manifest)
-            if callbacks.on_checkpoint:
-                callbacks.on_checkpoint(checkpoint)
-        return checkpoint
+        val = validation_loss(transformer, data.latents, _caption_embeds(data)) if with_health else None
+        if not dist.is_main:
+            return path
+        lora_io.save_lora(path, weights, _lora_metadata(spec, config, the_plan, step, resolved))
+        if with_health:
+            monitor.record_checkpoint(step, str(path), val)
+        else:
+            monitor.history.add_checkpoint(step, str(path))
+        _prune(monitor.history, config.keep_last)
+        manifest["history"] = monitor.history.as_dict()
+        manifest["checkpoints"] = [str(c.lora_path) for c in monitor.history.checkpoints if c.lora_path]
+        atomic_torch_save(
+            {
+                "training_step": step,
+                "lora": weights,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "config": config.as_dict(),
+                "fingerprint": fingerprint,
+                "manifest": manifest,
+            },
+            run_dir / STATE_FILE,
+        )
+        atomic_write_json(run_dir / MANIFEST_FILE, manifest)
+        if callbacks.on_checkpoint:
+            callbacks.on_checkpoint(monitor.history.checkpoint_at(step))
+        return path
 
     # 3. The loop: one training step = one optimizer update over G micro-batches.
     transformer.train()
@@ -377,59 +425,60 @@ def train(
     started = time.perf_counter()
     try:
         while step < config.training_steps:
-            stop = callbacks.should_stop
-            loss = accumulate_gradients(transformer, micro_batches_for(step), stop)
+            loss = accumulate_gradients(transformer, micro_batches_for(step), callbacks.should_stop)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             pending.append(loss)
-            is_checkpoint = config.save_every and step % config.save_every == 0 and step < config.training_steps
+            is_checkpoint = bool(config.save_every) and step % config.save_every == 0 and step < config.training_steps
             if step % max(1, config.log_every) == 0 or is_checkpoint or step == config.training_steps:
                 values = torch.stack(pending).tolist()  # the one host-device sync
                 pending.clear()
-                first = step - len(values) + 1
-                manifest["train_loss"].extend([[first + i, v] for i, v in enumerate(values)])
+                monitor.record_losses(step - len(values) + 1, values)
                 if not all(math.isfinite(v) for v in values):
-                    raise NonFiniteLoss(_non_finite_message(step, checkpoints, config))
-                elapsed = time.perf_counter() - started
-                per_step = elapsed / (step - start_step)
+                    raise NonFiniteLoss(_non_finite_message(step, monitor.history, config))
+                per_step = (time.perf_counter() - started) / (step - start_step)
                 if callbacks.on_step:
                     callbacks.on_step(
                         {"training_step": step, "training_steps": config.training_steps, "loss": values[-1],
                          "s_per_step": per_step, "eta_s": per_step * (config.training_steps - step)}
                     )
             if is_checkpoint:
-                save_checkpoint(step, manifest["train_loss"][-1][1])
+                save_checkpoint(step)
+            if config.validation_every and step % config.validation_every == 0 and not is_checkpoint and dist.is_main:
+                monitor.history.add_checkpoint(step, None, validation_loss(transformer, data.latents, _caption_embeds(data)))
+            collapse = monitor.check() if is_checkpoint or step % max(1, config.log_every) == 0 else None
+            if collapse is not None and config.stop_on_collapse:
+                log(f"collapse detected (began at training step {collapse.began_step}): stopping early")
+                break
     except BaseException as exc:
         if isinstance(exc, NonFiniteLoss):
+            manifest["history"] = monitor.history.as_dict()
+            if dist.is_main:
+                atomic_write_json(run_dir / MANIFEST_FILE, manifest)
             raise
-        completed = step
-        if completed > start_step and dist.is_main and not any(c.training_step == completed for c in checkpoints):
-            manifest["train_loss"].extend(
-                [[completed - len(pending) + 1 + i, v] for i, v in enumerate(torch.stack(pending).tolist())] if pending else []
-            )
-            saved = save_checkpoint(completed, manifest["train_loss"][-1][1] if manifest["train_loss"] else None, validate=False)
-            message = f"training stopped at training step {completed}/{config.training_steps}; saved {saved.path} (resume with --resume {run_dir})"
-        else:
-            last = checkpoints[-1].path if checkpoints else "nothing yet"
-            message = f"training stopped at training step {completed}/{config.training_steps}; last checkpoint: {last}"
+        message = _save_on_stop(step, start_step, pending, monitor, save_checkpoint, config, run_dir, dist)
         log(message)
         if isinstance(exc, TrainingInterrupted):
             raise TrainingInterrupted(message) from None
         raise
 
-    # 4. The final LoRA, the manifest, and the in-memory run for previews.
+    # 4. The final LoRA, the health verdict and best checkpoint, and the in-memory run for previews.
     final_path = run_dir / f"{config.output_name}.safetensors"
-    final = save_checkpoint(step, manifest["train_loss"][-1][1] if manifest["train_loss"] else None)
-    weights = lora_io.adapter_weights(transformer)
+    if monitor.history.checkpoint_at(step) is None:
+        save_checkpoint(step)
+    summary = None
     if dist.is_main:
-        lora_io.save_lora(final_path, weights, _lora_metadata(spec, config, the_plan, step, resolved))
-        manifest["final_lora"] = str(final_path)
+        lora_io.save_lora(final_path, lora_io.adapter_weights(transformer), _lora_metadata(spec, config, the_plan, step, resolved))
+        summary = monitor.finish(run_dir, config.output_name)
+        manifest.update(final_lora=str(final_path), history=monitor.history.as_dict(), health=summary.as_dict())
         atomic_write_json(run_dir / MANIFEST_FILE, manifest)
+        log(summary.verdict)
     lora_io.remove_lora(transformer)
     transformer.eval()
-    kept = [(c.training_step, c.path, lora_io.read_lora_file(c.path)) for c in checkpoints if c.path.exists()]
+    kept = [(c.step, Path(c.lora_path), lora_io.read_lora_file(c.lora_path))
+            for c in monitor.history.checkpoints if c.lora_path and Path(c.lora_path).exists()]
     return TrainedRun(
         transformer=transformer,
         vae=vae,
@@ -441,37 +490,73 @@ def train(
         final_lora=final_path,
         plan=the_plan,
         manifest=manifest,
+        health=summary,
     )
 
 
-@torch.no_grad()
-def validation_loss(transformer, data: EncodedDataset) -> float:
-    """Flow-matching loss on every training image at fixed σ values with fixed noise: comparable across steps."""
-    was_training = transformer.training
-    transformer.eval()
-    total, count = 0.0, 0
-    for index, latents in enumerate(data.latents):
-        generator = torch.Generator().manual_seed(VALIDATION_SEED + index)
-        noise = torch.randn((1, *latents.shape), generator=generator).to(latents.device, latents.dtype)
-        embeds = data.embeds[data.captions[index]].unsqueeze(0)
-        for sigma in VALIDATION_SIGMAS:
-            s = torch.tensor([sigma], device=latents.device)
-            total += flow_matching_loss(transformer, latents.unsqueeze(0), embeds, noise, s).item()
-            count += 1
-    transformer.train(was_training)
-    return total / count
+def _micro_batch(data: EncodedDataset, batch: list[int], captions: list[str], generator: torch.Generator, device) -> MicroBatch:
+    latents = torch.stack([data.latents[i] for i in batch])
+    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    sigma = sample_sigmas(len(batch), latents.shape[-1] * latents.shape[-2], generator).to(device)
+    return MicroBatch(latents, torch.stack([data.embeds[c] for c in captions]), noise, sigma)
 
 
-def _prune(checkpoints: list[Checkpoint], keep_last: int) -> None:
+def _caption_embeds(data: EncodedDataset) -> list[torch.Tensor]:
+    return [data.embeds[c].unsqueeze(0) for c in data.captions]
+
+
+def _reference_image(item) -> "np.ndarray":
+    """A training image as (H, W, 3) floats for likeness scoring (at most 512 px on its long side)."""
+    import numpy as np
+
+    from .dataset import load_image_rgb
+
+    image = load_image_rgb(item.path)
+    image.thumbnail((512, 512))
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def _health_preview(transformer, vae, data: EncodedDataset, prompts: tuple[str, ...], spec: DatasetSpec, config: TrainConfig):
+    """The first preview prompt rendered Base-correctly with the current adapter (for preview stats and likeness)."""
+    if not prompts:
+        return None
+    from .sampling import sample_base
+
+    size = spec.resolutions[0]
+
+    def render() -> torch.Tensor:
+        was_training = transformer.training
+        transformer.eval()
+        try:
+            images = sample_base(transformer, vae, data.embeds[prompts[0]], data.embeds[""], size, size,
+                                 sample_steps=config.health_sample_steps, seed=PRESET.preview_seed)
+        finally:
+            transformer.train(was_training)
+        return images.permute(0, 2, 3, 1)  # (B, H, W, 3)
+
+    return render
+
+
+def _save_on_stop(step, start_step, pending, monitor, save_checkpoint, config, run_dir, dist) -> str:
+    """On cancel or error: save the last completed training step (if new) and say where."""
+    if pending:
+        monitor.record_losses(step - len(pending) + 1, torch.stack(pending).tolist())
+    if step > start_step and dist.is_main and monitor.history.checkpoint_at(step) is None:
+        saved = save_checkpoint(step, with_health=False)
+        return (f"training stopped at training step {step}/{config.training_steps}; saved {saved} "
+                f"(resume with --resume, run folder {run_dir})")
+    saved = [c.lora_path for c in monitor.history.checkpoints if c.lora_path]
+    return f"training stopped at training step {step}/{config.training_steps}; last checkpoint: {saved[-1] if saved else 'none yet'}"
+
+
+def _prune(history: TrainingHistory, keep_last: int) -> None:
+    """Delete the oldest step checkpoints beyond ``keep_last`` (their health records stay, marked unsaved)."""
     if keep_last <= 0:
         return
-    while len(checkpoints) > keep_last:
-        old = checkpoints.pop(0)
-        old.path.unlink(missing_ok=True)
-
-
-def _checkpoint_dict(c: Checkpoint) -> dict:
-    return {"training_step": c.training_step, "path": str(c.path), "train_loss": c.train_loss, "validation_loss": c.validation_loss}
+    saved = [c for c in history.checkpoints if c.lora_path]
+    for record in saved[:-keep_last]:
+        Path(record.lora_path).unlink(missing_ok=True)
+        record.lora_path = None
 
 
 def _lora_metadata(spec: DatasetSpec, config: TrainConfig, the_plan: Plan, step: int, resolved: ResolvedModel) -> dict:
@@ -486,22 +571,45 @@ def _lora_metadata(spec: DatasetSpec, config: TrainConfig, the_plan: Plan, step:
     }
 
 
-def _new_manifest(resolved, spec, scan, config, the_plan, fingerprint) -> dict:
+def _new_manifest(resolved, spec, scan, config, the_plan, fingerprint, reg_scan) -> dict:
     return {
         "config": config.as_dict(),
         "plan": the_plan.as_dict(),
         "dataset": {**spec.as_dict(), "images": len(scan.items), "fingerprint": fingerprint},
+        "regularization": None if reg_scan is None else {
+            "folder": str(reg_scan.folder), "images": len(reg_scan.items), "weight": config.regularization_weight,
+            "repeats_per_image": the_plan.training_steps * config.batch_size * config.grad_accum / len(reg_scan.items),
+        },
         "model": {"variant": resolved.variant.name, "format": resolved.format, "identity": resolved.identity},
-        "train_loss": [],
+        "history": TrainingHistory().as_dict(),
         "checkpoints": [],
         "final_lora": None,
     }
 
 
-def _non_finite_message(step: int, checkpoints: list[Checkpoint], config: TrainConfig) -> str:
-    last = checkpoints[-1].path if checkpoints else "none saved yet"
-    lower = PRESET.unstable_learning_rate if config.learning_rate > PRESET.unstable_learning_rate else config.learning_rate / 2
-    return (
-        f"the loss became non-finite at training step {step}; training stopped and the last good checkpoint is kept "
-        f"({last}). Lower the learning rate: LR {config.learning_rate:g} -> {lower:g}"
-    )
+def _non_finite_message(step: int, history: TrainingHistory, config: TrainConfig) -> str:
+    saved = [c.lora_path for c in history.checkpoints if c.lora_path]
+    kept = f"the last good checkpoint is kept ({saved[-1]})" if saved else "no checkpoint had been saved yet"
+    return f"{non_finite_loss_message(step, config.learning_rate)} Training stopped; {kept}."
+
+
+def _estimate_memory_mode(resolved: ResolvedModel, spec: DatasetSpec, scan: DatasetScan, config: TrainConfig, device, log) -> bool:
+    """Log the VRAM/time estimate before step 1; decide gradient checkpointing when the config leaves it open
+    (``None``): on when a detected GPU would not fit the run without it."""
+    from .estimate import Mode, detect_gpu_memory, detect_gpu_name, estimate, recommend_mode
+
+    requested = Mode(gradient_checkpointing=bool(config.gradient_checkpointing), base_8bit=config.base_8bit)
+    kwargs = dict(batch_size=config.batch_size, grad_accum=config.grad_accum, images=len(scan.items),
+                  resolutions=len(spec.resolutions), training_steps=config.training_steps or 0)
+    shape, resolution = resolved.transformer_config, max(spec.resolutions)
+    gpu_memory = detect_gpu_memory() if str(device).startswith("cuda") else None
+    if gpu_memory is None:
+        log(estimate(shape, resolution, config.rank, requested, device_name=detect_gpu_name(), **kwargs).summary())
+        return bool(config.gradient_checkpointing)
+    advice = recommend_mode(shape, resolution, config.rank, gpu_memory, requested, device_name=detect_gpu_name(), **kwargs)
+    log(advice.requested.summary())
+    if advice.warning:
+        log(f"warning: this run {advice.warning}")
+    if config.gradient_checkpointing is None and advice.mode is not None:
+        return advice.mode.gradient_checkpointing
+    return bool(config.gradient_checkpointing)

@@ -61,7 +61,7 @@ def tiny_comfy_files(tiny_model) -> dict[str, Path]:
 
 
 # ---- real ComfyUI server (tests marked comfy_server); see tests/comfy_harness.py ---------------------------------------
-from comfy_harness import comfy_env, comfy_server  # noqa: E402,F401  (session fixtures)
+from comfy_harness import comfy_env, comfy_server, pytest_terminal_summary  # noqa: E402,F401  (fixtures, hook)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,3 +83,34 @@ class _RepoRootIsNotATestPackage:
 
 def pytest_configure(config):
     config.pluginmanager.register(_RepoRootIsNotATestPackage(), "klein-repo-root-is-not-a-test-package")
+
+
+# ---- the generated sample dataset and a quick tiny training run -------------------------------------------------------
+@pytest.fixture(scope="session")
+def sample_dataset(tmp_path_factory) -> Path:
+    """Six small images of the procedurally drawn character, with captions (generated, never committed)."""
+    from klein_core.sample_data import make_sample_dataset
+
+    folder = tmp_path_factory.mktemp("sample_dataset")
+    make_sample_dataset(folder, count=6, seed=0, size=96)
+    return folder
+
+
+def quick_config(**changes):
+    """A few training steps at 64 px on the tiny model: the full code path in seconds."""
+    from klein_core.training import TrainConfig
+
+    base = dict(training_steps=4, learning_rate=1e-3, rank=4, save_every=2, seed=0)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def quick_spec(folder, **changes):
+    from klein_core.dataset import DatasetSpec
+
+    return DatasetSpec(folder=str(folder), trigger="kleinchar", resolutions=(64,), **changes)
+
+
+@pytest.fixture(scope="session")
+def training_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("embedding_cache")

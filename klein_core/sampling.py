@@ -1,0 +1,224 @@
+"""Base-correct sampling for FLUX.2 [klein] Base: true CFG, the empirical-mu sigma grid, flow-match Euler.
+
+Klein Base is undistilled: it needs about 50 sample steps and real classifier-free guidance (CFG about 4). At 20-30
+sample steps or with CFG 1 a good LoRA looks weak or noisy, and users retrain for nothing. This module reproduces
+``Flux2KleinPipeline`` exactly (same seed convention, same sigma grid, same dtype handling), so a preview here equals
+the diffusers pipeline's image for the same seed, and its sigma grid equals ComfyUI's ``Flux2Scheduler``.
+
+It takes pre-computed prompt embeddings, so the trainer can preview with its cached embeddings and no text encoder.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .errors import KleinError
+from .latents import LATENT_MULTIPLE, decode_latents, image_ids, pack, unpack, unpatchify, denormalise
+from .preset import PRESET
+from .text import text_ids
+
+LATENT_CHANNELS = 128  # patchified: 32 VAE channels x 2x2
+NUM_TRAIN_TIMESTEPS = 1000  # the transformer multiplies the timestep by 1000 inside; the pipeline rounds through it
+
+# The empirical mu fit of the FLUX.2 reference code: a line in the step count between a fit at 10 and at 200 sample
+# steps, each linear in the image token count; above 4300 tokens only the 200-step fit is used.
+_MU_10_SLOPE, _MU_10_INTERCEPT = 8.73809524e-5, 1.89833333
+_MU_200_SLOPE, _MU_200_INTERCEPT = 0.00016927, 0.45666666
+_MU_LARGE_IMAGE_TOKENS = 4300
+
+ProgressCallback = Callable[[int, int], None]  # (sample steps done, sample steps in total)
+InterruptCallback = Callable[[], bool]  # True (or raising) stops the sampling
+
+
+class PreviewError(KleinError):
+    """A preview setting (size, sample steps, prompt, checkpoint selection) cannot be used."""
+
+
+class SamplingInterrupted(KleinError):
+    """The user cancelled a preview between two sample steps; the base weights have been restored."""
+
+
+def compute_empirical_mu(image_tokens: int, sample_steps: int) -> float:
+    """The time-shift mu for an image of ``image_tokens`` latent tokens sampled in ``sample_steps`` steps."""
+    if image_tokens > _MU_LARGE_IMAGE_TOKENS:
+        return float(_MU_200_SLOPE * image_tokens + _MU_200_INTERCEPT)
+    mu_at_10 = _MU_10_SLOPE * image_tokens + _MU_10_INTERCEPT
+    mu_at_200 = _MU_200_SLOPE * image_tokens + _MU_200_INTERCEPT
+    return float(mu_at_10 + (sample_steps - 10) * (mu_at_200 - mu_at_10) / 190.0)
+
+
+def image_token_count(width: int, height: int) -> int:
+    """Latent tokens of a width x height image: one per 16x16 pixel patch."""
+    return (height // LATENT_MULTIPLE) * (width // LATENT_MULTIPLE)
+
+
+def base_sigmas(sample_steps: int, image_tokens: int) -> torch.Tensor:
+    """The Klein Base sigma grid, ``sample_steps + 1`` values from 1 down to 0 (fp32).
+
+    ``linspace(1, 1/N, N)`` shifted by ``sigma' = e^mu / (e^mu + 1/sigma - 1)``, then a final 0. The arithmetic
+    is done in fp32 like the diffusers scheduler, so the grid is the pipeline's to the last bit.
+    """
+    if sample_steps < 1:
+        raise PreviewError(f"sample_steps must be at least 1 (got {sample_steps}); Klein Base wants about {PRESET.sample_steps}")
+    mu = compute_empirical_mu(image_tokens, sample_steps)
+    unshifted = torch.linspace(1.0, 1.0 / sample_steps, sample_steps, dtype=torch.float64).to(torch.float32)
+    # fp32 tensors on both sides of every division: torch turns ``scalar / tensor`` into a reciprocal times the
+    # scalar, which is 1 ulp off the scheduler's plain division.
+    shift = torch.tensor(math.exp(mu), dtype=torch.float32)
+    one = torch.tensor(1.0, dtype=torch.float32)
+    shifted = shift / (shift + (one / unshifted - one))
+    return torch.cat([shifted, torch.zeros(1, dtype=torch.float32)])
+
+
+def sample_warnings(sample_steps: int, cfg: float, is_distilled: bool = False) -> list[str]:
+    """Warnings for Base preview settings that make a LoRA look weak: too few sample steps, or no real CFG."""
+    if is_distilled:
+        return []
+    advice = (
+        f"Klein Base is undistilled and needs about {PRESET.sample_steps} sample steps and CFG about {PRESET.cfg:g}; "
+        "an under-sampled preview makes a good LoRA look weak or noisy, so check these settings before retraining."
+    )
+    warnings = []
+    if sample_steps < PRESET.min_base_sample_steps:
+        warnings.append(f"sample_steps {sample_steps} is below {PRESET.min_base_sample_steps}. {advice}")
+    if cfg <= PRESET.min_base_cfg:
+        warnings.append(f"cfg {cfg:g} is at or below {PRESET.min_base_cfg:g}, so there is no real guidance. {advice}")
+    return warnings
+
+
+def check_size(width: int, height: int) -> None:
+    for name, value in (("width", width), ("height", height)):
+        if value < LATENT_MULTIPLE or value % LATENT_MULTIPLE:
+            raise PreviewError(
+                f"{name} {value} is not a positive multiple of {LATENT_MULTIPLE} (Klein's VAE /8 then 2x2 patches); "
+                f"use e.g. {max(LATENT_MULTIPLE, value - value % LATENT_MULTIPLE)}"
+            )
+
+
+def initial_noise(batch: int, width: int, height: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """The pipeline's starting noise: ``randn((B,128,H/16,W/16))`` from a CPU generator seeded with ``seed``.
+
+    Drawn on the CPU so the same seed gives the same image on every device (and matches ComfyUI's CPU noise).
+    """
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    shape = (batch, LATENT_CHANNELS, height // LATENT_MULTIPLE, width // LATENT_MULTIPLE)
+    return torch.randn(shape, generator=generator, dtype=dtype)
+
+
+def _as_batch(embeds: torch.Tensor) -> torch.Tensor:
+    return embeds.unsqueeze(0) if embeds.ndim == 2 else embeds  # cached embeds are stored per prompt as (512, 3H)
+
+
+@torch.no_grad()
+def denoise_base(
+    transformer,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    width: int,
+    height: int,
+    sample_steps: int = PRESET.sample_steps,
+    cfg: float = PRESET.cfg,
+    seed: int = PRESET.preview_seed,
+    batched_cfg: bool = True,
+    is_distilled: bool = False,
+    progress: ProgressCallback | None = None,
+    interrupt: InterruptCallback | None = None,
+) -> torch.Tensor:
+    """Run the flow-match Euler loop; returns normalised patchified latents (B,128,H/16,W/16).
+
+    True CFG (``neg + cfg*(cond - neg)``) runs when ``cfg > 1`` on a Base model, as in the pipeline; with
+    ``batched_cfg`` cond and uncond share one forward of batch 2B (same math, fewer kernel launches).
+    """
+    check_size(width, height)
+    prompt_embeds = _as_batch(prompt_embeds)
+    batch = prompt_embeds.shape[0]
+    device = next(transformer.parameters()).device
+    model_dtype = next(transformer.parameters()).dtype
+    prompt_embeds = prompt_embeds.to(device)
+    use_cfg = cfg > 1.0 and not is_distilled
+    if use_cfg:
+        if negative_embeds is None:
+            raise PreviewError("true CFG needs the empty-prompt negative embeddings (encode \"\" with the text encoder)")
+        negative_embeds = _as_batch(negative_embeds).to(device, prompt_embeds.dtype).expand(batch, -1, -1)
+
+    h, w = height // LATENT_MULTIPLE, width // LATENT_MULTIPLE
+    # Latents start in the embeddings' dtype, like the pipeline; after the first step they carry the model's dtype.
+    latents = pack(initial_noise(batch, width, height, seed, prompt_embeds.dtype).to(device))
+    img_ids = image_ids(batch, h, w, device=device)
+    txt_ids = text_ids(batch, prompt_embeds.shape[1], device=device)
+    sigmas = base_sigmas(sample_steps, h * w).to(device)
+    timesteps = sigmas[:-1] * NUM_TRAIN_TIMESTEPS  # fp32, as the scheduler stores them
+
+    if use_cfg and batched_cfg:
+        both_embeds = torch.cat([prompt_embeds, negative_embeds])
+        both_img_ids, both_txt_ids = image_ids(2 * batch, h, w, device=device), text_ids(2 * batch, prompt_embeds.shape[1], device=device)
+
+    def predict(x: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, img, txt) -> torch.Tensor:
+        return transformer(
+            hidden_states=x, timestep=timestep, guidance=None, encoder_hidden_states=embeds,
+            txt_ids=txt, img_ids=img, return_dict=False,
+        )[0]
+
+    for i in range(sample_steps):
+        if interrupt is not None and interrupt():
+            raise SamplingInterrupted(f"preview interrupted at sample step {i}/{sample_steps}")
+        # The pipeline casts sigma*1000 to the latents' dtype before dividing: identical in fp32, and bit-exact in bf16.
+        timestep = timesteps[i].expand(batch).to(latents.dtype) / NUM_TRAIN_TIMESTEPS
+        x = latents.to(model_dtype)
+        if use_cfg and batched_cfg:
+            both = predict(torch.cat([x, x]), torch.cat([timestep, timestep]), both_embeds, both_img_ids, both_txt_ids)
+            cond, uncond = both.chunk(2)
+            velocity = uncond + cfg * (cond - uncond)
+        else:
+            velocity = predict(x, timestep, prompt_embeds, img_ids, txt_ids)
+            if use_cfg:
+                uncond = predict(x, timestep, negative_embeds, img_ids, txt_ids)
+                velocity = uncond + cfg * (velocity - uncond)
+        # Euler in fp32, stored back in the prediction's dtype (as the diffusers scheduler does).
+        latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * velocity).to(velocity.dtype)
+        if progress is not None:
+            progress(i + 1, sample_steps)
+    return unpack(latents, h, w)
+
+
+@torch.no_grad()
+def latents_to_images(vae, normalised: torch.Tensor) -> torch.Tensor:
+    """Normalised patchified latents -> images (B,3,H,W) in [0,1], fp32 on the CPU."""
+    pixels = decode_latents(vae, normalised)
+    return (pixels.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+
+def vae_latents(vae, normalised: torch.Tensor) -> torch.Tensor:
+    """Normalised patchified latents -> the VAE's (B,32,H/8,W/8) latents (the pipeline's ``output_type="latent"``)."""
+    return unpatchify(denormalise(vae, normalised))
+
+
+def sample_base(
+    transformer,
+    vae,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    width: int,
+    height: int,
+    sample_steps: int = PRESET.sample_steps,
+    cfg: float = PRESET.cfg,
+    seed: int = PRESET.preview_seed,
+    batched_cfg: bool = True,
+    is_distilled: bool = False,
+    progress: ProgressCallback | None = None,
+    interrupt: InterruptCallback | None = None,
+) -> torch.Tensor:
+    """Sample Klein Base from prompt embeddings; returns images (B,3,H,W) in [0,1] on the CPU.
+
+    ``prompt_embeds`` is (B,512,3H) or one cached (512,3H); ``negative_embeds`` is the ``""`` prompt's embeddings.
+    ``progress(done, sample_steps)`` runs after each sample step; ``interrupt()`` is checked before each one and
+    stops sampling with :class:`SamplingInterrupted` when it returns True (it may also raise its own exception).
+    """
+    latents = denoise_base(
+        transformer, prompt_embeds, negative_embeds, width, height, sample_steps, cfg, seed,
+        batched_cfg=batched_cfg, is_distilled=is_distilled, progress=progress, interrupt=interrupt,
+    )
+    return latents_to_images(vae, latents)
