@@ -17,16 +17,17 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import lora as lora_io
 from .atomic import atomic_torch_save, atomic_write_json
 from .cache import EmbeddingCache, latent_requests, prompts_to_cache
-from .dataset import BucketBatchSampler, DatasetScan, DatasetSpec, fingerprint_parts, substitute_trigger
+from .dataset import BucketBatchSampler, DatasetScan, DatasetSpec, fingerprint_parts, load_image_rgb, substitute_trigger
 from .errors import KleinError, ResumeError
 from .health import CheckpointRecord, TrainingHistory, non_finite_loss_message
 from .latents import encode_images, image_ids, pack
@@ -505,11 +506,8 @@ def _caption_embeds(data: EncodedDataset) -> list[torch.Tensor]:
     return [data.embeds[c].unsqueeze(0) for c in data.captions]
 
 
-def _reference_image(item) -> "np.ndarray":
+def _reference_image(item) -> np.ndarray:
     """A training image as (H, W, 3) floats for likeness scoring (at most 512 px on its long side)."""
-    import numpy as np
-
-    from .dataset import load_image_rgb
 
     image = load_image_rgb(item.path)
     image.thumbnail((512, 512))

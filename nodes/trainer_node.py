@@ -1,0 +1,195 @@
+"""KleinLoRATrainer: trains a Klein Base LoRA inside ComfyUI with the same loop as ``klein-lora train``.
+
+The node gathers inputs, reports progress (ComfyUI's bar plus ``klein.training`` events for the live chart) and
+hands the in-memory run to the preview node. Training itself is ``klein_core.training.train``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..klein_core.cache import default_cache_dir
+from ..klein_core.preset import PRESET
+from ..klein_core.training import TrainCallbacks, TrainConfig, train
+from .model_inputs import NONE, choices, diffusers_choices, resolve_choice
+from .types import KleinDataset, KleinLoraRun
+
+EVENT = "klein.training"  # server event: {node, kind: step|checkpoint|done, ...} drawn by web/js/training_chart.js
+RUN_FOLDER = "klein_lora"  # runs go to <output>/klein_lora/<output_name>/
+LORA_SUBFOLDER = "klein"  # the final and best LoRA are copied to models/loras/klein/ so LoraLoader lists them
+
+
+def _send(payload: dict) -> None:
+    from server import PromptServer
+
+    if PromptServer.instance is not None:
+        PromptServer.instance.send_sync(EVENT, payload)
+
+
+class _ComfyProgress:
+    """ComfyUI's progress bar over training steps, the cancel check every micro-batch, and live chart events."""
+
+    def __init__(self, node_id: str | None, total: int) -> None:
+        import comfy.utils
+
+        self.node_id = node_id
+        self.bar = comfy.utils.ProgressBar(total)
+        self.lines: list[str] = []
+
+    def on_step(self, info: dict) -> None:
+        self.bar.update_absolute(info["training_step"], info["training_steps"])
+        _send({"node": self.node_id, "kind": "step", **info})
+
+    def on_checkpoint(self, record) -> None:
+        _send({"node": self.node_id, "kind": "checkpoint", "training_step": record.step,
+               "validation_loss": record.validation_loss, "likeness": record.likeness})
+
+    @staticmethod
+    def should_stop() -> bool:
+        import comfy.model_management
+
+        comfy.model_management.throw_exception_if_processing_interrupted()  # raises on the user's cancel
+        return False
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+        print(f"[Klein LoRA] {message}")
+
+
+class KleinLoRATrainer(io.ComfyNode):
+    """Trains a character LoRA on FLUX.2 [klein] Base; re-queue with a new seed to train again."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KleinLoRATrainer",
+            display_name="Klein LoRA Trainer",
+            category="Klein LoRA/Train",
+            description=(
+                "Trains a LoRA on FLUX.2 [klein] Base with flow matching. One training step = one optimizer update "
+                "over grad-accum micro-batches; link training_steps from the Repeats Calculator so the dose "
+                "(repeats per image) is what you planned. Captions and latents are encoded once and cached; the "
+                "text encoder is freed before the transformer loads. Checkpoints, run.json and a health report go "
+                "to output/klein_lora/<output_name>/; the final and best LoRA are copied to models/loras/klein/."
+            ),
+            inputs=[
+                KleinDataset.Input("dataset", tooltip="The Klein Caption Dataset: images, captions, trigger word, resolutions."),
+                io.Int.Input(
+                    "training_steps", default=1000, min=1, max=1_000_000,
+                    tooltip="Optimizer updates S (not sample steps). Link it from the Repeats Calculator: "
+                    "S = ceil(N*R/(B*G)) gives every image R repeats.",
+                ),
+                io.Combo.Input("diffusers_model", options=diffusers_choices(), default=NONE,
+                               tooltip="A Klein Base diffusers folder under models/diffusers (wins over the three files below)."),
+                io.Combo.Input("diffusion_model", options=choices("diffusion_models"), default=NONE,
+                               tooltip="FLUX.2 [klein] Base diffusion model (flux-2-klein-base-9b.safetensors or -4b). "
+                               "Distilled klein files are refused: LoRAs trained on them collapse."),
+                io.Combo.Input("text_encoder", options=choices("text_encoders"), default=NONE,
+                               tooltip="The matching Qwen3 text encoder (Qwen3-8B for 9B, Qwen3-4B for 4B); used only "
+                               "to encode captions, then freed."),
+                io.Combo.Input("vae", options=choices("vae"), default=NONE, tooltip="The FLUX.2 VAE (flux2-vae.safetensors)."),
+                io.Int.Input("batch_size", default=PRESET.batch_size, min=1, max=64,
+                             tooltip="B: images per micro-batch. Must match the Repeats Calculator's B."),
+                io.Int.Input("grad_accum", default=PRESET.grad_accum, min=1, max=1024,
+                             tooltip="G: micro-batches per training step (2-4 only to save VRAM). Must match the "
+                             "Repeats Calculator's G, which lowers the training steps in proportion."),
+                io.Float.Input("learning_rate", default=PRESET.learning_rate, min=1e-7, max=1.0, step=1e-5,
+                               tooltip=f"AdamW learning rate: {PRESET.learning_rate:g} for Klein 9B Base; "
+                               f"{PRESET.unstable_learning_rate:g} when the run collapses."),
+                io.Int.Input("rank", default=PRESET.rank, min=1, max=256,
+                             tooltip=f"LoRA rank (alpha = rank): {PRESET.rank}; {PRESET.stable_underfit_rank} only "
+                             "when stable and underfitting."),
+                io.Int.Input("save_every", default=250, min=0, max=100_000,
+                             tooltip="Training steps between LoRA checkpoints (0: only the final LoRA). Each checkpoint "
+                             "gets a fixed-noise validation loss for the health report."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Seed of noise, timesteps and batch order. Same inputs are cached by ComfyUI; "
+                             "change the seed to train again."),
+                io.String.Input("preview_prompts", multiline=True, default=f"{PRESET.default_caption}",
+                                tooltip="One prompt per line for the preview node, encoded now while the text encoder "
+                                "is loaded. [trigger] becomes the trigger word. The first also renders a health "
+                                "preview at each checkpoint (likeness, preview statistics)."),
+                io.String.Input("output_name", default="klein_lora",
+                                tooltip="LoRA file name stem: <name>_step000500.safetensors, <name>.safetensors, "
+                                "<name>_best.safetensors."),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="Recompute activations per block: ~1.45x compute, far less VRAM "
+                                 "(Klein 9B at 1024 px fits a 24 GB card with it)."),
+                io.Boolean.Input("stop_on_collapse", default=False,
+                                 tooltip="Stop as soon as a collapse is detected (better, then chaos); the best "
+                                 "checkpoint before it is kept."),
+            ],
+            outputs=[
+                KleinLoraRun.Output("run", tooltip="The trained run in memory (model, checkpoints, cached prompt "
+                                    "embeddings) for the Klein Base Preview Sampler: no second model load."),
+                io.String.Output("lora_name", tooltip="The final LoRA as listed by LoraLoader (klein/<name>.safetensors)."),
+                io.String.Output("summary", tooltip="Dose, loss, health verdict and best checkpoint, in words."),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, output_name=None) -> bool | str:
+        if output_name is not None and (not output_name.strip() or any(c in output_name for c in '/\\:*?"<>|')):
+            return f"output_name {output_name!r} must be a plain file name stem (no path separators)"
+        return True
+
+    @classmethod
+    def execute(cls, dataset, training_steps: int, diffusers_model: str, diffusion_model: str, text_encoder: str,
+                vae: str, batch_size: int, grad_accum: int, learning_rate: float, rank: int, save_every: int,
+                seed: int, preview_prompts: str, output_name: str, gradient_checkpointing: bool,
+                stop_on_collapse: bool) -> io.NodeOutput:
+        import comfy.model_management
+
+        resolved = resolve_choice(diffusers_model, diffusion_model, text_encoder, vae)
+        config = TrainConfig(
+            output_name=output_name.strip(), training_steps=training_steps, batch_size=batch_size, grad_accum=grad_accum,
+            learning_rate=learning_rate, rank=rank, seed=seed, save_every=save_every,
+            gradient_checkpointing=True if gradient_checkpointing else None, stop_on_collapse=stop_on_collapse,
+        )
+        run_dir = Path(folder_paths.get_output_directory()) / RUN_FOLDER / config.output_name
+        progress = _ComfyProgress(cls.hidden.unique_id, training_steps)
+        prompts = tuple(p.strip() for p in preview_prompts.splitlines() if p.strip())
+        comfy.model_management.unload_all_models()  # make room: ComfyUI's own models leave the GPU first
+        with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
+            run = train(
+                resolved, dataset, config, run_dir, preview_prompts=prompts, cache_dir=default_cache_dir(),
+                device=str(comfy.model_management.get_torch_device()),
+                callbacks=TrainCallbacks(on_step=progress.on_step, should_stop=progress.should_stop,
+                                         on_checkpoint=progress.on_checkpoint, log=progress.log),
+            )
+        lora_name = _publish_to_loras(run)
+        summary = _summary(run, lora_name)
+        _send({"node": cls.hidden.unique_id, "kind": "done", "verdict": run.health.verdict if run.health else ""})
+        return io.NodeOutput(run, lora_name, summary, ui=ui.PreviewText(summary))
+
+
+def _publish_to_loras(run) -> str:
+    """Copy the final (and best) LoRA into models/loras/klein/ so ComfyUI's LoRA loaders list them."""
+    from ..klein_core.atomic import atomic_write
+
+    target_dir = Path(folder_paths.get_folder_paths("loras")[0]) / LORA_SUBFOLDER
+    files = [run.final_lora] + ([run.health.best_lora] if run.health and run.health.best_lora else [])
+    for source in files:
+        atomic_write(target_dir / source.name, lambda tmp, src=source: shutil.copyfile(src, tmp))
+    return f"{LORA_SUBFOLDER}/{run.final_lora.name}"
+
+
+def _summary(run, lora_name: str) -> str:
+    plan = run.plan
+    losses = run.manifest["history"]["losses"]
+    lines = [
+        f"{plan.training_steps} training steps, {plan.repeats_per_image:.1f} repeats per image ({plan.band})",
+        f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no loss recorded",
+        f"LoRA: {lora_name} (run folder {run.run_dir})",
+    ]
+    if run.health is not None:
+        lines.append(run.health.verdict)
+    return "\n".join(lines)
