@@ -524,6 +524,7 @@ def inspect_dataset(
     skipped: list[str] = []
     used_captions: dict[str, list[str]] = defaultdict(list)
     without_trigger: list[str] = []
+    decoded: list[tuple[str, str]] = []  # (name, sha256) of every readable image, for the duplicate check
 
     for path in images:
         try:
@@ -540,6 +541,8 @@ def inspect_dataset(
         except OSError as exc:
             problems.append(Problem("error", path.name, f"cannot be read ({exc.strerror or exc})"))
             continue
+        sha256 = hashlib.sha256(data).hexdigest()
+        decoded.append((path.name, sha256))
 
         caption_file = captions.get(path.stem)
         caption, source = default_caption, "default"
@@ -567,7 +570,7 @@ def inspect_dataset(
                 caption_source=source,  # type: ignore[arg-type]
                 width=width,
                 height=height,
-                sha256=hashlib.sha256(data).hexdigest(),
+                sha256=sha256,
                 buckets=tuple((res, bucket_for(width, height, res)) for res in resolutions),
             )
         )
@@ -604,17 +607,17 @@ def inspect_dataset(
             )
         )
     first_of_hash: dict[str, str] = {}
-    for item in items:
-        if item.sha256 in first_of_hash:
+    for name, sha256 in decoded:
+        if sha256 in first_of_hash:
             problems.append(
                 Problem(
                     "warning",
-                    item.name,
-                    f"duplicate of {first_of_hash[item.sha256]} (same bytes): that image is trained twice as often",
+                    name,
+                    f"duplicate of {first_of_hash[sha256]} (same bytes): that image is trained twice as often",
                 )
             )
         else:
-            first_of_hash[item.sha256] = item.name
+            first_of_hash[sha256] = name
     for item in items:
         if min(item.width, item.height) < TINY_IMAGE_SIDE:
             problems.append(
