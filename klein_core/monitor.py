@@ -113,17 +113,15 @@ class HealthMonitor:
             return []
         return collapse_advice(self.collapse, self.learning_rate, self.rank, self.has_regularization, PRESET.regularization_weight)
 
-    def finish(self, run_dir: Path, output_name: str, write: bool = True) -> HealthSummary:
+    def finish(self, run_dir: Path, output_name: str) -> HealthSummary:
         """Pick the best checkpoint (copied to ``<name>_best.safetensors``), draw the report, write the verdict."""
         self.check()
         best = pick_best_checkpoint(self.history, self.collapse)
         best_lora = None
-        if best is not None and write:
+        if best is not None:
             best_lora = run_dir / f"{output_name}_best.safetensors"
             atomic_write_bytes(best_lora, Path(best.path).read_bytes())
         advice = self.advice()
         verdict = verdict_text(self.history, self.collapse, best, advice)
-        report_path = None
-        if write:
-            report_path = save_training_report(render_training_report(self.history, self.collapse, best), run_dir / REPORT_FILE)
+        report_path = save_training_report(render_training_report(self.history, self.collapse, best), run_dir / REPORT_FILE)
         return HealthSummary(self.collapse, advice, best, best_lora, verdict, report_path)

@@ -47,7 +47,9 @@ class TrainingInterrupted(KleinError):
 
 
 class NonFiniteLoss(KleinError):
-    """The loss went NaN/inf; training stopped and the last good checkpoint was kept."""
+    """The loss went NaN/inf; training stopped and the last good checkpoint was kept (``health`` has the verdict)."""
+
+    health: "HealthSummary | None" = None
 
 
 @dataclass(frozen=True)
@@ -454,10 +456,12 @@ def train(
                 log(f"collapse detected (began at training step {collapse.began_step}): stopping early")
                 break
     except BaseException as exc:
-        if isinstance(exc, NonFiniteLoss):
-            manifest["history"] = monitor.history.as_dict()
+        if isinstance(exc, NonFiniteLoss):  # a collapse: verdict, advice, best (last good) checkpoint, report
             if dist.is_main:
+                exc.health = monitor.finish(run_dir, config.output_name)
+                manifest.update(history=monitor.history.as_dict(), health=exc.health.as_dict())
                 atomic_write_json(run_dir / MANIFEST_FILE, manifest)
+                log(exc.health.verdict)
             raise
         message = _save_on_stop(step, start_step, pending, monitor, save_checkpoint, config, run_dir, dist)
         log(message)
@@ -497,9 +501,17 @@ def train(
 
 def _micro_batch(data: EncodedDataset, batch: list[int], captions: list[str], generator: torch.Generator, device) -> MicroBatch:
     latents = torch.stack([data.latents[i] for i in batch])
-    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-    sigma = sample_sigmas(len(batch), latents.shape[-1] * latents.shape[-2], generator).to(device)
+    noise = _host_to_device(torch.randn(latents.shape, generator=generator), device).to(latents.dtype)
+    sigma = _host_to_device(sample_sigmas(len(batch), latents.shape[-1] * latents.shape[-2], generator), device)
     return MicroBatch(latents, torch.stack([data.embeds[c] for c in captions]), noise, sigma)
+
+
+def _host_to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """Noise and σ are drawn on the CPU (same numbers on every device). On CUDA they go through pinned memory with a
+    non-blocking copy: a pageable copy would make the host wait for the previous training step's kernels each step."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _caption_embeds(data: EncodedDataset) -> list[torch.Tensor]:
@@ -592,22 +604,15 @@ def _non_finite_message(step: int, history: TrainingHistory, config: TrainConfig
 
 
 def _estimate_memory_mode(resolved: ResolvedModel, spec: DatasetSpec, scan: DatasetScan, config: TrainConfig, device, log) -> bool:
-    """Log the VRAM/time estimate before step 1; decide gradient checkpointing when the config leaves it open
-    (``None``): on when a detected GPU would not fit the run without it."""
-    from .estimate import Mode, detect_gpu_memory, detect_gpu_name, estimate, recommend_mode
+    """Log the VRAM/time estimate before step 1 and decide gradient checkpointing (automatic when ``None``)."""
+    from .estimate import decide_gradient_checkpointing, detect_gpu_memory, detect_gpu_name
 
-    requested = Mode(gradient_checkpointing=bool(config.gradient_checkpointing), base_8bit=config.base_8bit)
-    kwargs = dict(batch_size=config.batch_size, grad_accum=config.grad_accum, images=len(scan.items),
-                  resolutions=len(spec.resolutions), training_steps=config.training_steps or 0)
-    shape, resolution = resolved.transformer_config, max(spec.resolutions)
-    gpu_memory = detect_gpu_memory() if str(device).startswith("cuda") else None
-    if gpu_memory is None:
-        log(estimate(shape, resolution, config.rank, requested, device_name=detect_gpu_name(), **kwargs).summary())
-        return bool(config.gradient_checkpointing)
-    advice = recommend_mode(shape, resolution, config.rank, gpu_memory, requested, device_name=detect_gpu_name(), **kwargs)
-    log(advice.requested.summary())
-    if advice.warning:
-        log(f"warning: this run {advice.warning}")
-    if config.gradient_checkpointing is None and advice.mode is not None:
-        return advice.mode.gradient_checkpointing
-    return bool(config.gradient_checkpointing)
+    checkpointing, lines = decide_gradient_checkpointing(
+        resolved.transformer_config, max(spec.resolutions), config.rank, config.gradient_checkpointing, config.base_8bit,
+        gpu_memory_gib=detect_gpu_memory() if str(device).startswith("cuda") else None,
+        batch_size=config.batch_size, grad_accum=config.grad_accum, images=len(scan.items),
+        resolutions=len(spec.resolutions), training_steps=config.training_steps or 0, device_name=detect_gpu_name(),
+    )
+    for line in lines:
+        log(line)
+    return checkpointing

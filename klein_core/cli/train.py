@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 from ..dataset import DatasetSpec
 from ..loading import resolve_model
 from ..preset import PRESET
-from ..training import TrainCallbacks, TrainConfig, train
+from ..training import NonFiniteLoss, TrainCallbacks, TrainConfig, train
 from ._common import add_model_args, print_json
 
 
@@ -34,8 +35,23 @@ def register(sub) -> None:
     p.add_argument("--caption-dropout", type=float, default=PRESET.caption_dropout)
     p.add_argument("--save-every", type=int, default=250, help="training steps between checkpoints")
     p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0 = all)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-block activation checkpointing: ~1.45x compute for a fraction of the activation memory "
+                   "(default: automatic, on when the estimate says the detected GPU needs it)")
+    p.add_argument("--base-8bit", action="store_true",
+                   help="low-VRAM mode: int8 base weights with the LoRA on top (needs the [lowvram] extra: torchao)")
+    p.add_argument("--compile-blocks", action="store_true", help="torch.compile each transformer block (CUDA)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preview-prompt", action="append", default=[], metavar="PROMPT",
+                   help="health preview prompt ([trigger] substituted), rendered at each checkpoint for likeness and "
+                   "preview statistics (repeatable)")
+    p.add_argument("--stop-on-collapse", action="store_true", help="stop as soon as a collapse is detected")
+    p.add_argument("--validation-every", type=int, default=0, help="extra fixed-noise validation every K training steps")
+    p.add_argument("--regularization", metavar="DIR", help="optional folder of class images (e.g. photos of a person)")
+    p.add_argument("--regularization-caption", default="photo of a person",
+                   help="caption of regularization images without a .txt")
+    p.add_argument("--regularization-weight", type=float, default=PRESET.regularization_weight,
+                   help=f"loss weight of the regularization set (default {PRESET.regularization_weight:g}: low)")
     p.add_argument("--cache-dir", help="latent/embedding cache (default ~/.cache/klein-lora or $KLEIN_LORA_CACHE)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out to its planned total")
     p.add_argument("--allow-changes", action="store_true", help="resume even though the dataset or config changed")
@@ -74,12 +90,20 @@ def run(args) -> int:
         caption_dropout=args.caption_dropout, resolutions=tuple(args.resolution),
     )
     spec.scan()  # dataset errors before any model work
+    regularization = None
+    if args.regularization:
+        regularization = DatasetSpec(folder=args.regularization, trigger=args.trigger, caption_dropout=0.0,
+                                     default_caption=args.regularization_caption, trigger_policy="keep",
+                                     resolutions=tuple(args.resolution))
+        regularization.scan()
     resolved = resolve_model(args.model, args.text_encoder, args.vae, args.tokenizer)
     config = TrainConfig(
         output_name=args.name, training_steps=args.training_steps, target_repeats=args.target_repeats,
         batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup_steps,
         rank=args.rank, seed=args.seed, save_every=args.save_every, keep_last=args.keep_last,
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing, base_8bit=args.base_8bit, compile_blocks=args.compile_blocks,
+        stop_on_collapse=args.stop_on_collapse, validation_every=args.validation_every,
+        regularization_weight=args.regularization_weight,
     )
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
     with _Signals() as signals:
@@ -88,7 +112,15 @@ def run(args) -> int:
             should_stop=lambda: signals.stop,
             log=lambda m: log(f"\n{m}" if m.startswith("training stopped") else m),
         )
-        result = train(resolved, spec, config, Path(args.out), callbacks=callbacks, cache_dir=args.cache_dir, resume=args.resume, allow_changes=args.allow_changes)
+        try:
+            result = train(resolved, spec, config, Path(args.out), callbacks=callbacks, cache_dir=args.cache_dir,
+                           preview_prompts=tuple(args.preview_prompt), regularization=regularization,
+                           resume=args.resume, allow_changes=args.allow_changes)
+        except NonFiniteLoss as exc:  # a collapse: the message leads with the LR advice; --json still says what to keep
+            print(f"\nerror: {exc}", file=sys.stderr)
+            if args.json:
+                print_json({"final_lora": None, "run_dir": args.out, **health_fields(exc.health)})
+            return 1
     print(file=sys.stderr)
     summary = {
         "training_steps": result.plan.training_steps,
@@ -96,10 +128,26 @@ def run(args) -> int:
         "final_lora": str(result.final_lora),
         "checkpoints": [str(path) for _, path, _ in result.checkpoints],
         "run_dir": str(result.run_dir),
+        **health_fields(result.health),
     }
     if args.json:
         print_json(summary)
     else:
+        if result.health is not None:
+            print(result.health.verdict)
+            print(f"health report: {result.health.report_path}")
         print(f"final LoRA: {summary['final_lora']}")
         print(f"run manifest: {result.run_dir / 'run.json'}")
     return 0
+
+
+def health_fields(health) -> dict:
+    """``best_checkpoint`` (a path) and ``collapse`` (null, or step, last good checkpoint and the ordered advice)."""
+    if health is None:
+        return {"best_checkpoint": None, "collapse": None}
+    collapse = None
+    if health.collapse is not None:
+        collapse = {"step": health.collapse.began_step, "last_good_checkpoint": health.collapse.last_good_path,
+                    "advice": health.advice, "signals": health.collapse.signal_names}
+    return {"best_checkpoint": str(health.best_lora) if health.best_lora else None, "collapse": collapse,
+            "verdict": health.verdict}

@@ -1,0 +1,91 @@
+"""Shared pieces of the benchmarks: versions, device description, random full-size transformers, timing, RSS."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python bench/x.py` puts bench/ on the path, not the repo
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+
+def versions() -> dict:
+    import diffusers
+    import peft
+    import transformers
+
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "cuda": torch.version.cuda,
+    }
+    for name, module in (("torchao", "torchao"), ("optimum-quanto", "optimum.quanto")):
+        try:
+            out[name] = __import__(module, fromlist=["__version__"]).__version__
+        except Exception:  # noqa: BLE001 - optional
+            out[name] = None
+    return out
+
+
+def device_info(device: str) -> dict:
+    info = {"device": device, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info.update(name=props.name, memory_gib=round(props.total_memory / 2**30, 2), capability=f"{props.major}.{props.minor}")
+    else:
+        info.update(name=f"CPU ({platform.processor() or platform.machine()})", memory_gib=None)
+    return info
+
+
+def today() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device: str, repeats: int = 1) -> float:
+    """Mean wall seconds of ``fn()`` over ``repeats`` calls, with the device synchronised around them."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def random_transformer(config: dict, device: str, dtype: torch.dtype, seed: int = 0):
+    """A ``Flux2Transformer2DModel`` of ``config`` with random weights, built on the meta device and materialised
+    directly on ``device`` (no full-size CPU init, no download): Linear weights ~ N(0, 1/fan_in), norm weights 1."""
+    from diffusers import Flux2Transformer2DModel
+
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(**config)
+    model = model.to(dtype).to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim >= 2:
+                param.normal_(0.0, 1.0 / math.sqrt(param.shape[-1]), generator=generator)
+            else:
+                param.fill_(1.0)
+    return model.eval().requires_grad_(False)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

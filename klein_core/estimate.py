@@ -1,0 +1,548 @@
+"""VRAM and time estimate of a Klein LoRA run, before anything loads: "does it fit my card, how long will it take?"
+
+Pure arithmetic on the model's shape (no torch needed, except :func:`detect_gpu_memory`). Batch 1 unless given.
+
+**Compute** (T = image tokens + 512 text tokens, d = hidden size, n = double + single blocks). Every token passes
+every block through 13·d² weights (double block: q, k, v, out = 4d² plus the SwiGLU feed-forward d→6d, 3d→d = 9d²,
+per stream; single block: the fused qkv+mlp-in d→9d plus the output 4d→d), so N_eff = n·13·d² (6.98 B for 9B,
+3.07 B for 4B), plus the small embedders and output projection. One forward:
+
+    linear    L = 2·N_eff·T  (+ embedders, proj_out)          attention  A = 4·T²·d·n  (QKᵀ and PV)
+    forward   F = L + A
+
+A LoRA training step on a frozen base computes no weight gradients for the base, only input gradients (one more
+matmul per Linear, = L) and the fused-attention backward (2.5·A: dQ, dK, dV, dP and the recomputed scores):
+
+    training step, no gradient checkpointing (GC)  = 2·L + 3.5·A     ≈ 2.2 × forward at 1024 px
+    training step, per-block GC (one more forward) = 3·L + 4.5·A     ≈ 3.2 × forward
+    + LoRA: 3 × its forward (forward, input grad, weight grad); + one LoRA forward more with GC.
+
+9B at 1024² gives 75.5 TFLOP forward, 167.6 / 243.1 TFLOP per training step (facts §j), 0.8 TFLOP more for the rank-16
+LoRA. A preview of S sample steps at CFG > 1 is 2·S forwards (batched CFG: one forward of batch 2; same FLOPs).
+
+**Time** = FLOPs / (peak × MFU). ``PEAK_TFLOPS`` holds dense-bf16 tensor rates; ``ASSUMED_MFU`` (0.5) is an
+assumption: comparable DiT trainers reach 42-65 % of peak. Until ``bench/gpu_klein.py`` has measured a card, every
+time here is a prediction, not a measurement; its measured MFU is the number to put in ``mfu=``. The 8-bit base uses
+the same FLOPs (weight-only int8 dequantises per layer), so its time here is optimistic.
+
+**Memory** (GiB = 2^30 bytes), the sum of:
+
+* weights: exact parameter count × 2 bytes (bf16); with the 8-bit base the block Linear weights take 1 byte (+ one
+  bf16 scale per output row) and one dequantised bf16 copy of the largest Linear is alive during its matmul;
+* LoRA + AdamW: LoRA parameters × 16 bytes (fp32 weight, gradient and two Adam moments);
+* activations, calibrated to the per-block figures of facts §j (to be re-checked by a GPU measurement):
+  without GC ``ACTIVATION_BYTES × T × d × n`` (≈ 29 bf16 values per token per hidden unit per block; 9B: 10.8 / 19.8 /
+  32.4 GiB at 512 / 768 / 1024 px); with per-block GC only each block's bf16 input is kept (2 bytes × T × d × n)
+  plus one block's full activations while it is recomputed (9B: 0.7 / 1.3 / 2.1 GiB). Fused attention (SDPA
+  flash / memory-efficient) is assumed: the math kernel would add the T² score matrices (~162 GiB at 1024 for 9B);
+* the cached dataset on the device: latents (fp32) for every image at every resolution, and one (512, joint dim)
+  bf16 embedding per distinct caption (the trainer moves them to the device once);
+* ``CONTEXT_GIB`` (1 GiB): CUDA context, cuBLAS workspace and allocator slack.
+
+The text encoder and VAE encoder are not counted: the trainer runs them first, caches their outputs and frees the
+text encoder before the transformer loads (the VAE stays for previews, 84 M parameters, ~0.3 GiB fp32, counted in
+``CONTEXT_GIB``'s slack).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from .errors import PlanError
+from .preset import PRESET
+
+GIB = 2**30
+TEXT_TOKENS = 512  # Klein's prompt length: the transformer sees all 512 tokens, unmasked
+PATCH_PIXELS = 16  # one latent token per 16x16 pixel patch (VAE /8, then 2x2 patchify)
+ACTIVATION_BYTES = 57.6  # bytes per token per hidden unit per block without GC (calibrated to facts §j)
+CHECKPOINT_BYTES = 2.0  # bf16 block input kept per token per hidden unit per block with GC
+CONTEXT_GIB = 1.0
+LORA_OPTIMIZER_BYTES = 16  # fp32 weight + fp32 grad + 2 fp32 AdamW moments
+ATTENTION_BACKWARD_FACTOR = 2.5  # flash-attention backward / forward matmul FLOPs
+ASSUMED_MFU = 0.5
+REFERENCE_DEVICE = "H100"  # whose time is shown when no GPU is detected
+
+# Dense bf16 tensor TFLOP/s (fp32 accumulate). H100/H200: 790, what a large bf16 matmul sustains (769-798 TFLOP/s
+# measured on the H100/H200 machines this project can borrow; facts §j use it; the SXM datasheet says 989 at boost
+# clock). Others: vendor datasheets. Longer names first: the first substring found in the device name wins.
+PEAK_TFLOPS: dict[str, float] = {
+    "H100 PCIe": 756.0,
+    "H200": 790.0,
+    "H100": 790.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "RTX 5090": 209.5,
+    "RTX 4090": 165.2,
+    "RTX 3090": 71.0,
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a Flux2/Klein transformer that cost compute and memory."""
+
+    name: str
+    hidden_size: int
+    num_layers: int  # double-stream blocks
+    num_single_layers: int
+    joint_attention_dim: int
+    in_channels: int = 128
+    mlp_ratio: float = 3.0
+    head_dim: int = 128
+    timestep_channels: int = 256
+
+    @classmethod
+    def from_config(cls, config: dict, name: str = "custom") -> "ModelShape":
+        """From a ``Flux2Transformer2DModel`` config dict (e.g. ``TINY_TRANSFORMER_CONFIG``)."""
+        return cls(
+            name=name,
+            hidden_size=int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
+            num_layers=int(config["num_layers"]),
+            num_single_layers=int(config["num_single_layers"]),
+            joint_attention_dim=int(config["joint_attention_dim"]),
+            in_channels=int(config.get("in_channels", 128)),
+            mlp_ratio=float(config.get("mlp_ratio", 3.0)),
+            head_dim=int(config["attention_head_dim"]),
+            timestep_channels=int(config.get("timestep_guidance_channels", 256)),
+        )
+
+    @property
+    def blocks(self) -> int:
+        return self.num_layers + self.num_single_layers
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def per_token_block_params(self) -> int:
+        """Weights one token passes through in one block (either kind): 4d² attention + 3·mlp·d feed-forward."""
+        d = self.hidden_size
+        return 4 * d * d + 3 * self.mlp_hidden * d
+
+    @property
+    def effective_params(self) -> int:
+        """N_eff: the weights every token passes through in the blocks (6.98 B for 9B)."""
+        return self.blocks * self.per_token_block_params
+
+    @property
+    def block_linear_params(self) -> int:
+        """All Linear weights inside the blocks (double blocks have two streams): what an 8-bit base quantises."""
+        return (2 * self.num_layers + self.num_single_layers) * self.per_token_block_params
+
+    @property
+    def params(self) -> int:
+        """Exact parameter count of ``Flux2Transformer2DModel`` with this shape (9B: 9.079 B)."""
+        d = self.hidden_size
+        norms = (4 * self.num_layers + 2 * self.num_single_layers) * self.head_dim  # q/k RMSNorm weights
+        modulation = (6 + 6 + 3) * d * d  # double img, double txt, single
+        time_embedding = self.timestep_channels * d + d * d
+        embedders = self.in_channels * d + self.joint_attention_dim * d
+        output = 2 * d * d + d * self.in_channels  # norm_out (scale, shift) and proj_out
+        return self.block_linear_params + norms + modulation + time_embedding + embedders + output
+
+    @property
+    def largest_linear_params(self) -> int:
+        d = self.hidden_size
+        return max(d * (3 * d + 2 * self.mlp_hidden), (d + self.mlp_hidden) * d, 2 * self.mlp_hidden * d)
+
+    def lora_params(self, rank: int) -> int:
+        """LoRA parameters on the trainer's targets (``lora.LORA_TARGETS``): every attention projection of both
+        double-block streams, the single blocks' fused qkv+mlp-in and their output projection."""
+        d, m = self.hidden_size, self.mlp_hidden
+        double = 8 * (d + d) * rank
+        single = ((d + 3 * d + 2 * m) + (d + m + d)) * rank
+        return self.num_layers * double + self.num_single_layers * single
+
+    def lora_params_per_token(self, rank: int) -> int:
+        """LoRA weights one token passes through: one stream's 4 projections per double block, all of a single block."""
+        d, m = self.hidden_size, self.mlp_hidden
+        single = ((d + 3 * d + 2 * m) + (d + m + d)) * rank
+        return self.num_layers * 4 * (d + d) * rank + self.num_single_layers * single
+
+    @property
+    def block_linear_rows(self) -> int:
+        """Output rows of the block Linears (an 8-bit base keeps one bf16 scale per row)."""
+        d, m = self.hidden_size, self.mlp_hidden
+        return self.num_layers * 2 * (5 * d + 2 * m) + self.num_single_layers * (4 * d + 2 * m)
+
+
+KLEIN_9B = ModelShape("9B", hidden_size=4096, num_layers=8, num_single_layers=24, joint_attention_dim=12288)
+KLEIN_4B = ModelShape("4B", hidden_size=3072, num_layers=5, num_single_layers=20, joint_attention_dim=7680)
+VARIANTS: dict[str, ModelShape] = {"9B": KLEIN_9B, "4B": KLEIN_4B}
+
+
+def model_shape(variant: "str | ModelShape | dict") -> ModelShape:
+    """``"9B"``/``"4B"`` (any case), a :class:`ModelShape`, or a transformer config dict."""
+    if isinstance(variant, ModelShape):
+        return variant
+    if isinstance(variant, dict):
+        shape = ModelShape.from_config(variant)
+        known = [name for name, v in VARIANTS.items() if replace(v, name=shape.name) == shape]
+        return replace(shape, name=known[0]) if known else shape
+    key = str(variant).strip().upper()
+    if key not in VARIANTS:
+        raise PlanError(f"unknown Klein variant {variant!r}: use one of {', '.join(VARIANTS)} (or pass a config)")
+    return VARIANTS[key]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How the base is held and trained: the memory/speed trade-offs the trainer offers."""
+
+    gradient_checkpointing: bool = False
+    base_8bit: bool = False
+
+    @property
+    def label(self) -> str:
+        parts = ["8-bit base" if self.base_8bit else "bf16 base"]
+        if self.gradient_checkpointing:
+            parts.append("gradient checkpointing")
+        return " + ".join(parts)
+
+    @property
+    def flags(self) -> str:
+        """The ``klein-lora train`` options that select this mode ("" for the default)."""
+        return " ".join(f for f, on in (("--gradient-checkpointing", self.gradient_checkpointing), ("--base-8bit", self.base_8bit)) if on)
+
+
+# Fastest first. Gradient checkpointing is exact (same numbers, ~1.45x compute); the 8-bit base changes the weights
+# slightly, so it comes after it.
+MODES_BY_PREFERENCE = (Mode(), Mode(gradient_checkpointing=True), Mode(base_8bit=True), Mode(True, True))
+
+
+def image_tokens(resolution: int) -> int:
+    """Latent tokens of a resolution² image (aspect buckets keep about the same area)."""
+    return (int(resolution) // PATCH_PIXELS) ** 2
+
+
+@dataclass(frozen=True)
+class Flops:
+    """FLOPs of one micro-batch (batch ``batch_size``) at one resolution."""
+
+    linear: float  # 2 * N_eff * T (+ embedders/proj_out) * B
+    attention: float  # 4 * T^2 * d * n * B
+    lora_forward: float
+
+    @property
+    def forward(self) -> float:
+        """Inference forward of the base (a merged LoRA costs nothing extra)."""
+        return self.linear + self.attention
+
+    def training_step(self, gradient_checkpointing: bool) -> float:
+        base = 2 * self.linear + (1 + ATTENTION_BACKWARD_FACTOR) * self.attention
+        lora = 3 * self.lora_forward
+        if gradient_checkpointing:
+            base += self.forward
+            lora += self.lora_forward
+        return base + lora
+
+
+def flops(variant: "str | ModelShape | dict", resolution: int, rank: int = PRESET.rank, batch_size: int = 1) -> Flops:
+    shape = model_shape(variant)
+    d, n = shape.hidden_size, shape.blocks
+    img = image_tokens(resolution)
+    tokens = img + TEXT_TOKENS
+    edges = img * (shape.in_channels * d * 2) + TEXT_TOKENS * shape.joint_attention_dim * d  # x_embedder, proj_out, context
+    linear = 2.0 * (shape.effective_params * tokens + edges) * batch_size
+    attention = 4.0 * tokens * tokens * d * n * batch_size
+    lora = 2.0 * shape.lora_params_per_token(rank) * tokens * batch_size
+    return Flops(linear, attention, lora)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Peak device memory of a training step, in GiB, by what holds it."""
+
+    weights: float
+    lora_optimizer: float
+    activations: float
+    dataset: float
+    context: float = CONTEXT_GIB
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.lora_optimizer + self.activations + self.dataset + self.context
+
+
+def memory(
+    variant: "str | ModelShape | dict",
+    resolution: int,
+    rank: int = PRESET.rank,
+    mode: Mode = Mode(),
+    batch_size: int = 1,
+    images: int = 1,
+    resolutions: int = 1,
+) -> Memory:
+    shape = model_shape(variant)
+    d, n = shape.hidden_size, shape.blocks
+    if mode.base_8bit:
+        quantised = shape.block_linear_params * 1 + shape.block_linear_rows * 2
+        weights = quantised + (shape.params - shape.block_linear_params) * 2 + shape.largest_linear_params * 2
+    else:
+        weights = shape.params * 2
+    tokens = (image_tokens(resolution) + TEXT_TOKENS) * batch_size
+    if mode.gradient_checkpointing:
+        activations = CHECKPOINT_BYTES * tokens * d * n + ACTIVATION_BYTES * tokens * d
+    else:
+        activations = ACTIVATION_BYTES * tokens * d * n
+    latents = images * resolutions * 128 * image_tokens(resolution) * 4
+    embeds = (images + 2) * TEXT_TOKENS * shape.joint_attention_dim * 2  # captions + dropped caption + ""
+    return Memory(
+        weights=weights / GIB,
+        lora_optimizer=shape.lora_params(rank) * LORA_OPTIMIZER_BYTES / GIB,
+        activations=activations / GIB,
+        dataset=(latents + embeds) / GIB,
+    )
+
+
+def peak_tflops(device_name: str | None) -> tuple[str, float] | None:
+    """(table key, dense bf16 TFLOP/s) for a device name such as ``"NVIDIA H100 80GB HBM3"``, or None if unknown."""
+    if not device_name:
+        return None
+    lowered = device_name.lower()
+    for key, value in PEAK_TFLOPS.items():
+        if key.lower() in lowered:
+            return key, value
+    return None
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The whole estimate of one run setting. Times are predictions (see the module docstring)."""
+
+    variant: str
+    resolution: int
+    rank: int
+    mode: Mode
+    batch_size: int
+    grad_accum: int
+    training_steps: int
+    image_tokens: int
+    forward_tflop: float
+    training_step_tflop: float
+    preview_tflop: float
+    memory: Memory
+    time_device: str | None
+    peak_tflops: float | None
+    mfu: float
+    seconds_per_training_step: float | None
+    training_seconds: float | None
+    preview_seconds: float | None
+    preview_sample_steps: int = PRESET.sample_steps
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def memory_gib(self) -> float:
+        return self.memory.total
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["mode"] = {**asdict(self.mode), "label": self.mode.label}
+        out["memory"] = {**asdict(self.memory), "total": self.memory.total}
+        out["memory_gib"] = self.memory.total
+        out["notes"] = list(self.notes)
+        return out
+
+    def summary(self) -> str:
+        """One line: VRAM, then time (labelled a prediction)."""
+        text = (
+            f"estimate ({self.variant}, {self.resolution} px, rank {self.rank}, {self.mode.label}): "
+            f"~{self.memory.total:.1f} GiB VRAM, {self.training_step_tflop:.1f} TFLOP per training step"
+        )
+        if self.seconds_per_training_step is not None:
+            text += f", ~{self.seconds_per_training_step:.2f} s/training step on {self.time_device}"
+            if self.training_steps:
+                text += f" (~{_duration(self.training_seconds)} for {self.training_steps} training steps)"
+            text += f" at {self.mfu:.0%} MFU (predicted)"
+        return text
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes = seconds / 60
+    return f"{minutes / 60:.1f} h" if minutes >= 90 else f"{minutes:.0f} min" if minutes >= 1 else f"{seconds:.0f} s"
+
+
+def _positive(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PlanError(f"{name} must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def estimate(
+    variant: "str | ModelShape | dict" = "9B",
+    resolution: int = PRESET.resolution,
+    rank: int = PRESET.rank,
+    mode: Mode = Mode(),
+    training_steps: int = 0,
+    *,
+    batch_size: int = PRESET.batch_size,
+    grad_accum: int = PRESET.grad_accum,
+    images: int = 1,
+    resolutions: int = 1,
+    device_name: str | None = None,
+    peak: float | None = None,
+    mfu: float = ASSUMED_MFU,
+    preview_sample_steps: int = PRESET.sample_steps,
+    preview_cfg: float = PRESET.cfg,
+) -> Estimate:
+    """Estimate VRAM and time of a run. ``device_name`` picks the peak from ``PEAK_TFLOPS`` (``peak`` overrides it);
+    with neither, times are for ``REFERENCE_DEVICE``. ``resolution`` is the largest training resolution."""
+    shape = model_shape(variant)
+    for name, value in (("resolution", resolution), ("rank", rank), ("batch_size", batch_size), ("grad_accum", grad_accum), ("images", images)):
+        _positive(name, value)
+    if resolution % PATCH_PIXELS:
+        raise PlanError(f"resolution must be a multiple of {PATCH_PIXELS} px, got {resolution}")
+    if isinstance(training_steps, bool) or not isinstance(training_steps, int) or training_steps < 0:
+        raise PlanError(f"training_steps must be a whole number >= 0, got {training_steps!r}")
+    if not 0 < mfu <= 1:
+        raise PlanError(f"mfu must be in (0, 1], got {mfu!r}")
+    micro = flops(shape, resolution, rank, batch_size)
+    step = micro.training_step(mode.gradient_checkpointing) * grad_accum
+    preview = micro.forward / batch_size * preview_sample_steps * (2 if preview_cfg > 1 else 1)
+    notes = []
+    time_device, peak_value = None, peak
+    if peak_value is None:
+        found = peak_tflops(device_name) if device_name else peak_tflops(REFERENCE_DEVICE)
+        if found:
+            time_device, peak_value = (device_name or found[0]), found[1]
+        else:
+            notes.append(f"no peak TFLOP/s known for {device_name!r}: no time estimate (pass peak=)")
+    else:
+        time_device = device_name or "the given peak"
+    seconds = step / (peak_value * 1e12 * mfu) if peak_value else None
+    if mode.base_8bit:
+        notes.append("8-bit base: same FLOPs assumed; weight-only int8 dequantises per layer, so expect it slower")
+    return Estimate(
+        variant=shape.name,
+        resolution=int(resolution),
+        rank=int(rank),
+        mode=mode,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        training_steps=training_steps,
+        image_tokens=image_tokens(resolution),
+        forward_tflop=micro.forward / 1e12,
+        training_step_tflop=step / 1e12,
+        preview_tflop=preview / 1e12,
+        memory=memory(shape, resolution, rank, mode, batch_size, images, resolutions),
+        time_device=time_device,
+        peak_tflops=peak_value,
+        mfu=mfu,
+        seconds_per_training_step=seconds,
+        training_seconds=seconds * training_steps if seconds is not None else None,
+        preview_seconds=preview / (peak_value * 1e12 * mfu) if peak_value else None,
+        preview_sample_steps=preview_sample_steps,
+        notes=tuple(notes),
+    )
+
+
+def fits(estimate_: Estimate, gpu_memory_gib: float) -> bool:
+    """True when the estimated peak fits a GPU of ``gpu_memory_gib`` (as torch reports it: total memory / 2^30)."""
+    return estimate_.memory.total <= gpu_memory_gib
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The mode to use on a given GPU, and what to tell the user about the requested one."""
+
+    requested: Estimate
+    mode: Mode | None  # the fastest mode that fits; None when nothing fits
+    fitting: Estimate | None
+    gpu_memory_gib: float
+
+    @property
+    def requested_fits(self) -> bool:
+        return fits(self.requested, self.gpu_memory_gib)
+
+    @property
+    def warning(self) -> str | None:
+        """None when the requested mode fits; else a sentence naming the mode (and options) that would."""
+        if self.requested_fits:
+            return None
+        have = f"{self.requested.memory.total:.1f} GiB estimated"
+        card = f"your {self.gpu_memory_gib:.0f} GiB GPU"
+        if self.mode is None:
+            return (
+                f"will not fit {card} in any mode ({have} as requested); train at a lower resolution "
+                f"(e.g. {max(512, self.requested.resolution // 2)}), a smaller rank or the 4B"
+            )
+        missing = [
+            what for what, needed, have_it in (
+                ("gradient checkpointing", self.mode.gradient_checkpointing, self.requested.mode.gradient_checkpointing),
+                ("an 8-bit base", self.mode.base_8bit, self.requested.mode.base_8bit),
+            ) if needed and not have_it
+        ]
+        return (
+            f"will not fit {card} without {' and '.join(missing)} ({have}, "
+            f"{self.fitting.memory.total:.1f} GiB with it); use {self.mode.flags}"
+        )
+
+
+def recommend_mode(
+    variant: "str | ModelShape | dict",
+    resolution: int,
+    rank: int,
+    gpu_memory_gib: float,
+    requested: Mode = Mode(),
+    **estimate_kwargs,
+) -> Recommendation:
+    """The fastest mode that fits ``gpu_memory_gib``, never dropping what ``requested`` already turned on."""
+    asked = estimate(variant, resolution, rank, requested, **estimate_kwargs)
+    for mode in MODES_BY_PREFERENCE:
+        if (requested.gradient_checkpointing and not mode.gradient_checkpointing) or (requested.base_8bit and not mode.base_8bit):
+            continue
+        candidate = asked if mode == requested else estimate(variant, resolution, rank, mode, **estimate_kwargs)
+        if fits(candidate, gpu_memory_gib):
+            return Recommendation(asked, mode, candidate, gpu_memory_gib)
+    return Recommendation(asked, None, None, gpu_memory_gib)
+
+
+def decide_gradient_checkpointing(
+    variant: "str | ModelShape | dict",
+    resolution: int,
+    rank: int,
+    gradient_checkpointing: bool | None,
+    base_8bit: bool = False,
+    gpu_memory_gib: float | None = None,
+    **estimate_kwargs,
+) -> tuple[bool, list[str]]:
+    """The trainer's pre-flight: whether to checkpoint, and the lines to log before step 1.
+
+    ``gradient_checkpointing=None`` means automatic: on only when a GPU size is known and the run would not fit it
+    without. An explicit True/False is kept; if the run will not fit, a warning names the mode that would.
+    """
+    checkpointing = bool(gradient_checkpointing)
+    lines = []
+    if gpu_memory_gib is not None:
+        advice = recommend_mode(variant, resolution, rank, gpu_memory_gib, Mode(checkpointing, base_8bit), **estimate_kwargs)
+        if gradient_checkpointing is None and not advice.requested_fits:
+            checkpointing = True
+            lines.append(f"gradient checkpointing: on (automatic: the run {advice.warning})")
+            advice = recommend_mode(variant, resolution, rank, gpu_memory_gib, Mode(True, base_8bit), **estimate_kwargs)
+        if advice.warning:
+            lines.append(f"warning: this run {advice.warning}")
+    lines.append(estimate(variant, resolution, rank, Mode(checkpointing, base_8bit), **estimate_kwargs).summary())
+    return checkpointing, lines
+
+
+def detect_gpu_memory() -> float | None:
+    """Total memory of CUDA device 0 in GiB, or None when there is no CUDA GPU (or no torch)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / GIB
+
+
+def detect_gpu_name() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
