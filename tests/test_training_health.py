@@ -1,0 +1,113 @@
+"""Training health on the tiny Klein: a normal run is healthy, an unstable one is flagged with the seed's advice,
+the best checkpoint is kept and explained, and the regularization set mixes in at its weight."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import quick_config, quick_spec
+
+from klein_core import lora as lora_io
+from klein_core.loading import resolve_model
+from klein_core.training import NonFiniteLoss, TrainCallbacks, train
+
+quiet = TrainCallbacks(log=lambda _m: None)
+UNSTABLE_LR = 100.0  # the tiny model shrugs off LR 10 (Adam + QK norms) and diverges to NaN within ~10 steps at 100
+
+
+def run(tiny_diffusers, folder, out, cache, config, **kw):
+    return train(resolve_model(tiny_diffusers), quick_spec(folder), config, out, callbacks=quiet, cache_dir=cache, **kw)
+
+
+@pytest.fixture(scope="module")
+def normal_runs(tiny_diffusers, sample_dataset, training_cache, tmp_path_factory):
+    """Three seeds of an ordinary run (LR 3e-3, the tiny model's equivalent of the preset's 1e-4)."""
+    out = tmp_path_factory.mktemp("normal")
+    return [run(tiny_diffusers, sample_dataset, out / f"seed{seed}", training_cache,
+                quick_config(training_steps=12, save_every=3, learning_rate=3e-3, seed=seed)) for seed in (0, 1, 2)]
+
+
+def test_a_normal_run_raises_no_collapse_alarm_over_several_seeds(normal_runs):
+    for result in normal_runs:
+        assert result.health.collapse is None, result.health.verdict
+        assert result.health.verdict.startswith("Healthy")
+
+
+def test_best_checkpoint_is_written_atomically_and_the_reason_is_recorded(normal_runs):
+    result = normal_runs[0]
+    health = json.loads((result.run_dir / "run.json").read_text())["health"]
+    best = health["best_checkpoint"]
+    assert best["metric"] == "validation_loss"  # no preview prompts: no likeness, so validation loss decides
+    assert "lowest validation loss" in best["reason"]
+    assert Path(best["file"]).name == "klein_lora_best.safetensors"
+    assert Path(best["file"]).read_bytes() == Path(best["path"]).read_bytes()
+    assert health["collapse"] is None
+    assert (result.run_dir / "report.png").exists()
+
+
+def test_an_unstable_run_is_flagged_with_the_seeds_four_fixes_in_order(tiny_diffusers, sample_dataset, training_cache, tmp_path):
+    with pytest.raises(NonFiniteLoss) as info:
+        run(tiny_diffusers, sample_dataset, tmp_path, training_cache,
+            quick_config(training_steps=40, save_every=2, learning_rate=UNSTABLE_LR))
+    health = info.value.health
+    # caught as a rising validation loss or loss blow-up before (or at) the NaN
+    assert health.collapse is not None and health.collapse.signal_names
+    advice = health.advice
+    assert [line[:2] for line in advice] == ["1.", "2.", "3.", "4."]
+    assert "LR 1e2 → 5e1" in advice[0]
+    assert "regularization" in advice[2]
+    assert str(health.collapse.last_good_path) in advice[3]
+    assert health.best is not None and health.best.step < health.collapse.began_step
+    assert lora_io.read_lora_file(health.best_lora)  # the last good checkpoint, finite and loadable
+    manifest = json.loads((tmp_path / "run.json").read_text())
+    assert manifest["health"]["collapse"]["step"] == health.collapse.began_step
+    assert (tmp_path / "report.png").exists()
+    assert not (tmp_path / "klein_lora.safetensors").exists()
+
+
+def test_health_previews_give_likeness_and_preview_statistics_per_checkpoint(tiny_diffusers, sample_dataset, training_cache, tmp_path):
+    result = run(tiny_diffusers, sample_dataset, tmp_path, training_cache,
+                 quick_config(training_steps=4, save_every=2, health_sample_steps=4), preview_prompts=("photo of [trigger]",))
+    saved = [c for c in result.manifest["history"]["checkpoints"] if c["lora_path"]]
+    assert saved and all(c["likeness"] is not None and c["preview_stats"] for c in saved)
+    assert result.manifest["history"]["likeness_backend"]  # labelled: face, or generic image similarity
+    assert result.health.best.metric == "likeness"
+
+
+def test_regularization_set_mixes_in_at_its_weight_and_is_not_counted_in_the_dose(tiny_diffusers, sample_dataset, training_cache, tmp_path):
+    from klein_core.dataset import DatasetSpec
+    from klein_core.sample_data import make_sample_dataset
+
+    reg_folder = tmp_path / "class_images"
+    make_sample_dataset(reg_folder, count=3, seed=7, size=96)
+    reg = DatasetSpec(folder=str(reg_folder), trigger="kleinchar", trigger_policy="keep", caption_dropout=0.0,
+                      default_caption="photo of a person", resolutions=(64,))
+    plain = run(tiny_diffusers, sample_dataset, tmp_path / "plain", training_cache, quick_config())
+    zero = run(tiny_diffusers, sample_dataset, tmp_path / "zero", training_cache, quick_config(regularization_weight=0.0), regularization=reg)
+    mixed = run(tiny_diffusers, sample_dataset, tmp_path / "mixed", training_cache, quick_config(), regularization=reg)
+    weights = [lora_io.read_lora_file(r.final_lora) for r in (plain, zero, mixed)]
+
+    def same(a, b):
+        return all((a[k][0] - b[k][0]).abs().max() < 1e-6 and (a[k][1] - b[k][1]).abs().max() < 1e-6 for k in a)
+
+    assert same(weights[0], weights[1])  # weight 0: exactly the identity-only update
+    assert not same(weights[0], weights[2])
+    assert mixed.plan.repeats_per_image == plain.plan.repeats_per_image  # identity images only
+    info = mixed.manifest["regularization"]
+    assert info["images"] == 3 and info["weight"] == pytest.approx(0.1)
+
+
+def test_cli_train_json_reports_best_checkpoint_and_collapse(tiny_diffusers, sample_dataset, tmp_path, capsys):
+    from klein_core.cli import main
+
+    common = ["train", "--model", str(tiny_diffusers), "--images", str(sample_dataset), "--trigger", "kleinchar",
+              "--resolution", "64", "--rank", "4", "--cache-dir", str(tmp_path / "cache"), "--json"]
+    assert main([*common, "--out", str(tmp_path / "ok"), "--training-steps", "2", "--save-every", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert Path(summary["best_checkpoint"]).name == "klein_lora_best.safetensors" and summary["collapse"] is None
+    code = main([*common, "--out", str(tmp_path / "bad"), "--training-steps", "40", "--save-every", "2", "--lr", "100"])
+    assert code == 1
+    captured = capsys.readouterr()
+    collapsed = json.loads(captured.out)
+    assert collapsed["collapse"]["step"] >= 1 and len(collapsed["collapse"]["advice"]) == 4
+    assert "Lower the learning rate" in captured.err
