@@ -33,12 +33,14 @@ from ..klein_core.preview import (
 )
 from ..klein_core.latents import LATENT_MULTIPLE
 from ..klein_core.sampling import PreviewError, check_size
+from . import memory
 from .model_inputs import NONE, choices, full_path, resolve_choice
 from .types import KleinLoraRun
 
 MAX_SIDE = 4096
 MAX_SAMPLE_STEPS = 1000
 PREVIEW_MAX_PX = 512  # size of the per-cell image shown in the progress preview
+GRID_PREVIEW_MAX_PX = 2048  # the finished grid, shown last on the node
 BASE_ADVICE = (
     f"Klein Base is undistilled: preview at about {PRESET.sample_steps} sample steps with CFG about {PRESET.cfg:g}; "
     "fewer steps or CFG near 1 make a good LoRA look weak or noisy."
@@ -116,6 +118,7 @@ class KleinBasePreviewSampler(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "seed", default=PRESET.preview_seed, min=0, max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=False,  # fixed: grids of successive runs stay comparable
                     tooltip="One seed for every cell, so cells differ only by checkpoint, strength and prompt. Noise "
                     "is drawn on the CPU like diffusers and ComfyUI, so the same seed gives the same image.",
                 ),
@@ -190,12 +193,16 @@ class KleinBasePreviewSampler(io.ComfyNode):
         # Weights are swapped outside inference mode so the run's transformer never holds inference tensors.
         with torch.inference_mode(False), torch.no_grad():
             if run is not None:
+                import comfy.model_management
+
+                memory.to_device(run, comfy.model_management.get_torch_device())  # back, if ComfyUI offloaded it
                 result = preview_run(
                     run, split_prompts(prompts), settings, checkpoints, sweep, out_dir=_output_dir(run),
                     progress=progress.update, interrupt=progress.interrupted, on_cell=progress.show_cell,
                 )
             else:
                 result = cls._standalone(diffusion_model, text_encoder, vae, lora, prompts, trigger, checkpoints, sweep, settings, progress)
+        progress.show_grid(result.grid)
         summary = (
             f"{len(result.rows)} rows x {len(result.prompts)} prompts at {result.settings.sample_steps} sample steps, "
             f"CFG {result.settings.cfg:g}, seed {result.settings.seed}; saved to {result.grid_file.parent}"
@@ -245,6 +252,12 @@ class _Progress:
     def show_cell(self, cell) -> None:
         if self.bar is not None:
             self.bar.update_absolute(self.done, self.total, preview=("JPEG", cell.image, PREVIEW_MAX_PX))
+
+    def show_grid(self, grid) -> None:
+        """End on the finished grid: the frontend keeps showing a node's last progress preview (over its output
+        images) until the node runs again, so without this the node would keep showing the last single cell."""
+        if self.bar is not None:
+            self.bar.update_absolute(self.total, self.total, preview=("JPEG", grid, GRID_PREVIEW_MAX_PX))
 
     @staticmethod
     def interrupted() -> bool:

@@ -17,6 +17,7 @@ from comfy_api.latest import io, ui
 from ..klein_core.cache import default_cache_dir
 from ..klein_core.preset import PRESET
 from ..klein_core.training import TrainCallbacks, TrainConfig, train
+from . import memory
 from .model_inputs import NONE, choices, diffusers_choices, resolve_choice
 from .types import KleinDataset, KleinLoraRun
 
@@ -59,7 +60,7 @@ class _ComfyProgress:
 
     def log(self, message: str) -> None:
         self.lines.append(message)
-        print(f"[Klein LoRA] {message}")
+        print(f"[Klein LoRA] {message}", flush=True)  # ComfyUI wraps stdout in a block-buffered writer
 
 
 class KleinLoRATrainer(io.ComfyNode):
@@ -108,7 +109,9 @@ class KleinLoRATrainer(io.ComfyNode):
                 io.Int.Input("save_every", default=250, min=0, max=100_000,
                              tooltip="Training steps between LoRA checkpoints (0: only the final LoRA). Each checkpoint "
                              "gets a fixed-noise validation loss for the health report."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                # control_after_generate=False: the frontend would otherwise add "randomize" to any input named
+                # seed, and every queue would silently retrain.
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of noise, timesteps and batch order. Same inputs are cached by ComfyUI; "
                              "change the seed to train again."),
                 io.String.Input("preview_prompts", multiline=True, default=f"{PRESET.default_caption}",
@@ -165,6 +168,7 @@ class KleinLoRATrainer(io.ComfyNode):
                 callbacks=TrainCallbacks(on_step=progress.on_step, should_stop=progress.should_stop,
                                          on_checkpoint=progress.on_checkpoint, log=progress.log),
             )
+        memory.register(run)  # its transformer and VAE leave the GPU when ComfyUI frees memory (nodes/memory.py)
         lora_name = _publish_to_loras(run)
         summary = _summary(run, lora_name)
         _send({"node": cls.hidden.unique_id, "kind": "done", "verdict": run.health.verdict if run.health else ""})

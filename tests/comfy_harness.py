@@ -190,7 +190,9 @@ class ComfyServer:
             (self.models_dir / kind).mkdir(parents=True, exist_ok=True)
         (self.custom_nodes_dir / PACK_DIR_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
         extra = self.workdir / "extra_model_paths.yaml"
-        lines = ["klein_tests:", f"    base_path: {self.workdir}", "    custom_nodes: custom_nodes"]
+        # is_default: these folders come first, so files the pack saves (models/loras/klein/) land here and never in
+        # the ComfyUI tree's own models/ folder.
+        lines = ["klein_tests:", f"    base_path: {self.workdir}", "    is_default: true", "    custom_nodes: custom_nodes"]
         lines += [f"    {kind}: models/{kind}" for kind in ("diffusion_models", "text_encoders", "vae", "loras",
                                                            "checkpoints", "diffusers")]
         extra.write_text("\n".join(lines) + "\n")
@@ -213,6 +215,9 @@ class ComfyServer:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(SHIM_DIR)
         env["PYTHONUNBUFFERED"] = "1"
+        # One torch thread: the tiny test model gains nothing from more, and on a busy 2-core machine OpenMP's
+        # spinning threads made each forward ~20x slower (measured 0.1 s vs 2.8 s).
+        env.setdefault("OMP_NUM_THREADS", "1")
         env.pop("COMFYUI_DIR", None)
         started = time.monotonic()
         with open(self.log_path, "wb") as log:
@@ -269,7 +274,7 @@ class ComfyServer:
             status, raw = err.code, err.read()
         try:
             return status, json.loads(raw) if raw else None
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):  # an image from /view, or plain text
             return status, raw
 
     def get_json(self, path: str) -> Any:
@@ -391,6 +396,47 @@ def comfy_server(comfy_env: ComfyEnv) -> Iterator[ComfyServer]:
             print(f"ComfyUI work dir kept: {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class ComfyAssets:
+    """The tiny Klein and a small sample dataset, placed in the session server's folders."""
+
+    server: ComfyServer
+    dataset_folder: str  # a subfolder of the server's input directory
+    diffusion_model: str  # names as ComfyUI's model lists show them
+    text_encoder: str
+    vae: str
+
+    @property
+    def model_inputs(self) -> dict[str, str]:
+        return {"diffusion_model": self.diffusion_model, "text_encoder": self.text_encoder, "vae": self.vae}
+
+
+ASSET_DATASET = "klein_workflow_dataset"
+
+
+def place_tiny_klein(server: ComfyServer) -> ComfyAssets:
+    """Copy the tiny Klein (ComfyUI layout: diffusion model, text encoder with its tokenizer folder beside it, VAE)
+    into the server's models/ tree and write 4 sample images of 96 px into input/<ASSET_DATASET>/."""
+    from conftest import tiny_model_dir  # the cached tiny model build
+
+    from klein_core.sample_data import make_sample_dataset
+    from klein_core.tiny import COMFY_FILES
+
+    source = tiny_model_dir() / "comfyui"
+    for kind in ("diffusion_models", "text_encoders", "vae"):
+        shutil.copytree(source / kind, server.models_dir / kind, dirs_exist_ok=True)
+    folder = server.input_dir / ASSET_DATASET
+    if not folder.exists():
+        make_sample_dataset(folder, count=4, size=96)
+    names = {key: Path(COMFY_FILES[key]).name for key in ("transformer", "text_encoder", "vae")}
+    return ComfyAssets(server, ASSET_DATASET, names["transformer"], names["text_encoder"], names["vae"])
+
+
+@pytest.fixture(scope="session")
+def comfy_assets(comfy_server: ComfyServer) -> ComfyAssets:
+    return place_tiny_klein(comfy_server)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -61,7 +61,7 @@ def tiny_comfy_files(tiny_model) -> dict[str, Path]:
 
 
 # ---- real ComfyUI server (tests marked comfy_server); see tests/comfy_harness.py ---------------------------------------
-from comfy_harness import comfy_env, comfy_server, pytest_terminal_summary  # noqa: E402,F401  (fixtures, hook)
+from comfy_harness import comfy_assets, comfy_env, comfy_server, pytest_terminal_summary  # noqa: E402,F401  (fixtures, hook)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

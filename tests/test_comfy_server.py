@@ -131,3 +131,29 @@ def test_node_unit_tests_pass_inside_comfyui_python(comfy_env):
     assert completed.returncode == 0, output[-6000:]
     assert "comfy_api is not importable" not in output, output[-6000:]
     sys.stdout.write(output.splitlines()[-1] + "\n")
+
+
+def test_every_input_and_output_of_every_pack_node_has_a_tooltip(comfy_server):
+    listed = pack_entries(comfy_server.object_info())
+    assert set(PACK_NODES) <= set(listed)
+    for node_id, info in listed.items():
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip", "").strip(), (node_id, name)
+        assert len(info["output_tooltips"]) == len(info["output"]), node_id
+        for name, tooltip in zip(info["output_name"], info["output_tooltips"]):
+            assert tooltip and tooltip.strip(), (node_id, name)
+
+
+def test_every_pack_node_has_a_help_page_naming_its_inputs_and_the_base_sampling_advice(comfy_server):
+    """web/docs/<NodeId>.md, served where the frontend's node help looks for it."""
+    for node_id, info in pack_entries(comfy_server.object_info()).items():
+        status, page = comfy_server.request("GET", f"/extensions/{PACK_DIR_NAME}/docs/{node_id}.md")
+        assert status == 200, node_id
+        text = page.decode() if isinstance(page, bytes) else str(page)
+        assert "## Base sampling advice" in text and "50 sample steps" in text, node_id
+        assert "## Formula" in text and "## Inputs" in text, node_id
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                label = spec[1].get("display_name", name) if len(spec) > 1 else name
+                assert name in text or label in text, (node_id, name)
