@@ -84,6 +84,9 @@ class DemoScale:
     grad_accum: int = PRESET.grad_accum
     caption_dropout: float = PRESET.caption_dropout
     step_checkpoints: int = 2  # checkpoints in the grid besides the control row: save every S / 2 training steps
+    # Off: a health preview per checkpoint costs as much as a grid cell, and the tiny model's random VAE draws no
+    # picture whose statistics or likeness mean anything. The verdict still uses the fixed-noise validation loss.
+    health_previews: bool = False
     prompt: str = PRESET.default_caption  # "photo of [trigger]"
     sample_steps: int = PRESET.sample_steps  # 50: the tiny model is cheap enough for Base-correct previews
     cfg: float = PRESET.cfg
@@ -99,7 +102,8 @@ class DemoScale:
             f"resolution {self.resolution} px (preset {PRESET.resolution})",
             f"LR {format_learning_rate(self.learning_rate)} (preset {format_learning_rate(PRESET.learning_rate)}: "
             "a random model's LoRA must learn denoising itself, a real Klein's only the identity)",
-        ]
+        ] + ([] if self.health_previews else ["no health previews (the random VAE draws nothing to judge; the verdict "
+                                               "uses the validation loss)"])
 
 
 @dataclass
@@ -207,7 +211,7 @@ def run_demo(
     config = TrainConfig(
         output_name=DEMO_TRIGGER, target_repeats=scale.target_repeats, batch_size=scale.batch_size,
         grad_accum=scale.grad_accum, learning_rate=scale.learning_rate, rank=scale.rank, seed=scale.training_seed,
-        save_every=save_every,
+        save_every=save_every, health_previews=scale.health_previews,
     )
     run = train(
         resolve_model(model_dir), spec, config, out / RUN_FOLDER,
