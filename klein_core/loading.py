@@ -304,7 +304,9 @@ def resolve_model(
 def _resolve_diffusers(folder: Path, tokenizer: str | os.PathLike | None, allow_distilled: bool) -> ResolvedModel:
     index_path = folder / "model_index.json"
     if not index_path.exists():
-        raise ModelError(f"{folder} is not a diffusers model folder (no model_index.json)")
+        inside = sorted(p.parent for p in folder.glob("*/model_index.json"))
+        hint = f"; did you mean {', '.join(map(str, inside))}?" if inside else ""
+        raise ModelError(f"{folder} is not a diffusers model folder (no model_index.json){hint}")
     index = json.loads(index_path.read_text())
     cls = index.get("_class_name", "")
     if cls not in ("Flux2KleinPipeline", "Flux2KleinKVPipeline"):

@@ -61,6 +61,7 @@ def remove_lora(transformer) -> None:
             parent_name, _, child = name.rpartition(".")
             parent = transformer.get_submodule(parent_name) if parent_name else transformer
             setattr(parent, child, module.get_base_layer())
+    transformer.__dict__.pop("peft_config", None)  # peft's record of the adapter: a later add_lora starts clean
 
 
 def lora_parameters(transformer) -> list[torch.nn.Parameter]:

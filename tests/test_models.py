@@ -135,6 +135,11 @@ def test_fp8_transformer_with_scales_loads_dequantised(tiny_comfy_files, tmp_pat
     assert worst < 0.08  # e4m3 keeps ~2 significant digits
 
 
+def test_a_folder_one_level_above_the_model_names_the_model_folder_inside(tiny_model):
+    with pytest.raises(ModelError, match=f"no model_index.json.*did you mean {tiny_model / 'diffusers'}"):
+        resolve_model(tiny_model)
+
+
 def test_refuses_distilled_diffusers_folder_and_names_the_base_repo(tmp_path, tiny_diffusers):
     folder = tmp_path / "klein"
     shutil.copytree(tiny_diffusers, folder)
