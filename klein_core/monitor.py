@@ -114,14 +114,17 @@ class HealthMonitor:
         return collapse_advice(self.collapse, self.learning_rate, self.rank, self.has_regularization, PRESET.regularization_weight)
 
     def finish(self, run_dir: Path, output_name: str) -> HealthSummary:
-        """Pick the best checkpoint (copied to ``<name>_best.safetensors``), draw the report, write the verdict."""
-        self.check()
+        """Pick the best checkpoint (copied to ``<name>_best.safetensors``), draw the report, write the verdict.
+
+        The detector runs once more over the whole history, so the verdict lists every signal that fired by the end
+        (a run stopped by a NaN after its previews blew out shows both)."""
+        self.collapse = detect_collapse(self.history)
         best = pick_best_checkpoint(self.history, self.collapse)
         best_lora = None
         if best is not None:
             best_lora = run_dir / f"{output_name}_best.safetensors"
             atomic_write_bytes(best_lora, Path(best.path).read_bytes())
         advice = self.advice()
-        verdict = verdict_text(self.history, self.collapse, best, advice)
+        verdict = verdict_text(self.history, self.collapse, best, advice, best_lora)
         report_path = save_training_report(render_training_report(self.history, self.collapse, best), run_dir / REPORT_FILE)
         return HealthSummary(self.collapse, advice, best, best_lora, verdict, report_path)

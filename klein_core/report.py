@@ -279,8 +279,9 @@ def verdict_text(
     collapse: CollapseReport | None,
     best: BestChoice | None,
     advice: Sequence[str] = (),
+    best_copy: str | os.PathLike | None = None,
 ) -> str:
-    """The text verdict shown on the report node and printed by the CLI."""
+    """The text verdict shown on the report node and printed by the CLI; ``best_copy`` is the ``_best`` file."""
     lines: list[str] = []
     readings = len(history.losses)
     saved = sum(1 for c in history.checkpoints if c.lora_path)
@@ -302,7 +303,8 @@ def verdict_text(
         lines.append("What to do, in this order:" if collapse is not None else "Advice:")
         lines.extend(f"  {item}" for item in advice)
     if best is not None:
-        lines.append(f"Best checkpoint: step {best.step}, {best.path} ({best.reason}).")
+        copied = f"; copied to {best_copy}" if best_copy else ""
+        lines.append(f"Best checkpoint: step {best.step}, {best.path} ({best.reason}){copied}.")
     else:
         lines.append("Best checkpoint: none (no healthy checkpoint was saved).")
     return "\n".join(lines)

@@ -71,7 +71,7 @@ class TrainConfig:
     gradient_checkpointing: bool | None = None  # None: automatic, on when the estimate says the GPU needs it
     base_8bit: bool = False  # low-VRAM mode: int8 base weights, LoRA on top (the optional [lowvram] extra)
     compile_blocks: bool = False  # torch.compile each transformer block (worth it on CUDA; the first step compiles)
-    log_every: int = 1  # training steps between loss reads (the only host-device sync)
+    log_every: int = 10  # training steps between loss reads: the loop's only host-device sync (checkpoints read too)
     validation_every: int = 0  # extra fixed-noise validation every K training steps (checkpoints always get one)
     stop_on_collapse: bool = False  # stop training as soon as a collapse is detected (the best checkpoint is kept)
     health_previews: bool = True  # render the first preview prompt at each checkpoint for preview stats and likeness
@@ -372,8 +372,8 @@ def train(
         manifest = state["manifest"]
         monitor.history = TrainingHistory.from_dict(manifest["history"])
         log(f"resuming {run_dir} at training step {start_step}/{config.training_steps}")
-    elif dist.is_main:
-        monitor.history.add_checkpoint(0, None, validation_loss(transformer, data.latents, _caption_embeds(data)))
+    elif dist.is_main:  # step 0, the untrained base: the baseline of the validation loss and the health previews
+        monitor.record_checkpoint(0, None, validation_loss(transformer, data.latents, _caption_embeds(data)))
 
     def micro_batches_for(step: int) -> list[MicroBatch]:
         out = []
@@ -439,8 +439,9 @@ def train(
                 values = torch.stack(pending).tolist()  # the one host-device sync
                 pending.clear()
                 monitor.record_losses(step - len(values) + 1, values)
-                if not all(math.isfinite(v) for v in values):
-                    raise NonFiniteLoss(_non_finite_message(step, monitor.history, config))
+                bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+                if bad:
+                    raise NonFiniteLoss(_non_finite_message(step - len(values) + 1 + bad[0], monitor, config))
                 per_step = (time.perf_counter() - started) / (step - start_step)
                 if callbacks.on_step:
                     callbacks.on_step(
@@ -597,9 +598,12 @@ def _new_manifest(resolved, spec, scan, config, the_plan, fingerprint, reg_scan)
     }
 
 
-def _non_finite_message(step: int, history: TrainingHistory, config: TrainConfig) -> str:
-    saved = [c.lora_path for c in history.checkpoints if c.lora_path]
-    kept = f"the last good checkpoint is kept ({saved[-1]})" if saved else "no checkpoint had been saved yet"
+def _non_finite_message(step: int, monitor: HealthMonitor, config: TrainConfig) -> str:
+    """The LR advice first, then which checkpoint to keep: the collapse detector's last good one, which may be
+    earlier than the last saved one when the previews had already blown out."""
+    collapse = monitor.check()
+    last_good = collapse.last_good_path if collapse is not None else None
+    kept = f"the last good checkpoint is {last_good}" if last_good else "no good checkpoint had been saved"
     return f"{non_finite_loss_message(step, config.learning_rate)} Training stopped; {kept}."
 
 

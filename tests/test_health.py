@@ -229,6 +229,25 @@ def test_preview_blowout_is_flagged_at_its_checkpoint(blowout, expected_word):
     assert expected_word in report.signals[0].detail
 
 
+def test_a_blown_out_first_checkpoint_is_judged_against_the_untrained_base_preview():
+    rng = np.random.default_rng(3)
+    history = TrainingHistory()
+    history.add_checkpoint(0, None, preview_stats=preview_statistics(photo_like_previews(rng)))  # step 0: the base
+    flat = [np.full((64, 64, 3), 1.0, np.float32) for _ in range(2)]  # one clipped colour, as LR 100 gives at step 4
+    history.add_checkpoint(4, ckpt_path(4), preview_stats=preview_statistics(flat))
+    report = detect_collapse(history)
+    assert report is not None and report.signal_names == [PREVIEW_BLOWOUT]
+    assert report.began_step == 4 and report.last_good_path is None  # no saved checkpoint is good: say so
+    assert pick_best_checkpoint(history, report) is None
+
+
+def test_the_untrained_base_likeness_is_a_baseline_not_a_peak_to_fall_from():
+    history = TrainingHistory()
+    for i, like in enumerate([0.6, 0.3, 0.35, 0.4, 0.45]):  # step 0 = the base model, before any LoRA
+        history.add_checkpoint(i * 100, ckpt_path(i * 100) if i else None, likeness=like)
+    assert detect_collapse(history) is None
+
+
 def test_likeness_dropping_after_its_peak_is_flagged():
     history = TrainingHistory()
     for i, like in enumerate([0.2, 0.5, 0.7, 0.72, 0.5, 0.3]):

@@ -98,7 +98,7 @@ def test_generic_similarity_scores_a_jittered_copy_above_a_different_face():
 
 def test_generic_similarity_is_labelled_as_a_fallback():
     backend = ImageSimilarityLikeness(reason="no face")
-    assert backend.label == GENERIC_LABEL == "generic image similarity (no face backend)"
+    assert backend.label == GENERIC_LABEL == "generic image similarity (whole images, not faces)"
     assert backend.reason == "no face"
 
 

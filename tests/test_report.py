@@ -33,7 +33,7 @@ def ckpt(step: int) -> str:
 
 def make_history(collapse: bool, seed: int = 0) -> TrainingHistory:
     rng = np.random.default_rng(seed)
-    history = TrainingHistory(likeness_backend="generic image similarity (no face backend)")
+    history = TrainingHistory(likeness_backend="generic image similarity (whole images, not faces)")
     for step in range(1, 801):
         level = 0.25 + 0.3 * math.exp(-step / 150)
         if collapse and step > 500:
@@ -127,9 +127,9 @@ def test_verdict_for_a_collapse_names_the_start_last_good_checkpoint_and_ordered
 def test_verdict_for_a_healthy_run_says_so():
     history = make_history(collapse=False)
     best = pick_best_checkpoint(history, None)
-    text = verdict_text(history, None, best)
+    text = verdict_text(history, None, best, best_copy="run/klein_lora_best.safetensors")
     assert text.startswith("Healthy: no collapse signal over 800 training-loss readings to step 800")
-    assert best.path in text
+    assert best.path in text and text.endswith("copied to run/klein_lora_best.safetensors.")
 
 
 @pytest.mark.parametrize("width, height", [(640, 420), (1600, 900)])

@@ -71,6 +71,27 @@ def test_untrained_adapter_is_a_no_op(tiny_diffusers):
     assert torch.equal(before, after)
 
 
+def test_removing_the_lora_restores_the_base_model_and_a_new_lora_starts_clean(tiny_diffusers):
+    import warnings
+
+    transformer = load_transformer(resolve_model(tiny_diffusers))
+    g = torch.Generator().manual_seed(0)
+    kw = dict(hidden_states=torch.randn(1, 16, 128, generator=g), encoder_hidden_states=torch.randn(1, 8, 48, generator=g),
+              timestep=torch.tensor([0.7]), img_ids=torch.zeros(1, 16, 4), txt_ids=torch.zeros(1, 8, 4), guidance=None)
+    with torch.no_grad():
+        base = transformer(**kw).sample
+        lora_io.add_lora(transformer, rank=8)
+        for p in lora_io.lora_parameters(transformer):
+            p.add_(0.1)
+        assert not torch.allclose(transformer(**kw).sample, base)
+        lora_io.remove_lora(transformer)
+        assert torch.equal(transformer(**kw).sample, base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # peft warns when it finds a stale adapter record
+        lora_io.add_lora(transformer, rank=4)
+    assert {p.shape[0] for n, p in transformer.named_parameters() if "lora_A" in n} == {4}
+
+
 # --- optimisation --------------------------------------------------------------------------------------------------
 def test_grad_accum_4_of_batch_1_equals_one_batch_of_4(tiny_diffusers):
     g = torch.Generator().manual_seed(1)
@@ -134,6 +155,15 @@ def test_run_folder_has_step_checkpoints_final_lora_state_and_manifest(tiny_diff
     assert manifest["history"]["loss_steps"] == [1, 2, 3, 4]
     assert manifest["final_lora"].endswith("hero.safetensors")
     assert [s for s, _, _ in result.checkpoints] == [2, 4]
+
+
+def test_loss_is_read_only_every_log_every_training_steps_yet_every_loss_is_kept(tiny_diffusers, sample_dataset, tmp_path, training_cache):
+    # reading the loss waits for the GPU: the loop does it at log intervals (and checkpoints), never per step
+    progress = []
+    result = run(tiny_diffusers, sample_dataset, tmp_path, training_cache, config=quick_config(training_steps=5, save_every=0, log_every=2),
+                 callbacks=TrainCallbacks(on_step=lambda info: progress.append(info["training_step"]), log=lambda m: None))
+    assert progress == [2, 4, 5]
+    assert result.manifest["history"]["loss_steps"] == [1, 2, 3, 4, 5]
 
 
 def test_keep_last_n_prunes_old_checkpoints(tiny_diffusers, sample_dataset, tmp_path, training_cache):

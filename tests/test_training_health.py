@@ -21,10 +21,12 @@ def run(tiny_diffusers, folder, out, cache, config, **kw):
 
 @pytest.fixture(scope="module")
 def normal_runs(tiny_diffusers, sample_dataset, training_cache, tmp_path_factory):
-    """Three seeds of an ordinary run (LR 3e-3, the tiny model's equivalent of the preset's 1e-4)."""
+    """Three seeds of an ordinary run (LR 3e-3, the tiny model's equivalent of the preset's 1e-4), with health
+    previews so every signal (validation, training loss, preview statistics, likeness) gets its chance to misfire."""
     out = tmp_path_factory.mktemp("normal")
     return [run(tiny_diffusers, sample_dataset, out / f"seed{seed}", training_cache,
-                quick_config(training_steps=12, save_every=3, learning_rate=3e-3, seed=seed)) for seed in (0, 1, 2)]
+                quick_config(training_steps=12, save_every=3, learning_rate=3e-3, seed=seed, health_sample_steps=8),
+                preview_prompts=("photo of [trigger]",)) for seed in (0, 1, 2)]
 
 
 def test_a_normal_run_raises_no_collapse_alarm_over_several_seeds(normal_runs):
@@ -37,8 +39,7 @@ def test_best_checkpoint_is_written_atomically_and_the_reason_is_recorded(normal
     result = normal_runs[0]
     health = json.loads((result.run_dir / "run.json").read_text())["health"]
     best = health["best_checkpoint"]
-    assert best["metric"] == "validation_loss"  # no preview prompts: no likeness, so validation loss decides
-    assert "lowest validation loss" in best["reason"]
+    assert best["metric"] == "likeness" and "highest likeness" in best["reason"]
     assert Path(best["file"]).name == "klein_lora_best.safetensors"
     assert Path(best["file"]).read_bytes() == Path(best["path"]).read_bytes()
     assert health["collapse"] is None
@@ -68,7 +69,9 @@ def test_an_unstable_run_is_flagged_with_the_seeds_four_fixes_in_order(tiny_diff
 def test_health_previews_give_likeness_and_preview_statistics_per_checkpoint(tiny_diffusers, sample_dataset, training_cache, tmp_path):
     result = run(tiny_diffusers, sample_dataset, tmp_path, training_cache,
                  quick_config(training_steps=4, save_every=2, health_sample_steps=4), preview_prompts=("photo of [trigger]",))
-    saved = [c for c in result.manifest["history"]["checkpoints"] if c["lora_path"]]
+    records = result.manifest["history"]["checkpoints"]
+    assert records[0]["step"] == 0 and records[0]["preview_stats"]  # the untrained base: the previews' baseline
+    saved = [c for c in records if c["lora_path"]]
     assert saved and all(c["likeness"] is not None and c["preview_stats"] for c in saved)
     assert result.manifest["history"]["likeness_backend"]  # labelled: face, or generic image similarity
     assert result.health.best.metric == "likeness"

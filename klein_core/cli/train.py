@@ -42,6 +42,8 @@ def register(sub) -> None:
                    help="low-VRAM mode: int8 base weights with the LoRA on top (needs the [lowvram] extra: torchao)")
     p.add_argument("--compile-blocks", action="store_true", help="torch.compile each transformer block (CUDA)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=TrainConfig.log_every,
+                   help="training steps between loss reads and progress updates (each read waits for the GPU)")
     p.add_argument("--preview-prompt", action="append", default=[], metavar="PROMPT",
                    help="health preview prompt ([trigger] substituted), rendered at each checkpoint for likeness and "
                    "preview statistics (repeatable)")
@@ -77,6 +79,27 @@ class _Signals:
             signal.signal(s, handler)
 
 
+class _Console:
+    """The progress line redraws itself in place on stderr; any other message first ends that line."""
+
+    def __init__(self, to_stderr: bool) -> None:
+        self.stream = sys.stderr if to_stderr else sys.stdout
+        self.line_open = False
+
+    def progress(self, info: dict) -> None:
+        print(progress_line(info), end="", file=sys.stderr, flush=True)
+        self.line_open = True
+
+    def end_line(self) -> None:
+        if self.line_open:
+            print(file=sys.stderr)
+            self.line_open = False
+
+    def log(self, message: str) -> None:
+        self.end_line()
+        print(message, file=self.stream, flush=True)
+
+
 def progress_line(info: dict) -> str:
     done, total = info["training_step"], info["training_steps"]
     bar = "#" * int(20 * done / total)
@@ -102,26 +125,23 @@ def run(args) -> int:
         batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup_steps,
         rank=args.rank, seed=args.seed, save_every=args.save_every, keep_last=args.keep_last,
         gradient_checkpointing=args.gradient_checkpointing, base_8bit=args.base_8bit, compile_blocks=args.compile_blocks,
-        stop_on_collapse=args.stop_on_collapse, validation_every=args.validation_every,
+        stop_on_collapse=args.stop_on_collapse, validation_every=args.validation_every, log_every=args.log_every,
         regularization_weight=args.regularization_weight,
     )
-    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    console = _Console(to_stderr=args.json)  # with --json, stdout carries only the JSON summary
     with _Signals() as signals:
-        callbacks = TrainCallbacks(
-            on_step=lambda info: print(progress_line(info), end="", file=sys.stderr, flush=True),
-            should_stop=lambda: signals.stop,
-            log=lambda m: log(f"\n{m}" if m.startswith("training stopped") else m),
-        )
+        callbacks = TrainCallbacks(on_step=console.progress, should_stop=lambda: signals.stop, log=console.log)
         try:
             result = train(resolved, spec, config, Path(args.out), callbacks=callbacks, cache_dir=args.cache_dir,
                            preview_prompts=tuple(args.preview_prompt), regularization=regularization,
                            resume=args.resume, allow_changes=args.allow_changes)
         except NonFiniteLoss as exc:  # a collapse: the message leads with the LR advice; --json still says what to keep
-            print(f"\nerror: {exc}", file=sys.stderr)
+            console.end_line()
+            print(f"error: {exc}", file=sys.stderr)
             if args.json:
                 print_json({"final_lora": None, "run_dir": args.out, **health_fields(exc.health)})
             return 1
-    print(file=sys.stderr)
+    console.end_line()
     summary = {
         "training_steps": result.plan.training_steps,
         "repeats_per_image": result.plan.repeats_per_image,
@@ -133,8 +153,7 @@ def run(args) -> int:
     if args.json:
         print_json(summary)
     else:
-        if result.health is not None:
-            print(result.health.verdict)
+        if result.health is not None:  # its verdict was logged as the run ended
             print(f"health report: {result.health.report_path}")
         print(f"final LoRA: {summary['final_lora']}")
         print(f"run manifest: {result.run_dir / 'run.json'}")
