@@ -12,7 +12,8 @@ Rules a user can rely on (the README and node help quote them):
 * ``[trigger]`` (any case) is replaced by the trigger word. A caption that still lacks the trigger word (matched as a
   whole word, case-sensitively, because the LoRA binds to that exact spelling) gets it by ``trigger_policy``:
   ``"prepend"`` (default: ``"kleinchar, a man in a park"``), ``"append"`` (``"a man in a park, kleinchar"``) or
-  ``"keep"`` (left as written, with a warning).
+  ``"keep"`` (left as written, with a warning). ``"exclude"`` is for a regularization set of class images: a caption
+  that *contains* the trigger word is an error, because class images must not teach the word "any person".
 * **Decoding**: EXIF orientation is applied; palette, grayscale, 16-bit, CMYK and alpha images become 8-bit RGB.
   Transparent pixels are composited over **white** (cut-outs then sit on a plain studio background instead of the
   black fringe a bare alpha drop leaves). 16-bit samples are scaled to 8 bits (``v / 257``), not clipped.
@@ -48,8 +49,9 @@ if TYPE_CHECKING:  # torch is only needed for pixels_from_image; keep `dataset c
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 CAPTION_EXTENSION = ".txt"
-TriggerPolicy = Literal["prepend", "append", "keep"]
-TRIGGER_POLICIES: tuple[str, ...] = ("prepend", "append", "keep")
+TriggerPolicy = Literal["prepend", "append", "keep", "exclude"]
+TRIGGER_POLICIES: tuple[str, ...] = ("prepend", "append", "keep", "exclude")
+REGULARIZATION_CAPTION = "photo of a person"  # the caption of a class image without a .txt
 DropoutCaption = Literal["trigger", "empty"]
 DROPOUT_CAPTIONS: tuple[str, ...] = ("trigger", "empty")
 
@@ -107,7 +109,7 @@ def apply_trigger_policy(caption: str, trigger: str, policy: str = "prepend") ->
     """Give a caption that lacks the trigger word the word, as ``policy`` says (see the module docstring)."""
     if policy not in TRIGGER_POLICIES:
         raise DatasetError(f"trigger_policy must be one of {', '.join(TRIGGER_POLICIES)}; got {policy!r}")
-    if contains_trigger(caption, trigger) or policy == "keep":
+    if contains_trigger(caption, trigger) or policy in ("keep", "exclude"):
         return caption
     if not caption:
         return trigger
@@ -524,6 +526,7 @@ def inspect_dataset(
     skipped: list[str] = []
     used_captions: dict[str, list[str]] = defaultdict(list)
     without_trigger: list[str] = []
+    with_trigger: list[str] = []  # trigger_policy "exclude": class images whose caption carries the trigger
     decoded: list[tuple[str, str]] = []  # (name, sha256) of every readable image, for the duplicate check
 
     for path in images:
@@ -560,6 +563,8 @@ def inspect_dataset(
         caption = substitute_trigger(normalise_caption(caption), trigger)
         if not contains_trigger(caption, trigger) and trigger_policy == "keep":
             without_trigger.append(path.name)
+        if contains_trigger(caption, trigger) and trigger_policy == "exclude":
+            with_trigger.append(path.name)
         caption = apply_trigger_policy(caption, trigger, trigger_policy)
 
         width, height = image.size
@@ -604,6 +609,16 @@ def inspect_dataset(
                 None,
                 f"{len(without_trigger)} captions lack the trigger '{trigger}' and are kept as written "
                 f"(trigger_policy 'keep'): {', '.join(without_trigger)}",
+            )
+        )
+    if with_trigger:
+        problems.append(
+            Problem(
+                "error",
+                None,
+                f"{len(with_trigger)} regularization captions contain the trigger '{trigger}': {', '.join(with_trigger)}."
+                f" Class images must not carry it (the word would learn 'any person'): caption them like "
+                f"'{REGULARIZATION_CAPTION}' (the default caption here is {default_caption!r})",
             )
         )
     first_of_hash: dict[str, str] = {}
@@ -876,6 +891,10 @@ class DatasetSpec:
 
     def dropout(self, seed: int) -> CaptionDropout:
         return CaptionDropout(self.caption_dropout, self.dropout_caption, seed)
+
+    def as_regularization(self) -> "DatasetSpec":
+        """This folder as a regularization set: captions as written, none may carry the trigger, no dropout."""
+        return replace(self, trigger_policy="exclude", caption_dropout=0.0)
 
     def with_changes(self, **changes: object) -> "DatasetSpec":
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -87,7 +87,10 @@ class TrainConfig:
 class TrainCallbacks:
     """Hooks the fronts supply: ComfyUI's progress bar and cancel, the CLI's progress line and signals."""
 
-    on_step: Callable[[dict], None] | None = None  # {training_step, training_steps, loss, s_per_step, eta_s}
+    # at each loss read (every log_every training steps and at checkpoints): {training_step, training_steps, loss,
+    # losses: [[training_step, loss], ...] since the previous read, s_per_step, eta_s}
+    on_step: Callable[[dict], None] | None = None
+    on_progress: Callable[[int, int], None] | None = None  # (training_step, training_steps) after every update
     should_stop: Callable[[], bool] | None = None  # checked every micro-batch; may also raise to cancel
     on_checkpoint: Callable[[CheckpointRecord], None] | None = None  # step, path, validation loss, likeness
     log: Callable[[str], None] = print
@@ -268,6 +271,12 @@ def _resume_check(state: dict, config: TrainConfig, fingerprint: dict[str, str],
         )
 
 
+def regularization_summary(images: int, weight: float, repeats_per_image: float) -> str:
+    """One line for the log and the node summary: the class images' share, shown apart from the identity dose."""
+    return (f"regularization: {images} class images at weight {weight:g} "
+            f"({repeats_per_image:.1f} repeats each; not counted in the identity dose)")
+
+
 # --- the loop ---------------------------------------------------------------------------------------------------
 def train(
     resolved: ResolvedModel,
@@ -287,7 +296,9 @@ def train(
     """Train a Klein Base LoRA and return the in-memory run. Every file written is atomic.
 
     ``regularization`` is an optional folder of class images ("photo of a person") mixed into every micro-batch at
-    ``config.regularization_weight``; the planner's repeats per image count the identity images only.
+    ``config.regularization_weight``; the planner's repeats per image count the identity images only. It is read as
+    a regularization set whatever its spec says (``DatasetSpec.as_regularization``: no caption may carry the
+    trigger, no dropout).
     """
     callbacks = callbacks or TrainCallbacks()
     dist = dist or DistributedContext.from_env()
@@ -297,6 +308,8 @@ def train(
 
     # 1. Everything a user can get wrong is checked before any model loads.
     scan = spec.scan()
+    if regularization is not None:
+        regularization = regularization.as_regularization()
     reg_scan = regularization.scan() if regularization is not None else None
     the_plan = plan(len(scan.items), config.target_repeats, config.batch_size, config.grad_accum, config.training_steps)
     config = replace(config, training_steps=the_plan.training_steps)
@@ -315,8 +328,7 @@ def train(
     )
     if reg_scan is not None:
         reg_repeats = the_plan.training_steps * config.batch_size * config.grad_accum / len(reg_scan.items)
-        log(f"regularization: {len(reg_scan.items)} class images at weight {config.regularization_weight:g} "
-            f"({reg_repeats:.1f} repeats each; not counted in the identity dose)")
+        log(regularization_summary(len(reg_scan.items), config.regularization_weight, reg_repeats))
     if config.base_8bit:
         from .lowvram import choose_backend
 
@@ -434,18 +446,22 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             pending.append(loss)
+            if callbacks.on_progress:
+                callbacks.on_progress(step, config.training_steps)
             is_checkpoint = bool(config.save_every) and step % config.save_every == 0 and step < config.training_steps
             if step % max(1, config.log_every) == 0 or is_checkpoint or step == config.training_steps:
                 values = torch.stack(pending).tolist()  # the one host-device sync
                 pending.clear()
-                monitor.record_losses(step - len(values) + 1, values)
+                first_step = step - len(values) + 1
+                monitor.record_losses(first_step, values)
                 bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
                 if bad:
-                    raise NonFiniteLoss(_non_finite_message(step - len(values) + 1 + bad[0], monitor, config))
+                    raise NonFiniteLoss(_non_finite_message(first_step + bad[0], monitor, config))
                 per_step = (time.perf_counter() - started) / (step - start_step)
                 if callbacks.on_step:
                     callbacks.on_step(
                         {"training_step": step, "training_steps": config.training_steps, "loss": values[-1],
+                         "losses": [[first_step + i, v] for i, v in enumerate(values)],
                          "s_per_step": per_step, "eta_s": per_step * (config.training_steps - step)}
                     )
             if is_checkpoint:

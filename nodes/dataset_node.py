@@ -114,7 +114,9 @@ class KleinCaptionDataset(io.ComfyNode):
                     options=list(TRIGGER_POLICIES),
                     default="prepend",
                     tooltip="A caption that lacks the trigger word: 'prepend' -> 'word, caption' (default), "
-                    "'append' -> 'caption, word', 'keep' -> left as written (warned).",
+                    "'append' -> 'caption, word', 'keep' -> left as written (warned). 'exclude' is for a "
+                    "regularization set of class images: no caption may contain the word (the trainer reads its "
+                    "regularization input this way whatever is set here).",
                 ),
                 io.Boolean.Input(
                     "skip_corrupt",

@@ -15,8 +15,9 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..klein_core.cache import default_cache_dir
+from ..klein_core.dataset import REGULARIZATION_CAPTION
 from ..klein_core.preset import PRESET
-from ..klein_core.training import TrainCallbacks, TrainConfig, train
+from ..klein_core.training import TrainCallbacks, TrainConfig, regularization_summary, train
 from . import memory
 from .model_inputs import NONE, choices, diffusers_choices, resolve_choice
 from .types import KleinDataset, KleinLoraRun
@@ -43,8 +44,10 @@ class _ComfyProgress:
         self.bar = comfy.utils.ProgressBar(total)
         self.lines: list[str] = []
 
-    def on_step(self, info: dict) -> None:
-        self.bar.update_absolute(info["training_step"], info["training_steps"])
+    def on_progress(self, training_step: int, training_steps: int) -> None:
+        self.bar.update_absolute(training_step, training_steps)
+
+    def on_step(self, info: dict) -> None:  # every loss read: the chart gets each training step's loss, in batches
         _send({"node": self.node_id, "kind": "step", **info})
 
     def on_checkpoint(self, record) -> None:
@@ -127,6 +130,14 @@ class KleinLoRATrainer(io.ComfyNode):
                 io.Boolean.Input("stop_on_collapse", default=False,
                                  tooltip="Stop as soon as a collapse is detected (better, then chaos); the best "
                                  "checkpoint before it is kept."),
+                KleinDataset.Input("regularization", optional=True,
+                                   tooltip="Optional: a second Klein Caption Dataset of class images (photos of other "
+                                   f"people, captioned like '{REGULARIZATION_CAPTION}'; none may contain the trigger "
+                                   "word). The third fix for a collapse. Not counted in the repeats per image."),
+                io.Float.Input("regularization_weight", default=PRESET.regularization_weight, min=0.0, max=1.0,
+                               step=0.01, optional=True, tooltip="Loss weight of the regularization images against the identity "
+                               f"images (default {PRESET.regularization_weight:g}: low, so they steady the run "
+                               "without diluting the likeness). Used only with a regularization dataset."),
             ],
             outputs=[
                 KleinLoraRun.Output("run", tooltip="The trained run in memory (model, checkpoints, cached prompt "
@@ -148,7 +159,8 @@ class KleinLoRATrainer(io.ComfyNode):
     def execute(cls, dataset, training_steps: int, diffusers_model: str, diffusion_model: str, text_encoder: str,
                 vae: str, batch_size: int, grad_accum: int, learning_rate: float, rank: int, save_every: int,
                 seed: int, preview_prompts: str, output_name: str, gradient_checkpointing: bool,
-                stop_on_collapse: bool) -> io.NodeOutput:
+                stop_on_collapse: bool, regularization_weight: float = PRESET.regularization_weight,
+                regularization=None) -> io.NodeOutput:
         import comfy.model_management
 
         resolved = resolve_choice(diffusers_model, diffusion_model, text_encoder, vae)
@@ -156,6 +168,7 @@ class KleinLoRATrainer(io.ComfyNode):
             output_name=output_name.strip(), training_steps=training_steps, batch_size=batch_size, grad_accum=grad_accum,
             learning_rate=learning_rate, rank=rank, seed=seed, save_every=save_every,
             gradient_checkpointing=True if gradient_checkpointing else None, stop_on_collapse=stop_on_collapse,
+            regularization_weight=regularization_weight,
         )
         run_dir = Path(folder_paths.get_output_directory()) / RUN_FOLDER / config.output_name
         progress = _ComfyProgress(cls.hidden.unique_id, training_steps)
@@ -163,10 +176,12 @@ class KleinLoRATrainer(io.ComfyNode):
         comfy.model_management.unload_all_models()  # make room: ComfyUI's own models leave the GPU first
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
             run = train(
-                resolved, dataset, config, run_dir, preview_prompts=prompts, cache_dir=default_cache_dir(),
+                resolved, dataset, config, run_dir, preview_prompts=prompts, regularization=regularization,
+                cache_dir=default_cache_dir(),
                 device=str(comfy.model_management.get_torch_device()),
-                callbacks=TrainCallbacks(on_step=progress.on_step, should_stop=progress.should_stop,
-                                         on_checkpoint=progress.on_checkpoint, log=progress.log),
+                callbacks=TrainCallbacks(on_step=progress.on_step, on_progress=progress.on_progress,
+                                         should_stop=progress.should_stop, on_checkpoint=progress.on_checkpoint,
+                                         log=progress.log),
             )
         memory.register(run)  # its transformer and VAE leave the GPU when ComfyUI frees memory (nodes/memory.py)
         lora_name = _publish_to_loras(run)
@@ -192,8 +207,10 @@ def _summary(run, lora_name: str) -> str:
     lines = [
         f"{plan.training_steps} training steps, {plan.repeats_per_image:.1f} repeats per image ({plan.band})",
         f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no loss recorded",
-        f"LoRA: {lora_name} (run folder {run.run_dir})",
     ]
+    if reg := run.manifest.get("regularization"):
+        lines.append(regularization_summary(reg["images"], reg["weight"], reg["repeats_per_image"]))
+    lines.append(f"LoRA: {lora_name} (run folder {run.run_dir})")
     if run.health is not None:
         lines.append(run.health.verdict)
     return "\n".join(lines)

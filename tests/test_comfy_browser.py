@@ -123,16 +123,16 @@ def test_queued_template_shows_the_grid_on_the_preview_node_and_the_live_chart_u
     }})({json.dumps(tiny)})""")
     ids = browser.evaluate("Object.fromEntries(app.graph._nodes.map((n) => [n.type, String(n.id)]))")
 
-    # The live chart: one point per training step while training runs, then the validation loss and the verdict.
+    # The live chart: one point per training step (sent at each loss read), then the validation loss and the verdict.
     browser.wait_for(f"(window.KleinTrainingCharts.get('{ids['KleinLoRATrainer']}')?.losses.length ?? 0) >= 1", 180)
     browser.wait_for(f"!!window.KleinTrainingCharts.get('{ids['KleinLoRATrainer']}').verdict", 240)
     state = browser.evaluate(f"(() => {{ const s = window.KleinTrainingCharts.get('{ids['KleinLoRATrainer']}'); "
                              "return {steps: s.losses.map((p) => p[0]), validation: s.validation.length, "
-                             "status: s.status, verdict: s.verdict, draws: s.draws}; })()")
+                             "status: s.status, verdict: s.verdict, draws: s.draws, updates: s.updates}; })()")
     assert state["steps"] == [1, 2, 3, 4]
     assert state["validation"] == 2  # checkpoints at training steps 2 and 4
     assert state["status"].startswith("done: 4/4") and state["verdict"].startswith(("Healthy", "Collapse"))
-    assert state["draws"] >= 6  # redrawn on every event
+    assert state["updates"] >= 4 and state["draws"] >= state["updates"]  # redrawn on every event
     line_pixels = browser.evaluate(f"""(() => {{
         const node = app.graph.getNodeById({ids['KleinLoRATrainer']});
         const canvas = node.kleinChart.canvas, data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;

@@ -133,9 +133,13 @@ def test_train_then_preview_workflow_trains_publishes_the_lora_and_renders_the_g
     for node_id in (preview_id, save_id, report_id):  # the grid on the preview node and in SaveImage, the report
         assert is_served_png(server, entry["outputs"][node_id]["images"][0]), node_id
 
-    steps = training_events(events, trainer_id, "step")
-    assert [s["training_step"] for s in steps] == list(range(1, TINY_TRAINING_STEPS + 1))
+    steps = training_events(events, trainer_id, "step")  # at each loss read, with every training step's loss since
+    assert [step for s in steps for step, _ in s["losses"]] == list(range(1, TINY_TRAINING_STEPS + 1))
     assert all(s["training_steps"] == TINY_TRAINING_STEPS and s["s_per_step"] > 0 for s in steps)
+    trainer_progress = [e["data"]["value"] for e in events if e["type"] == "progress" and e["data"]["node"] == trainer_id]
+    # the progress bar moves from the first training step on, not only at loss reads (newer ComfyUI throttles it)
+    assert trainer_progress[0] == 1 and trainer_progress[-1] == TINY_TRAINING_STEPS
+    assert trainer_progress == sorted(trainer_progress)
     assert training_events(events, trainer_id, "checkpoint")[-1]["validation_loss"] is not None
     assert training_events(events, trainer_id, "done")[0]["verdict"]
     progress_nodes = {e["data"]["node"] for e in events if e["type"] == "progress"}
@@ -171,6 +175,40 @@ def test_preview_existing_lora_workflow_renders_a_lora_file_from_the_loras_folde
     assert grids
     listing = json.loads((grids[-1].parent / "preview.json").read_text())
     assert "kleinchar" in json.dumps(listing)  # [trigger] became the word the LoRA file records
+
+
+def test_a_regularization_dataset_linked_to_the_trainer_mixes_in_apart_from_the_dose(comfy_assets):
+    from klein_core.sample_data import make_sample_dataset
+
+    server = comfy_assets.server
+    class_images = server.input_dir / "klein_class_images"
+    if not class_images.exists():
+        make_sample_dataset(class_images, count=2, seed=5, size=96)
+    for caption in class_images.glob("*.txt"):
+        caption.unlink()  # class images take the regularization dataset's default caption
+
+    def prompt_with(default_caption: str) -> tuple[dict, str]:
+        prompt = tiny_train_then_preview(comfy_assets, "wf_regularized", preview=False)
+        _, dataset = node_of(prompt, "KleinCaptionDataset")
+        trainer_id, trainer = node_of(prompt, "KleinLoRATrainer")
+        prompt["class"] = {"class_type": "KleinCaptionDataset",
+                           "inputs": dict(dataset["inputs"], path=str(class_images), default_caption=default_caption)}
+        trainer["inputs"].update(regularization=["class", 0], regularization_weight=0.1)
+        return prompt, trainer_id
+
+    prompt, trainer_id = prompt_with("photo of a person")
+    entry = server.run(prompt, timeout_s=300)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000] + server.log_tail()
+    summary = entry["outputs"][trainer_id]["text"][0]
+    assert "4 training steps, 1.0 repeats per image" in summary  # the dose counts the 4 identity images only
+    assert "regularization: 2 class images at weight 0.1 (2.0 repeats each; not counted in the identity dose)" in summary
+    manifest = json.loads((run_dir(comfy_assets, "wf_regularized") / "run.json").read_text())
+    assert manifest["regularization"]["images"] == 2
+
+    prompt, _ = prompt_with("photo of [trigger]")  # class images must never carry the trigger word
+    entry = server.run(prompt, timeout_s=300)
+    assert entry["status"]["status_str"] == "error"
+    assert "2 regularization captions contain the trigger" in json.dumps(entry["status"]["messages"])
 
 
 # ---- cancel, cache, memory -----------------------------------------------------------------------------------------
@@ -223,7 +261,8 @@ def test_requeue_with_the_same_inputs_is_cached_and_a_new_seed_retrains(comfy_as
 
     reseeded, events = run_with_events(server, tiny_train_then_preview(comfy_assets, name, seed=1, preview=False))
     assert reseeded["status"]["status_str"] == "success", reseeded["status"]
-    assert len(training_events(events, trainer_id, "step")) == TINY_TRAINING_STEPS
+    assert [step for e in training_events(events, trainer_id, "step") for step, _ in e["losses"]] == list(
+        range(1, TINY_TRAINING_STEPS + 1))  # trained again, every training step
     assert lora.read_bytes() != first_bytes  # a new seed trained a different LoRA
 
 

@@ -157,6 +157,23 @@ def test_trigger_policy_append_and_keep(tmp_path: Path):
         scan_dataset(tmp_path, TRIGGER, trigger_policy="sideways")
 
 
+def test_a_regularization_set_keeps_class_captions_and_refuses_any_that_carry_the_trigger(tmp_path: Path):
+    from klein_core.dataset import DatasetSpec
+
+    save_image(tmp_path / "a.png")
+    save_image(tmp_path / "b.png", color=(20, 90, 160))
+    write_caption(tmp_path / "b.txt", "photo of [trigger] at the beach")
+    spec = DatasetSpec(folder=str(tmp_path), trigger=TRIGGER, resolutions=SMALL, default_caption="photo of a person")
+    regularization = spec.as_regularization()
+    assert (regularization.trigger_policy, regularization.caption_dropout) == ("exclude", 0.0)
+    with pytest.raises(DatasetError, match=r"1 regularization captions contain the trigger 'kleinchar': b.png.*photo of a person"):
+        regularization.scan()
+    (tmp_path / "b.txt").unlink()
+    scan = regularization.scan()
+    assert [item.caption for item in scan.items] == ["photo of a person", "photo of a person"]  # no trigger added
+    assert not scan.warnings
+
+
 def test_trigger_counts_only_as_a_whole_word_with_its_exact_spelling():
     assert apply_trigger_policy("kleinchar, smiling", TRIGGER) == "kleinchar, smiling"
     assert apply_trigger_policy("kleincharacter smiling", TRIGGER) == "kleinchar, kleincharacter smiling"

@@ -159,10 +159,12 @@ def test_run_folder_has_step_checkpoints_final_lora_state_and_manifest(tiny_diff
 
 def test_loss_is_read_only_every_log_every_training_steps_yet_every_loss_is_kept(tiny_diffusers, sample_dataset, tmp_path, training_cache):
     # reading the loss waits for the GPU: the loop does it at log intervals (and checkpoints), never per step
-    progress = []
+    reads, progress = [], []
     result = run(tiny_diffusers, sample_dataset, tmp_path, training_cache, config=quick_config(training_steps=5, save_every=0, log_every=2),
-                 callbacks=TrainCallbacks(on_step=lambda info: progress.append(info["training_step"]), log=lambda m: None))
-    assert progress == [2, 4, 5]
+                 callbacks=TrainCallbacks(on_step=reads.append, on_progress=lambda step, total: progress.append(step), log=lambda m: None))
+    assert [r["training_step"] for r in reads] == [2, 4, 5]
+    assert [[step for step, _ in r["losses"]] for r in reads] == [[1, 2], [3, 4], [5]]  # every loss still arrives
+    assert progress == [1, 2, 3, 4, 5]  # progress needs no loss, so it moves every training step
     assert result.manifest["history"]["loss_steps"] == [1, 2, 3, 4, 5]
 
 

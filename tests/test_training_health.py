@@ -83,8 +83,9 @@ def test_regularization_set_mixes_in_at_its_weight_and_is_not_counted_in_the_dos
 
     reg_folder = tmp_path / "class_images"
     make_sample_dataset(reg_folder, count=3, seed=7, size=96)
-    reg = DatasetSpec(folder=str(reg_folder), trigger="kleinchar", trigger_policy="keep", caption_dropout=0.0,
-                      default_caption="photo of a person", resolutions=(64,))
+    for caption in reg_folder.glob("*.txt"):
+        caption.unlink()  # class images: the default caption "photo of a person", never the trigger
+    reg = DatasetSpec(folder=str(reg_folder), trigger="kleinchar", default_caption="photo of a person", resolutions=(64,))
     plain = run(tiny_diffusers, sample_dataset, tmp_path / "plain", training_cache, quick_config())
     zero = run(tiny_diffusers, sample_dataset, tmp_path / "zero", training_cache, quick_config(regularization_weight=0.0), regularization=reg)
     mixed = run(tiny_diffusers, sample_dataset, tmp_path / "mixed", training_cache, quick_config(), regularization=reg)
@@ -98,6 +99,19 @@ def test_regularization_set_mixes_in_at_its_weight_and_is_not_counted_in_the_dos
     assert mixed.plan.repeats_per_image == plain.plan.repeats_per_image  # identity images only
     info = mixed.manifest["regularization"]
     assert info["images"] == 3 and info["weight"] == pytest.approx(0.1)
+
+
+def test_a_regularization_set_whose_captions_carry_the_trigger_is_refused_before_any_model_loads(tiny_diffusers, sample_dataset, tmp_path, monkeypatch):
+    import klein_core.training as training
+    from klein_core.dataset import DatasetSpec
+    from klein_core.errors import DatasetError
+
+    monkeypatch.setattr(training, "load_text_encoder", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(training, "load_transformer", lambda *a, **k: pytest.fail("a model was loaded"))
+    identity_captions = DatasetSpec(folder=str(sample_dataset), trigger="kleinchar", resolutions=(64,))
+    with pytest.raises(DatasetError, match=r"6 regularization captions contain the trigger 'kleinchar': sample_00.png"):
+        run(tiny_diffusers, sample_dataset, tmp_path / "run", tmp_path / "cache", quick_config(), regularization=identity_captions)
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_train_json_reports_best_checkpoint_and_collapse(tiny_diffusers, sample_dataset, tmp_path, capsys):

@@ -35,7 +35,8 @@ def register(sub) -> None:
         "--trigger-policy",
         choices=TRIGGER_POLICIES,
         default="prepend",
-        help="what to do with a caption lacking the trigger word (default: prepend it)",
+        help="what to do with a caption lacking the trigger word (default: prepend it); 'exclude' checks a "
+        "regularization folder: no caption may contain the word",
     )
     check.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images with a warning")
     check.add_argument("--captions", type=int, default=5, help="how many captions to show (default 5)")

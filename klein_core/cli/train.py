@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..dataset import DatasetSpec
+from ..dataset import REGULARIZATION_CAPTION, DatasetSpec
 from ..loading import resolve_model
 from ..preset import PRESET
 from ..training import NonFiniteLoss, TrainCallbacks, TrainConfig, train
@@ -50,7 +50,7 @@ def register(sub) -> None:
     p.add_argument("--stop-on-collapse", action="store_true", help="stop as soon as a collapse is detected")
     p.add_argument("--validation-every", type=int, default=0, help="extra fixed-noise validation every K training steps")
     p.add_argument("--regularization", metavar="DIR", help="optional folder of class images (e.g. photos of a person)")
-    p.add_argument("--regularization-caption", default="photo of a person",
+    p.add_argument("--regularization-caption", default=REGULARIZATION_CAPTION,
                    help="caption of regularization images without a .txt")
     p.add_argument("--regularization-weight", type=float, default=PRESET.regularization_weight,
                    help=f"loss weight of the regularization set (default {PRESET.regularization_weight:g}: low)")
@@ -115,9 +115,8 @@ def run(args) -> int:
     spec.scan()  # dataset errors before any model work
     regularization = None
     if args.regularization:
-        regularization = DatasetSpec(folder=args.regularization, trigger=args.trigger, caption_dropout=0.0,
-                                     default_caption=args.regularization_caption, trigger_policy="keep",
-                                     resolutions=tuple(args.resolution))
+        regularization = DatasetSpec(folder=args.regularization, trigger=args.trigger, resolutions=tuple(args.resolution),
+                                     default_caption=args.regularization_caption).as_regularization()
         regularization.scan()
     resolved = resolve_model(args.model, args.text_encoder, args.vae, args.tokenizer)
     config = TrainConfig(

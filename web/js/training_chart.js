@@ -1,7 +1,7 @@
 // Klein LoRA Trainer: a live chart on the KleinLoRATrainer node.
 //
 // The trainer sends `klein.training` server events while it runs (nodes/trainer_node.py):
-//   {node, kind: "step",       training_step, training_steps, loss, s_per_step, eta_s}
+//   {node, kind: "step",       training_step, training_steps, loss, losses: [[training_step, loss], ...], s_per_step, eta_s}
 //   {node, kind: "checkpoint", training_step, validation_loss, likeness}
 //   {node, kind: "done",       verdict}
 // This extension keeps them per node id and draws, in a small canvas widget under the node's inputs: the training
@@ -49,12 +49,15 @@ function onTrainingEvent(detail) {
             state = stateFor(detail.node);
         }
         const step = detail.training_step;
-        const loss = Number(detail.loss);
-        if (isFinite(loss)) {
-            state.losses.push([step, loss]);
+        // The trainer reads the loss every few training steps (each read waits for the GPU) and sends every
+        // training step's loss since the previous read.
+        for (const [lossStep, value] of detail.losses ?? [[step, detail.loss]]) {
+            const loss = Number(value);
+            if (!isFinite(loss)) continue;
+            state.losses.push([lossStep, loss]);
             state.ema = SMOOTHING * (state.ema ?? 0) + (1 - SMOOTHING) * loss;
             const correction = 1 - Math.pow(SMOOTHING, state.losses.length);
-            state.smoothed.push([step, state.ema / (correction || 1)]);
+            state.smoothed.push([lossStep, state.ema / (correction || 1)]);
         }
         state.total = detail.training_steps;
         state.sPerStep = detail.s_per_step;
