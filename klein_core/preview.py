@@ -23,6 +23,7 @@ from .lora import LoraPatcher, LoraWeights, read_lora_file
 from .preset import PRESET
 from .sampling import PreviewError, check_size, sample_base, sample_warnings
 from .dataset import substitute_trigger
+from .health import TrainingHistory, diagnose_weak_lora
 
 CONTROL_STEP = 0  # the no-LoRA control row is labelled training step 0
 DEFAULT_STRENGTH_SWEEP = (0.6, 0.8, 1.0, 1.2)  # a suggestion for the UI and the docs; no sweep unless asked
@@ -114,6 +115,7 @@ class PreviewResult:
     prompts: list[str]
     settings: PreviewSettings
     warnings: list[str] = field(default_factory=list)
+    weak_lora_advice: list[str] = field(default_factory=list)  # for a trained run: what to do if it looks weak
     grid_file: Path | None = None
     listing_file: Path | None = None
 
@@ -485,7 +487,8 @@ def preview_run(
 ) -> PreviewResult:
     """Preview a trainer's in-memory run (``KLEIN_LORA_RUN``) with its own transformer, VAE and cached embeddings.
 
-    ``settings`` width/height 0 (or no settings) means the run's training resolution.
+    ``settings`` width/height 0 (or no settings) means the run's training resolution. The result carries the
+    weak-LoRA diagnosis for this run and these settings: the preview settings first, then the loss trend.
     """
     settings = settings or PreviewSettings(width=0, height=0)
     settings = replace(
@@ -497,7 +500,10 @@ def preview_run(
     names, embeds, negative = run_prompt_embeds(run, prompts)
     chosen = select_checkpoints(checkpoints_from_run(run), checkpoints)
     rows = plan_rows(chosen, strengths, include_control=include_control)
-    return render_preview_grid(
+    result = render_preview_grid(
         run.transformer, run.vae, names, embeds, negative, rows, settings, out_dir,
         progress=progress, interrupt=interrupt, on_cell=on_cell,
     )
+    losses = TrainingHistory.from_dict(run.manifest["history"]).losses
+    advice = diagnose_weak_lora(losses, settings.sample_steps, settings.cfg, is_base=not settings.is_distilled)
+    return replace(result, weak_lora_advice=advice)

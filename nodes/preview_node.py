@@ -207,7 +207,10 @@ class KleinBasePreviewSampler(io.ComfyNode):
             f"{len(result.rows)} rows x {len(result.prompts)} prompts at {result.settings.sample_steps} sample steps, "
             f"CFG {result.settings.cfg:g}, seed {result.settings.seed}; saved to {result.grid_file.parent}"
         )
-        text = "\n".join([*(f"warning: {w}" for w in result.warnings), summary])
+        advice = [f"  {i}. {line}" for i, line in enumerate(result.weak_lora_advice, 1)]
+        if advice:
+            advice.insert(0, "If the LoRA looks weak or noisy:")
+        text = "\n".join([*(f"warning: {w}" for w in result.warnings), summary, *advice])
         grid = result.grid_tensor()
         return io.NodeOutput(grid, result.cells_tensor(), ui={**ui.PreviewImage(grid, cls=cls).as_dict(), "text": (text,)})
 

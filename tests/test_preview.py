@@ -179,7 +179,12 @@ def test_labels_are_drawn_above_each_cell(model):
 
 # --- the trainer's in-memory run -------------------------------------------------------------------------------------
 def test_preview_of_an_in_memory_run_uses_its_cached_embeddings_and_training_resolution(model, tmp_path):
-    run = SimpleNamespace(
+    from klein_core.health import TrainingHistory
+
+    history = TrainingHistory()
+    for step in range(1, 41):
+        history.add_training_loss(step, 1.5 - step * 0.01)  # a falling loss: the LoRA is learning
+    run = SimpleNamespace(manifest={"history": history.as_dict()},
         transformer=model.transformer, vae=model.vae, trigger="kleinchar", resolution=SIZE, run_dir=tmp_path, is_distilled=False,
         checkpoints=[(200, tmp_path / "x_step000200.safetensors", random_lora(model.transformer, 2)),
                      (100, tmp_path / "x_step000100.safetensors", random_lora(model.transformer, 1))],
@@ -191,6 +196,9 @@ def test_preview_of_an_in_memory_run_uses_its_cached_embeddings_and_training_res
     assert [(r.checkpoint.training_step, r.strength) for r in result.rows] == [(0, 0.0), (200, 1.0), (200, 0.5)]
     assert result.settings.width == SIZE and result.cells[0].prompt == "photo of kleinchar"
     assert_bit_identical(before, model.transformer)
+    # if it looks weak: at 1 sample step the preview settings come first, more training only after re-rendering
+    assert result.weak_lora_advice[0].startswith("Check the preview settings first: sample_steps=1 is below 30")
+    assert result.weak_lora_advice[1].startswith("Only if the re-rendered previews still look weak: the training loss is falling")
     with pytest.raises(PreviewError, match="'a cat' was not encoded during training"):
         preview_run(run, ["a cat"], settings)
 

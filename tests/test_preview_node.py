@@ -29,6 +29,7 @@ def pack():
         loading=import_pack_module("klein_core.loading"),
         lora=import_pack_module("klein_core.lora"),
         text=import_pack_module("klein_core.text"),
+        health=import_pack_module("klein_core.health"),
     )
 
 
@@ -63,8 +64,11 @@ def run(pack, tiny_diffusers, tmp_path_factory):
     embeds = pack.text.encode_prompts(te, tok, ["photo of kleinchar", ""])
     transformer = pack.loading.load_transformer(resolved)
     run_dir = tmp_path_factory.mktemp("run")
+    history = pack.health.TrainingHistory()
+    for step in range(1, 21):
+        history.add_training_loss(step, 1.4 - 0.02 * step)
     return SimpleNamespace(
-        transformer=transformer, vae=pack.loading.load_vae(resolved), trigger="kleinchar", resolution=SIZE,
+        manifest={"history": history.as_dict()}, transformer=transformer, vae=pack.loading.load_vae(resolved), trigger="kleinchar", resolution=SIZE,
         run_dir=run_dir, is_distilled=False,
         checkpoints=[(10, run_dir / "kc_step000010.safetensors", random_lora(pack, transformer, 1)),
                      (20, run_dir / "kc_step000020.safetensors", random_lora(pack, transformer, 2))],
@@ -80,6 +84,9 @@ def test_run_preview_outputs_the_grid_and_every_cell_and_shows_the_grid_on_the_n
     assert grid.shape[0] == 1 and grid.shape[-1] == 3 and grid.shape[1] > 4 * SIZE
     ui = output.ui
     assert ui["images"] and "sample_steps 1 is below 30" in ui["text"][0]
+    # "looks weak?": the preview settings first, then the loss trend of this run
+    assert "If the LoRA looks weak or noisy:\n  1. Check the preview settings first" in ui["text"][0]
+    assert "  2. Only if the re-rendered previews still look weak: the training loss is falling" in ui["text"][0]
     assert all(torch.equal(before[k], v) for k, v in run.transformer.state_dict().items())
     assert list((run.run_dir / "previews").glob("*/preview.json"))
 
