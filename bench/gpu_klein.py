@@ -141,9 +141,7 @@ def measure_training(transformer, shape, resolution, rank, device, args, *, chec
         optimizer = batch = None  # noqa: F841 - free before the next mode
         transformer.eval()
         transformer.disable_gradient_checkpointing()
-        lora_io.remove_lora(transformer)
-        if hasattr(transformer, "peft_config"):
-            del transformer.peft_config  # the next mode injects a fresh adapter
+        lora_io.remove_lora(transformer)  # the next mode injects a fresh adapter
         for block in compiled_blocks:
             block._compiled_call_impl = None  # back to eager for the next mode
         reset_memory(device)
@@ -197,7 +195,6 @@ def preview_speed_ratios(transformer, embeds, negative, resolution, weights, dev
             unmerged = time_call(lambda: sample(True), device)
     finally:
         lora_io.remove_lora(transformer)
-        del transformer.peft_config
     return {"sample_steps": steps, "batched_cfg_s": batched, "two_pass_cfg_s": two_pass, "batched_vs_two_pass": batched / two_pass,
             "merged_s": batched, "unmerged_s": unmerged, "merged_vs_unmerged": batched / unmerged}
 

@@ -210,7 +210,6 @@ def preview_ratios(model_dir: Path, lora_file: Path, sample_steps: int, repeats:
             yield
         finally:
             lora_io.remove_lora(transformer)
-            del transformer.peft_config
 
     with patcher.applied(weights):
         merged_batched, merged_two_pass = sample(True), sample(False)  # also the warm-up
