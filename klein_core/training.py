@@ -379,9 +379,10 @@ def train(
         lora_io.load_adapter_weights(transformer, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        _set_learning_rate(optimizer, scheduler, config.learning_rate)  # a changed LR (--allow-changes) takes effect
         torch.set_rng_state(state["torch_rng"])
         start_step = state["training_step"]
-        manifest = state["manifest"]
+        manifest = dict(state["manifest"], config=config.as_dict())
         monitor.history = TrainingHistory.from_dict(manifest["history"])
         log(f"resuming {run_dir} at training step {start_step}/{config.training_steps}")
     elif dist.is_main:  # step 0, the untrained base: the baseline of the validation loss and the health previews
@@ -529,6 +530,16 @@ def _host_to_device(tensor: torch.Tensor, device) -> torch.Tensor:
     if torch.device(device).type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _set_learning_rate(optimizer: torch.optim.Optimizer, scheduler, learning_rate: float) -> None:
+    """Loading a saved optimizer and scheduler restores the LR the run started with; a resume that lowers the LR (the
+    first fix for a collapse) must train at the new one, at the same point of the warmup."""
+    scheduler.base_lrs = [learning_rate for _ in optimizer.param_groups]
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * factor
 
 
 def _caption_embeds(data: EncodedDataset) -> list[torch.Tensor]:

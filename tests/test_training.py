@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dataclasses import replace
 from conftest import quick_config, quick_spec
 
 from klein_core import lora as lora_io
@@ -257,6 +258,19 @@ def test_resume_refuses_a_changed_dataset_naming_what_changed(tiny_diffusers, sa
     with pytest.raises(ResumeError, match="learning_rate"):
         run(tiny_diffusers, sample_dataset, tmp_path / "run", training_cache, config=quick_config(learning_rate=5e-5), resume=True)
     run(tiny_diffusers, changed, tmp_path / "run", training_cache, resume=True, allow_changes=True)
+
+
+def test_resume_with_a_lowered_learning_rate_trains_at_the_new_rate(tiny_diffusers, sample_dataset, tmp_path, training_cache):
+    import shutil
+
+    first = quick_config(training_steps=2, save_every=0, learning_rate=1e-2)
+    run(tiny_diffusers, sample_dataset, tmp_path / "a", training_cache, config=first)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    same = run(tiny_diffusers, sample_dataset, tmp_path / "a", training_cache, config=replace(first, training_steps=4), resume=True, allow_changes=True)
+    lowered = run(tiny_diffusers, sample_dataset, tmp_path / "b", training_cache,
+                  config=replace(first, training_steps=4, learning_rate=1e-4), resume=True, allow_changes=True)
+    assert not state_equal(lora_io.read_lora_file(same.final_lora), lora_io.read_lora_file(lowered.final_lora), atol=1e-6)
+    assert lowered.manifest["config"]["learning_rate"] == 1e-4
 
 
 def test_non_finite_loss_stops_keeps_last_good_checkpoint_and_advises_lower_lr(tiny_diffusers, sample_dataset, tmp_path, training_cache):

@@ -2,6 +2,7 @@
 the best checkpoint is kept and explained, and the regularization set mixes in at its weight."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,25 @@ def test_an_unstable_run_is_flagged_with_the_seeds_four_fixes_in_order(tiny_diff
     assert manifest["health"]["collapse"]["step"] == health.collapse.began_step
     assert (tmp_path / "report.png").exists()
     assert not (tmp_path / "klein_lora.safetensors").exists()
+
+
+def test_a_run_that_gets_better_then_turns_to_chaos_is_caught_by_its_previews_and_likeness(tiny_diffusers, sample_dataset, training_cache, tmp_path):
+    # better: 15 training steps at a sound LR, checkpoints every 5 with health previews; then chaos: the run goes on
+    # at LR 100, which turns the next preview into one flat colour long before the loss goes non-finite
+    good = quick_config(training_steps=15, save_every=5, learning_rate=3e-3, rank=16, health_sample_steps=8)
+    prompts = ("photo of [trigger]",)
+    run(tiny_diffusers, sample_dataset, tmp_path, training_cache, good, preview_prompts=prompts)
+    try:
+        result = run(tiny_diffusers, sample_dataset, tmp_path, training_cache,
+                     replace(good, training_steps=40, learning_rate=UNSTABLE_LR, stop_on_collapse=True),
+                     preview_prompts=prompts, resume=True, allow_changes=True)
+        health = result.health
+    except NonFiniteLoss as exc:
+        health = exc.health
+    assert {"preview_blowout", "likeness_drop"} <= set(health.collapse.signal_names), health.verdict
+    assert health.collapse.began_step == 20 and health.collapse.last_good_step == 15
+    assert health.best.step <= 15 and health.best.metric == "likeness"
+    assert "4. Stop early and keep the last good checkpoint: step 15" in health.verdict
 
 
 def test_health_previews_give_likeness_and_preview_statistics_per_checkpoint(tiny_diffusers, sample_dataset, training_cache, tmp_path):
