@@ -31,6 +31,13 @@ def run(tiny_diffusers, folder, out, cache, config=None, spec=None, **kw):
     return train(resolve_model(tiny_diffusers), spec or quick_spec(folder), config or quick_config(), out, callbacks=kw.pop("callbacks", quiet), cache_dir=cache, **kw)
 
 
+def tiny_forward_inputs(timestep: float) -> dict:
+    """Seeded inputs for one forward of the tiny transformer (16 image tokens, 8 text tokens)."""
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(1, 16, 128, generator=g), encoder_hidden_states=torch.randn(1, 8, 48, generator=g),
+                timestep=torch.tensor([timestep]), img_ids=torch.zeros(1, 16, 4), txt_ids=torch.zeros(1, 8, 4), guidance=None)
+
+
 def state_equal(a: dict, b: dict, atol=0.0) -> bool:
     return a.keys() == b.keys() and all(torch.allclose(a[k][0], b[k][0], atol=atol, rtol=0) and torch.allclose(a[k][1], b[k][1], atol=atol, rtol=0) for k in a)
 
@@ -60,28 +67,15 @@ def test_lora_targets_every_attention_projection_of_every_block(variant, doubles
         assert trainable == 112 * 16 * 0 + sum(16 * (m.in_features + m.out_features) for n, m in model.named_modules() if n in set(names))
 
 
-def test_untrained_adapter_is_a_no_op(tiny_diffusers):
-    transformer = load_transformer(resolve_model(tiny_diffusers))
-    g = torch.Generator().manual_seed(0)
-    kw = dict(hidden_states=torch.randn(1, 16, 128, generator=g), encoder_hidden_states=torch.randn(1, 8, 48, generator=g),
-              timestep=torch.tensor([0.7]), img_ids=torch.zeros(1, 16, 4), txt_ids=torch.zeros(1, 8, 4), guidance=None)
-    with torch.no_grad():
-        before = transformer(**kw).sample
-        lora_io.add_lora(transformer, rank=8)
-        after = transformer(**kw).sample
-    assert torch.equal(before, after)
-
-
-def test_removing_the_lora_restores_the_base_model_and_a_new_lora_starts_clean(tiny_diffusers):
+def test_a_fresh_adapter_is_a_no_op_and_removing_a_trained_one_restores_the_base_model(tiny_diffusers):
     import warnings
 
     transformer = load_transformer(resolve_model(tiny_diffusers))
-    g = torch.Generator().manual_seed(0)
-    kw = dict(hidden_states=torch.randn(1, 16, 128, generator=g), encoder_hidden_states=torch.randn(1, 8, 48, generator=g),
-              timestep=torch.tensor([0.7]), img_ids=torch.zeros(1, 16, 4), txt_ids=torch.zeros(1, 8, 4), guidance=None)
+    kw = tiny_forward_inputs(timestep=0.7)
     with torch.no_grad():
         base = transformer(**kw).sample
         lora_io.add_lora(transformer, rank=8)
+        assert torch.equal(transformer(**kw).sample, base)  # B starts at 0
         for p in lora_io.lora_parameters(transformer):
             p.add_(0.1)
         assert not torch.allclose(transformer(**kw).sample, base)
@@ -194,9 +188,7 @@ def test_saved_lora_loads_in_diffusers_with_the_same_effect_as_the_in_memory_ada
     weights = lora_io.read_lora_file(result.final_lora)
     pipe = Flux2KleinPipeline.from_pretrained(tiny_diffusers)
     pipe.load_lora_weights(str(result.final_lora))
-    g = torch.Generator().manual_seed(0)
-    kw = dict(hidden_states=torch.randn(1, 16, 128, generator=g), encoder_hidden_states=torch.randn(1, 8, 48, generator=g),
-              timestep=torch.tensor([0.5]), img_ids=torch.zeros(1, 16, 4), txt_ids=torch.zeros(1, 8, 4), guidance=None)
+    kw = tiny_forward_inputs(timestep=0.5)
     with torch.no_grad():
         with lora_io.LoraPatcher(result.transformer).applied(weights):
             ours = result.transformer(**kw).sample
