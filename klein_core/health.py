@@ -248,12 +248,14 @@ class CheckpointRecord:
     validation_loss: float | None = None
     preview_stats: PreviewStats | None = None
     likeness: float | None = None
+    held_out_loss: float | None = None  # the same fixed-noise loss on images kept out of training (if the user has some)
 
     def as_dict(self) -> dict:
         return {
             "step": self.step,
             "lora_path": self.lora_path,
             "validation_loss": _float_to_json(self.validation_loss),
+            "held_out_loss": _float_to_json(self.held_out_loss),
             "preview_stats": self.preview_stats.as_dict() if self.preview_stats else None,
             "likeness": _float_to_json(self.likeness),
         }
@@ -267,6 +269,7 @@ class CheckpointRecord:
             validation_loss=_float_from_json(data.get("validation_loss")),
             preview_stats=PreviewStats.from_dict(stats) if stats else None,
             likeness=_float_from_json(data.get("likeness")),
+            held_out_loss=_float_from_json(data.get("held_out_loss")),
         )
 
 
@@ -297,8 +300,9 @@ class TrainingHistory:
         validation_loss: float | None = None,
         preview_stats: PreviewStats | None = None,
         likeness: float | None = None,
+        held_out_loss: float | None = None,
     ) -> CheckpointRecord:
-        record = CheckpointRecord(int(step), lora_path, validation_loss, preview_stats, likeness)
+        record = CheckpointRecord(int(step), lora_path, validation_loss, preview_stats, likeness, held_out_loss)
         self.checkpoints.append(record)
         self.checkpoints.sort(key=lambda c: c.step)
         return record
@@ -347,7 +351,8 @@ class CollapseThresholds:
       ``validation_rise_fraction``: fire when the smoothed loss exceeds its earlier minimum by this fraction
       (0.20 = 20 %; a healthy run's fixed-noise loss on its own training images keeps falling or plateaus).
       ``validation_min_checkpoints``: judge only from this many checkpoints with a validation loss (3).
-      A non-finite validation loss fires at once.
+      A non-finite validation loss fires at once. The same rule watches the held-out images' loss when the user
+      has held some out; the earlier of the two is reported.
 
     Training loss (one reading per training step or per log interval):
       ``loss_window_readings``: trailing window for the median and MAD (50 readings, the current one excluded).
@@ -476,7 +481,14 @@ def _ema(values: Sequence[float], alpha: float) -> list[float]:
 
 
 def _validation_signal(history: TrainingHistory, th: CollapseThresholds) -> CollapseSignal | None:
-    points = [(c.step, c.validation_loss) for c in history.checkpoints if c.validation_loss is not None]
+    """The validation loss on the training images, or on the held-out images, rising clearly: the earlier of the two."""
+    fired = [signal for attr, label in (("validation_loss", "validation loss"), ("held_out_loss", "held-out validation loss"))
+             if (signal := _rising_signal([(c.step, getattr(c, attr)) for c in history.checkpoints
+                                           if getattr(c, attr) is not None], label, th))]
+    return min(fired, key=lambda signal: signal.began_step) if fired else None
+
+
+def _rising_signal(points: list[tuple[int, float]], label: str, th: CollapseThresholds) -> CollapseSignal | None:
     if not points:
         return None
     steps = [s for s, _ in points]
@@ -484,7 +496,7 @@ def _validation_signal(history: TrainingHistory, th: CollapseThresholds) -> Coll
     for i, v in enumerate(raw):
         if math.isinf(v):
             return CollapseSignal(
-                VALIDATION_LOSS_RISING, steps[i], steps[i], f"validation loss became non-finite at step {steps[i]}"
+                VALIDATION_LOSS_RISING, steps[i], steps[i], f"{label} became non-finite at step {steps[i]}"
             )
     smooth = _ema(raw, th.validation_ema_alpha)
     for i in range(max(1, th.validation_min_checkpoints - 1), len(smooth)):
@@ -497,7 +509,7 @@ def _validation_signal(history: TrainingHistory, th: CollapseThresholds) -> Coll
                 VALIDATION_LOSS_RISING,
                 began,
                 steps[i],
-                f"smoothed validation loss rose {rise:.0f}% above its minimum (lowest raw {raw[best]:.4g} at step "
+                f"smoothed {label} rose {rise:.0f}% above its minimum (lowest raw {raw[best]:.4g} at step "
                 f"{steps[best]}, now {raw[i]:.4g} at step {steps[i]}; threshold "
                 f"{th.validation_rise_fraction * 100:.0f}%)",
             )
@@ -876,16 +888,18 @@ def pick_best_checkpoint(history: TrainingHistory, collapse: CollapseReport | No
             f"step {best.step} has the highest likeness ({best.likeness:.3f}{backend}) among {scope}",
             "likeness",
         )
-    with_val = [c for c in healthy if _is_finite(c.validation_loss)]
-    if with_val:
-        best = min(with_val, key=lambda c: (c.validation_loss, c.step))
-        return BestChoice(
-            best.step,
-            best.lora_path,  # type: ignore[arg-type]
-            f"step {best.step} has the lowest validation loss ({best.validation_loss:.4g}) among {scope}; "
-            f"no likeness score was available",
-            "validation_loss",
-        )
+    # held-out images judge generalisation; the training images' loss only keeps falling as the LoRA memorises them
+    for attr, label in (("held_out_loss", "held-out validation loss"), ("validation_loss", "validation loss")):
+        with_val = [c for c in healthy if _is_finite(getattr(c, attr))]
+        if with_val:
+            best = min(with_val, key=lambda c: (getattr(c, attr), c.step))
+            return BestChoice(
+                best.step,
+                best.lora_path,  # type: ignore[arg-type]
+                f"step {best.step} has the lowest {label} ({getattr(best, attr):.4g}) among {scope}; "
+                f"no likeness score was available",
+                attr,
+            )
     best = healthy[-1]
     return BestChoice(
         best.step,

@@ -90,7 +90,8 @@ class HealthMonitor:
         for offset, value in enumerate(values):
             self.history.add_training_loss(first_step + offset, value)
 
-    def record_checkpoint(self, step: int, lora_path: str | None, val_loss: float | None) -> None:
+    def record_checkpoint(self, step: int, lora_path: str | None, val_loss: float | None,
+                          held_out_loss: float | None = None) -> None:
         stats = likeness = None
         if self.preview is not None:
             images = self.preview()
@@ -100,7 +101,7 @@ class HealthMonitor:
                     self.backend = choose_backend(self.references)
                     self.history.likeness_backend = self.backend.label
                 likeness = self.backend.score(images, self.references)
-        self.history.add_checkpoint(step, lora_path, val_loss, stats, likeness)
+        self.history.add_checkpoint(step, lora_path, val_loss, stats, likeness, held_out_loss)
 
     def check(self) -> CollapseReport | None:
         """Run every collapse signal over the history so far; remembers the first report."""

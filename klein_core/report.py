@@ -1,7 +1,7 @@
 """The training report: a chart of a run's health and a text verdict, drawn with PIL alone (no matplotlib).
 
 Top panel: training loss (raw readings faint, EMA-smoothed bold; non-finite readings as marks on the top edge) and
-the fixed-noise validation loss per checkpoint. Bottom panel: likeness per checkpoint. Both share the x axis,
+the fixed-noise validation loss per checkpoint (and that of the held-out images, if any). Bottom panel: likeness per checkpoint. Both share the x axis,
 "training step". A red vertical line marks where a collapse began (the region after it is shaded) and a green dashed
 line marks the best checkpoint. The same image is written to the run folder and returned by the report node.
 """
@@ -32,6 +32,7 @@ TEXT_COLOUR = (30, 30, 30)
 RAW_LOSS_COLOUR = (190, 208, 232)
 SMOOTH_LOSS_COLOUR = (31, 119, 180)
 VALIDATION_COLOUR = (255, 127, 14)
+HELD_OUT_COLOUR = (23, 190, 207)
 LIKENESS_COLOUR = (148, 103, 189)
 NON_FINITE_COLOUR = (140, 86, 75)
 COLLAPSE_COLOUR = (214, 39, 40)
@@ -124,8 +125,8 @@ def _dashed_vline(draw: ImageDraw.ImageDraw, x: int, top: int, bottom: int, colo
 
 def _loss_range(history: TrainingHistory) -> tuple[float, float]:
     values = [v for v in history.losses if math.isfinite(v)]
-    vals = [c.validation_loss for c in history.checkpoints
-            if c.validation_loss is not None and math.isfinite(c.validation_loss)]
+    vals = [v for c in history.checkpoints for v in (c.validation_loss, c.held_out_loss)
+            if v is not None and math.isfinite(v)]
     if not values and not vals:
         return 0.0, 1.0
     lo_candidates, hi_candidates = [], []
@@ -214,14 +215,17 @@ def render_training_report(
             x = geo.x_of(s)
             draw.polygon([(x - 5, geo.loss_top + 1), (x + 5, geo.loss_top + 1), (x, geo.loss_top + 10)],
                          fill=NON_FINITE_COLOUR)
-    val_points = [(geo.x_of(c.step), y_loss(c.validation_loss)) for c in history.checkpoints
-                  if c.validation_loss is not None and math.isfinite(c.validation_loss)]
-    if len(val_points) > 1:
-        draw.line(val_points, fill=VALIDATION_COLOUR, width=2)
-    for x, y in val_points:
-        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=VALIDATION_COLOUR)
-    legend = [("training loss (raw)", RAW_LOSS_COLOUR), ("training loss (smoothed)", SMOOTH_LOSS_COLOUR),
-              ("validation loss", VALIDATION_COLOUR)]
+    legend = [("training loss (raw)", RAW_LOSS_COLOUR), ("training loss (smoothed)", SMOOTH_LOSS_COLOUR)]
+    for attr, label, colour in (("validation_loss", "validation loss", VALIDATION_COLOUR),
+                                ("held_out_loss", "held-out validation loss", HELD_OUT_COLOUR)):
+        points = [(geo.x_of(c.step), y_loss(getattr(c, attr))) for c in history.checkpoints
+                  if getattr(c, attr) is not None and math.isfinite(getattr(c, attr))]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+        if points or attr == "validation_loss":
+            legend.append((label, colour))
     if any(not math.isfinite(v) for v in history.losses):
         legend.append(("non-finite loss", NON_FINITE_COLOUR))
     _legend(draw, geo.left + 60, geo.loss_top - 22, legend, font)

@@ -209,9 +209,9 @@ def encode_datasets(
     device,
     log: Callable[[str], None],
 ) -> tuple[list[EncodedDataset], torch.nn.Module]:
-    """Latents and text embeddings of each dataset (identity set, then an optional regularization set) through the
-    on-disk cache. The text encoder is loaded only on a cache miss and released before the transformer is loaded;
-    returns the VAE too (kept for previews)."""
+    """Latents and text embeddings of each dataset (identity set, then the optional regularization and held-out
+    sets) through the on-disk cache. The text encoder is loaded only on a cache miss and released before the
+    transformer is loaded; returns the VAE too (kept for previews)."""
     cache = EmbeddingCache(cache_dir, resolved.identity)
     texts = list(dict.fromkeys(t for scan, spec in datasets for t in prompts_to_cache(scan, spec, preview_prompts)))
     loaded: list = []
@@ -287,6 +287,7 @@ def train(
     callbacks: TrainCallbacks | None = None,
     preview_prompts: tuple[str, ...] = (),
     regularization: DatasetSpec | None = None,
+    held_out: DatasetSpec | None = None,
     cache_dir: str | Path | None = None,
     resume: bool = False,
     allow_changes: bool = False,
@@ -298,7 +299,9 @@ def train(
     ``regularization`` is an optional folder of class images ("photo of a person") mixed into every micro-batch at
     ``config.regularization_weight``; the planner's repeats per image count the identity images only. It is read as
     a regularization set whatever its spec says (``DatasetSpec.as_regularization``: no caption may carry the
-    trigger, no dropout).
+    trigger, no dropout). ``held_out`` is an optional folder of images of the same person kept out of training: their
+    fixed-noise validation loss is recorded next to the training images' at every checkpoint (the honest measure of
+    generalisation) and, without likeness scores, picks the best checkpoint.
     """
     callbacks = callbacks or TrainCallbacks()
     dist = dist or DistributedContext.from_env()
@@ -311,6 +314,7 @@ def train(
     if regularization is not None:
         regularization = regularization.as_regularization()
     reg_scan = regularization.scan() if regularization is not None else None
+    held_scan = held_out.scan() if held_out is not None else None
     the_plan = plan(len(scan.items), config.target_repeats, config.batch_size, config.grad_accum, config.training_steps)
     config = replace(config, training_steps=the_plan.training_steps)
     fingerprint = fingerprint_parts(scan, spec)
@@ -329,6 +333,10 @@ def train(
     if reg_scan is not None:
         reg_repeats = the_plan.training_steps * config.batch_size * config.grad_accum / len(reg_scan.items)
         log(regularization_summary(len(reg_scan.items), config.regularization_weight, reg_repeats))
+    if held_scan is not None:
+        log(f"held out: {len(held_scan.items)} images, never trained on; their validation loss is recorded per checkpoint")
+        for warning in _held_out_overlap(scan, held_scan):
+            log(f"warning: {warning}")
     if config.base_8bit:
         from .lowvram import choose_backend
 
@@ -337,9 +345,11 @@ def train(
 
     # 2. Encode once (cached), free the text encoder, then load the transformer.
     prompts = tuple(dict.fromkeys(substitute_trigger(p, scan.trigger) for p in preview_prompts))
-    datasets = [(scan, spec)] + ([(reg_scan, regularization)] if reg_scan is not None else [])
+    datasets = [(s, d) for s, d in ((scan, spec), (reg_scan, regularization), (held_scan, held_out)) if s is not None]
     encoded, vae = encode_datasets(resolved, datasets, prompts, cache_dir, device, log)
-    data, reg_data = encoded[0], (encoded[1] if reg_scan is not None else None)
+    data, extra = encoded[0], iter(encoded[1:])
+    reg_data = next(extra) if reg_scan is not None else None
+    held_data = next(extra) if held_scan is not None else None
     # The 8-bit base loads on the CPU and reaches the device block by block, already quantised.
     transformer = load_transformer(resolved, dtype=_dtype(device), device="cpu" if config.base_8bit else device)
     transformer.requires_grad_(False)
@@ -373,7 +383,12 @@ def train(
         preview=_health_preview(transformer, vae, data, prompts, spec, config) if config.health_previews else None,
         references=[_reference_image(item) for item in scan.items] if config.health_previews and prompts else None,
     )
-    manifest = _new_manifest(resolved, spec, scan, config, the_plan, fingerprint, reg_scan)
+    manifest = _new_manifest(resolved, spec, scan, config, the_plan, fingerprint, reg_scan, held_scan)
+
+    def checkpoint_losses() -> tuple[float, float | None]:
+        """The fixed-noise validation loss on the training images, and on the held-out images when there are some."""
+        held = validation_loss(transformer, held_data.latents, _caption_embeds(held_data)) if held_data else None
+        return validation_loss(transformer, data.latents, _caption_embeds(data)), held
     start_step = 0
     if state is not None:
         lora_io.load_adapter_weights(transformer, state["lora"])
@@ -386,7 +401,7 @@ def train(
         monitor.history = TrainingHistory.from_dict(manifest["history"])
         log(f"resuming {run_dir} at training step {start_step}/{config.training_steps}")
     elif dist.is_main:  # step 0, the untrained base: the baseline of the validation loss and the health previews
-        monitor.record_checkpoint(0, None, validation_loss(transformer, data.latents, _caption_embeds(data)))
+        monitor.record_checkpoint(0, None, *checkpoint_losses())
 
     def micro_batches_for(step: int) -> list[MicroBatch]:
         out = []
@@ -405,12 +420,12 @@ def train(
     def save_checkpoint(step: int, with_health: bool = True) -> Path:
         path = run_dir / checkpoint_name(config.output_name, step)
         weights = lora_io.adapter_weights(transformer)
-        val = validation_loss(transformer, data.latents, _caption_embeds(data)) if with_health else None
+        losses = checkpoint_losses() if with_health else (None, None)
         if not dist.is_main:
             return path
         lora_io.save_lora(path, weights, _lora_metadata(spec, config, the_plan, step, resolved))
         if with_health:
-            monitor.record_checkpoint(step, str(path), val)
+            monitor.record_checkpoint(step, str(path), *losses)
         else:
             monitor.history.add_checkpoint(step, str(path))
         _prune(monitor.history, config.keep_last)
@@ -468,7 +483,8 @@ def train(
             if is_checkpoint:
                 save_checkpoint(step)
             if config.validation_every and step % config.validation_every == 0 and not is_checkpoint and dist.is_main:
-                monitor.history.add_checkpoint(step, None, validation_loss(transformer, data.latents, _caption_embeds(data)))
+                val, held = checkpoint_losses()
+                monitor.history.add_checkpoint(step, None, val, held_out_loss=held)
             collapse = monitor.check() if is_checkpoint or step % max(1, config.log_every) == 0 else None
             if collapse is not None and config.stop_on_collapse:
                 log(f"collapse detected (began at training step {collapse.began_step}): stopping early")
@@ -609,7 +625,14 @@ def _lora_metadata(spec: DatasetSpec, config: TrainConfig, the_plan: Plan, step:
     }
 
 
-def _new_manifest(resolved, spec, scan, config, the_plan, fingerprint, reg_scan) -> dict:
+def _held_out_overlap(scan: DatasetScan, held_scan: DatasetScan) -> list[str]:
+    """Held-out images that are byte-identical to a training image are not held out at all: say which."""
+    trained = {item.sha256: item.name for item in scan.items}
+    return [f"held-out image {item.name} is the same file as training image {trained[item.sha256]}: its loss is not "
+            "held out" for item in held_scan.items if item.sha256 in trained]
+
+
+def _new_manifest(resolved, spec, scan, config, the_plan, fingerprint, reg_scan, held_scan) -> dict:
     return {
         "config": config.as_dict(),
         "plan": the_plan.as_dict(),
@@ -618,6 +641,7 @@ def _new_manifest(resolved, spec, scan, config, the_plan, fingerprint, reg_scan)
             "folder": str(reg_scan.folder), "images": len(reg_scan.items), "weight": config.regularization_weight,
             "repeats_per_image": the_plan.training_steps * config.batch_size * config.grad_accum / len(reg_scan.items),
         },
+        "held_out": None if held_scan is None else {"folder": str(held_scan.folder), "images": len(held_scan.items)},
         "model": {"variant": resolved.variant.name, "format": resolved.format, "identity": resolved.identity},
         "history": TrainingHistory().as_dict(),
         "checkpoints": [],

@@ -134,6 +134,11 @@ class KleinLoRATrainer(io.ComfyNode):
                                    tooltip="Optional: a second Klein Caption Dataset of class images (photos of other "
                                    f"people, captioned like '{REGULARIZATION_CAPTION}'; none may contain the trigger "
                                    "word). The third fix for a collapse. Not counted in the repeats per image."),
+                KleinDataset.Input("held_out", optional=True,
+                                   tooltip="Optional: a Klein Caption Dataset of a few more photos of the same person, "
+                                   "kept out of training. Their fixed-noise validation loss is recorded at every "
+                                   "checkpoint (run.json, the report chart) and picks the best checkpoint when there "
+                                   "is no likeness score."),
                 io.Float.Input("regularization_weight", default=PRESET.regularization_weight, min=0.0, max=1.0,
                                step=0.01, optional=True, tooltip="Loss weight of the regularization images against the identity "
                                f"images (default {PRESET.regularization_weight:g}: low, so they steady the run "
@@ -160,7 +165,7 @@ class KleinLoRATrainer(io.ComfyNode):
                 vae: str, batch_size: int, grad_accum: int, learning_rate: float, rank: int, save_every: int,
                 seed: int, preview_prompts: str, output_name: str, gradient_checkpointing: bool,
                 stop_on_collapse: bool, regularization_weight: float = PRESET.regularization_weight,
-                regularization=None) -> io.NodeOutput:
+                regularization=None, held_out=None) -> io.NodeOutput:
         import comfy.model_management
 
         resolved = resolve_choice(diffusers_model, diffusion_model, text_encoder, vae)
@@ -177,6 +182,7 @@ class KleinLoRATrainer(io.ComfyNode):
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
             run = train(
                 resolved, dataset, config, run_dir, preview_prompts=prompts, regularization=regularization,
+                held_out=held_out,
                 cache_dir=default_cache_dir(),
                 device=str(comfy.model_management.get_torch_device()),
                 callbacks=TrainCallbacks(on_step=progress.on_step, on_progress=progress.on_progress,

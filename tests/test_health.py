@@ -111,6 +111,18 @@ def test_validation_loss_rising_after_its_minimum_is_flagged_at_the_first_worse_
     assert report.detected_step == 300  # smoothing waits for a second bad checkpoint to be sure
 
 
+def test_held_out_validation_loss_rising_is_flagged_while_the_training_images_loss_still_falls():
+    history = TrainingHistory()
+    train_vals = [1.0, 0.8, 0.65, 0.55, 0.5, 0.45, 0.42, 0.4, 0.38]  # memorising the training images
+    held_vals = [1.0, 0.85, 0.75, 0.72, 0.9, 1.1, 1.3, 1.5, 1.7]  # while the held-out photos get worse
+    for i, (v, h) in enumerate(zip(train_vals, held_vals)):
+        history.add_checkpoint(i * CHECKPOINT_EVERY, None if i == 0 else ckpt_path(i * CHECKPOINT_EVERY), v, held_out_loss=h)
+    report = detect_collapse(history)
+    assert report is not None and report.signal_names == [VALIDATION_LOSS_RISING]
+    assert report.began_step == 200 and report.last_good_step == 150
+    assert report.signals[0].detail.startswith("smoothed held-out validation loss rose")
+
+
 def test_single_mild_validation_wobble_is_not_a_collapse():
     history = TrainingHistory()
     for i, v in enumerate([1.0, 0.8, 0.65, 0.6, 0.62, 0.59, 0.61, 0.58]):
@@ -438,6 +450,15 @@ def test_best_checkpoint_falls_back_to_validation_loss_without_likeness():
     best = pick_best_checkpoint(history, detect_collapse(history))
     assert (best.step, best.metric) == (200, "validation_loss")
     assert "lowest validation loss" in best.reason and "no likeness" in best.reason
+
+
+def test_without_likeness_the_held_out_loss_picks_the_best_checkpoint_over_the_training_images_loss():
+    history = TrainingHistory()
+    for step, val, held in [(100, 0.8, 0.9), (200, 0.5, 0.7), (300, 0.45, 0.75), (400, 0.42, 0.8)]:
+        history.add_checkpoint(step, ckpt_path(step), val, held_out_loss=held)
+    best = pick_best_checkpoint(history, None)
+    assert (best.step, best.metric) == (200, "held_out_loss")
+    assert "lowest held-out validation loss (0.7)" in best.reason
 
 
 def test_best_checkpoint_never_picks_the_no_lora_control():

@@ -17,6 +17,7 @@ from klein_core.health import (
 from klein_core.report import (
     BEST_COLOUR,
     COLLAPSE_COLOUR,
+    HELD_OUT_COLOUR,
     NON_FINITE_COLOUR,
     SMOOTH_LOSS_COLOUR,
     VALIDATION_COLOUR,
@@ -92,6 +93,14 @@ def test_healthy_run_chart_has_curves_and_no_collapse_marker():
     assert not colour_present(image, COLLAPSE_COLOUR)
     for colour in (SMOOTH_LOSS_COLOUR, VALIDATION_COLOUR, BEST_COLOUR):
         assert colour_present(image, colour), colour
+
+
+def test_held_out_validation_loss_gets_its_own_line_only_when_there_are_held_out_images():
+    history = make_history(collapse=False)
+    assert not colour_present(render_training_report(history, None, None), HELD_OUT_COLOUR)
+    for c in history.checkpoints:
+        c.held_out_loss = (c.validation_loss or 0.3) * 1.1
+    assert colour_present(render_training_report(history, None, None), HELD_OUT_COLOUR)
 
 
 def test_chart_draws_non_finite_losses_and_survives_an_empty_history():

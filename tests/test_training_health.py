@@ -121,6 +121,27 @@ def test_regularization_set_mixes_in_at_its_weight_and_is_not_counted_in_the_dos
     assert info["images"] == 3 and info["weight"] == pytest.approx(0.1)
 
 
+def test_held_out_images_get_their_validation_loss_at_every_checkpoint_and_are_never_trained_on(tiny_diffusers, sample_dataset, training_cache, tmp_path):
+    import shutil
+
+    from klein_core.dataset import DatasetSpec
+    from klein_core.sample_data import make_sample_dataset
+
+    held = tmp_path / "held_out"
+    make_sample_dataset(held, count=2, seed=11, size=96)  # two more photos of "the person", never trained on
+    shutil.copy(sample_dataset / "sample_00.png", held / "copy_of_a_training_image.png")  # a user's slip
+    messages: list[str] = []
+    result = train(resolve_model(tiny_diffusers), quick_spec(sample_dataset), quick_config(training_steps=4, save_every=2),
+                   tmp_path / "run", callbacks=TrainCallbacks(log=messages.append), cache_dir=training_cache,
+                   held_out=DatasetSpec(folder=str(held), trigger="kleinchar", resolutions=(64,)))
+    records = result.manifest["history"]["checkpoints"]
+    assert [r["step"] for r in records] == [0, 2, 4]
+    assert all(isinstance(r["held_out_loss"], float) and r["held_out_loss"] != r["validation_loss"] for r in records)
+    assert result.manifest["held_out"]["images"] == 3
+    assert result.plan.images == len(list(sample_dataset.glob("*.png"))) + len(list(sample_dataset.glob("*.jpg")))
+    assert any("copy_of_a_training_image.png is the same file as training image sample_00.png" in m for m in messages)
+
+
 def test_a_regularization_set_whose_captions_carry_the_trigger_is_refused_before_any_model_loads(tiny_diffusers, sample_dataset, tmp_path, monkeypatch):
     import klein_core.training as training
     from klein_core.dataset import DatasetSpec
@@ -139,9 +160,15 @@ def test_cli_train_json_reports_best_checkpoint_and_collapse(tiny_diffusers, sam
 
     common = ["train", "--model", str(tiny_diffusers), "--images", str(sample_dataset), "--trigger", "kleinchar",
               "--resolution", "64", "--rank", "4", "--cache-dir", str(tmp_path / "cache"), "--json"]
-    assert main([*common, "--out", str(tmp_path / "ok"), "--training-steps", "2", "--save-every", "1"]) == 0
+    from klein_core.sample_data import make_sample_dataset
+
+    make_sample_dataset(tmp_path / "held", count=1, seed=5, size=96)
+    assert main([*common, "--out", str(tmp_path / "ok"), "--training-steps", "2", "--save-every", "1",
+                 "--held-out", str(tmp_path / "held")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert Path(summary["best_checkpoint"]).name == "klein_lora_best.safetensors" and summary["collapse"] is None
+    manifest = json.loads((tmp_path / "ok" / "run.json").read_text())
+    assert manifest["held_out"]["images"] == 1 and manifest["health"]["best_checkpoint"]["metric"] == "held_out_loss"
     code = main([*common, "--out", str(tmp_path / "bad"), "--training-steps", "40", "--save-every", "2", "--lr", "100"])
     assert code == 1
     captured = capsys.readouterr()

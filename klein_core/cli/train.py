@@ -54,6 +54,9 @@ def register(sub) -> None:
                    help="caption of regularization images without a .txt")
     p.add_argument("--regularization-weight", type=float, default=PRESET.regularization_weight,
                    help=f"loss weight of the regularization set (default {PRESET.regularization_weight:g}: low)")
+    p.add_argument("--held-out", metavar="DIR",
+                   help="optional folder of images of the same person kept out of training (captions as in --images): "
+                   "their fixed-noise validation loss is recorded at every checkpoint")
     p.add_argument("--cache-dir", help="latent/embedding cache (default ~/.cache/klein-lora or $KLEIN_LORA_CACHE)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out to its planned total")
     p.add_argument("--allow-changes", action="store_true", help="resume even though the dataset or config changed")
@@ -118,6 +121,11 @@ def run(args) -> int:
         regularization = DatasetSpec(folder=args.regularization, trigger=args.trigger, resolutions=tuple(args.resolution),
                                      default_caption=args.regularization_caption).as_regularization()
         regularization.scan()
+    held_out = None
+    if args.held_out:
+        held_out = DatasetSpec(folder=args.held_out, trigger=args.trigger, default_caption=args.default_caption,
+                               caption_dropout=0.0, resolutions=tuple(args.resolution))
+        held_out.scan()
     resolved = resolve_model(args.model, args.text_encoder, args.vae, args.tokenizer)
     config = TrainConfig(
         output_name=args.name, training_steps=args.training_steps, target_repeats=args.target_repeats,
@@ -132,7 +140,7 @@ def run(args) -> int:
         callbacks = TrainCallbacks(on_step=console.progress, should_stop=lambda: signals.stop, log=console.log)
         try:
             result = train(resolved, spec, config, Path(args.out), callbacks=callbacks, cache_dir=args.cache_dir,
-                           preview_prompts=tuple(args.preview_prompt), regularization=regularization,
+                           preview_prompts=tuple(args.preview_prompt), regularization=regularization, held_out=held_out,
                            resume=args.resume, allow_changes=args.allow_changes)
         except NonFiniteLoss as exc:  # a collapse: the message leads with the LR advice; --json still says what to keep
             console.end_line()
