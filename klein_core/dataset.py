@@ -892,9 +892,10 @@ class DatasetSpec:
     def dropout(self, seed: int) -> CaptionDropout:
         return CaptionDropout(self.caption_dropout, self.dropout_caption, seed)
 
-    def as_regularization(self) -> "DatasetSpec":
-        """This folder as a regularization set: captions as written, none may carry the trigger, no dropout."""
-        return replace(self, trigger_policy="exclude", caption_dropout=0.0)
+    def as_regularization(self, trigger: str) -> "DatasetSpec":
+        """This folder as a regularization set for the identity with ``trigger``: captions as written, none may carry
+        that word (whatever word the folder's own spec names), no dropout."""
+        return replace(self, trigger=trigger, trigger_policy="exclude", caption_dropout=0.0)
 
     def with_changes(self, **changes: object) -> "DatasetSpec":
         return replace(self, **changes)  # type: ignore[arg-type]

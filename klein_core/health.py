@@ -644,8 +644,8 @@ def _preview_signal(history: TrainingHistory, th: CollapseThresholds) -> Collaps
 
 
 def _likeness_signal(history: TrainingHistory, th: CollapseThresholds) -> CollapseSignal | None:
-    # saved checkpoints only: the step-0 baseline (the untrained base) is context for the chart, not a peak to fall from
-    points = [(c.step, c.likeness) for c in history.checkpoints if c.lora_path and _is_finite(c.likeness)]
+    # step 0 (the untrained base) is context for the chart, not a peak to fall from; pruned checkpoints still count
+    points = [(c.step, c.likeness) for c in history.checkpoints if c.step > 0 and _is_finite(c.likeness)]
     if len(points) < th.likeness_min_checkpoints:
         return None
     steps = [s for s, _ in points]

@@ -28,8 +28,8 @@ from . import lora as lora_io
 from .atomic import atomic_torch_save, atomic_write_json
 from .cache import EmbeddingCache, latent_requests, prompts_to_cache
 from .dataset import BucketBatchSampler, DatasetScan, DatasetSpec, fingerprint_parts, load_image_rgb, substitute_trigger
-from .errors import KleinError, ResumeError
-from .health import CheckpointRecord, TrainingHistory, non_finite_loss_message
+from .errors import DatasetError, KleinError, ResumeError
+from .health import CheckpointRecord, CollapseReport, TrainingHistory, non_finite_loss_message
 from .latents import encode_images, image_ids, pack
 from .loading import ResolvedModel, load_text_encoder, load_transformer, load_vae
 from .monitor import HealthMonitor, HealthSummary, validation_loss
@@ -47,9 +47,14 @@ class TrainingInterrupted(KleinError):
 
 
 class NonFiniteLoss(KleinError):
-    """The loss went NaN/inf; training stopped and the last good checkpoint was kept (``health`` has the verdict)."""
+    """The loss went NaN/inf at ``training_step``; training stopped and the last good checkpoint was kept (``health``
+    has the verdict)."""
 
     health: "HealthSummary | None" = None
+
+    def __init__(self, training_step: int) -> None:
+        super().__init__(f"the training loss became non-finite at training step {training_step}")
+        self.training_step = training_step
 
 
 @dataclass(frozen=True)
@@ -310,9 +315,12 @@ def train(
     run_dir = Path(run_dir)
 
     # 1. Everything a user can get wrong is checked before any model loads.
+    if spec.trigger_policy == "exclude":
+        raise DatasetError(f"{spec.folder}: trigger_policy 'exclude' is for a regularization set of class images; "
+                           "the identity dataset needs 'prepend', 'append' or 'keep'")
     scan = spec.scan()
     if regularization is not None:
-        regularization = regularization.as_regularization()
+        regularization = regularization.as_regularization(scan.trigger)
     reg_scan = regularization.scan() if regularization is not None else None
     held_scan = held_out.scan() if held_out is not None else None
     the_plan = plan(len(scan.items), config.target_repeats, config.batch_size, config.grad_accum, config.training_steps)
@@ -397,7 +405,8 @@ def train(
         _set_learning_rate(optimizer, scheduler, config.learning_rate)  # a changed LR (--allow-changes) takes effect
         torch.set_rng_state(state["torch_rng"])
         start_step = state["training_step"]
-        manifest = dict(state["manifest"], config=config.as_dict())
+        saved_manifest = state["manifest"]  # keep what happened; describe the run as it is configured now
+        manifest = dict(manifest, history=saved_manifest["history"], checkpoints=saved_manifest["checkpoints"])
         monitor.history = TrainingHistory.from_dict(manifest["history"])
         log(f"resuming {run_dir} at training step {start_step}/{config.training_steps}")
     elif dist.is_main:  # step 0, the untrained base: the baseline of the validation loss and the health previews
@@ -472,7 +481,7 @@ def train(
                 monitor.record_losses(first_step, values)
                 bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
                 if bad:
-                    raise NonFiniteLoss(_non_finite_message(first_step + bad[0], monitor, config))
+                    raise NonFiniteLoss(first_step + bad[0])
                 per_step = (time.perf_counter() - started) / (step - start_step)
                 if callbacks.on_step:
                     callbacks.on_step(
@@ -487,7 +496,7 @@ def train(
                 monitor.history.add_checkpoint(step, None, val, held_out_loss=held)
             collapse = monitor.check() if is_checkpoint or step % max(1, config.log_every) == 0 else None
             if collapse is not None and config.stop_on_collapse:
-                log(f"collapse detected (began at training step {collapse.began_step}): stopping early")
+                log(f"collapse detected at training step {step}: stopping early (the verdict says where it began)")
                 break
     except BaseException as exc:
         if isinstance(exc, NonFiniteLoss):  # a collapse: verdict, advice, best (last good) checkpoint, report
@@ -496,6 +505,8 @@ def train(
                 manifest.update(history=monitor.history.as_dict(), health=exc.health.as_dict())
                 atomic_write_json(run_dir / MANIFEST_FILE, manifest)
                 log(exc.health.verdict)
+            collapse = exc.health.collapse if exc.health else monitor.check()
+            exc.args = (_non_finite_message(exc.training_step, collapse, config),)  # the same last good checkpoint
             raise
         message = _save_on_stop(step, start_step, pending, monitor, save_checkpoint, config, run_dir, dist)
         log(message)
@@ -593,14 +604,20 @@ def _health_preview(transformer, vae, data: EncodedDataset, prompts: tuple[str, 
 
 def _save_on_stop(step, start_step, pending, monitor, save_checkpoint, config, run_dir, dist) -> str:
     """On cancel or error: save the last completed training step (if new) and say where."""
+    saved = [c.lora_path for c in monitor.history.checkpoints if c.lora_path]
+    last = f"last checkpoint: {saved[-1] if saved else 'none yet'}"
     if pending:
-        monitor.record_losses(step - len(pending) + 1, torch.stack(pending).tolist())
+        values = torch.stack(pending).tolist()
+        monitor.record_losses(step - len(values) + 1, values)
+        bad = [step - len(values) + 1 + i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:  # never save weights a non-finite loss has touched
+            return (f"training stopped at training step {step}/{config.training_steps}; the loss had gone non-finite "
+                    f"at training step {bad[0]}, so nothing was saved; {last}")
     if step > start_step and dist.is_main and monitor.history.checkpoint_at(step) is None:
         saved = save_checkpoint(step, with_health=False)
         return (f"training stopped at training step {step}/{config.training_steps}; saved {saved} "
                 f"(resume with --resume, run folder {run_dir})")
-    saved = [c.lora_path for c in monitor.history.checkpoints if c.lora_path]
-    return f"training stopped at training step {step}/{config.training_steps}; last checkpoint: {saved[-1] if saved else 'none yet'}"
+    return f"training stopped at training step {step}/{config.training_steps}; {last}"
 
 
 def _prune(history: TrainingHistory, keep_last: int) -> None:
@@ -649,10 +666,9 @@ def _new_manifest(resolved, spec, scan, config, the_plan, fingerprint, reg_scan,
     }
 
 
-def _non_finite_message(step: int, monitor: HealthMonitor, config: TrainConfig) -> str:
-    """The LR advice first, then which checkpoint to keep: the collapse detector's last good one, which may be
-    earlier than the last saved one when the previews had already blown out."""
-    collapse = monitor.check()
+def _non_finite_message(step: int, collapse: CollapseReport | None, config: TrainConfig) -> str:
+    """The LR advice first, then which checkpoint to keep: the collapse detector's last good one (as in the verdict),
+    which may be earlier than the last saved one when the previews had already blown out."""
     last_good = collapse.last_good_path if collapse is not None else None
     kept = f"the last good checkpoint is {last_good}" if last_good else "no good checkpoint had been saved"
     return f"{non_finite_loss_message(step, config.learning_rate)} Training stopped; {kept}."

@@ -6,6 +6,7 @@ hands the in-memory run to the preview node. Training itself is ``klein_core.tra
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -34,6 +35,10 @@ def _send(payload: dict) -> None:
         PromptServer.instance.send_sync(EVENT, payload)
 
 
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
 class _ComfyProgress:
     """ComfyUI's progress bar over training steps, the cancel check every micro-batch, and live chart events."""
 
@@ -51,8 +56,8 @@ class _ComfyProgress:
         _send({"node": self.node_id, "kind": "step", **info})
 
     def on_checkpoint(self, record) -> None:
-        _send({"node": self.node_id, "kind": "checkpoint", "training_step": record.step,
-               "validation_loss": record.validation_loss, "likeness": record.likeness})
+        _send({"node": self.node_id, "kind": "checkpoint", "training_step": record.step,  # NaN is not JSON: None
+               "validation_loss": _finite_or_none(record.validation_loss), "likeness": _finite_or_none(record.likeness)})
 
     @staticmethod
     def should_stop() -> bool:

@@ -269,6 +269,15 @@ def test_likeness_dropping_after_its_peak_is_flagged():
     assert report.began_step == 400 and report.last_good_path == ckpt_path(300)
 
 
+def test_a_likeness_drop_is_still_seen_when_old_checkpoint_files_were_pruned():
+    history = TrainingHistory()
+    for i, like in enumerate([0.2, 0.5, 0.7, 0.72, 0.5, 0.3]):
+        kept = i >= 4  # keep_last 2: the earlier files are gone, their scores stay in the history
+        history.add_checkpoint(i * 100, ckpt_path(i * 100) if kept else None, likeness=like)
+    report = detect_collapse(history)
+    assert report is not None and report.signal_names == [LIKENESS_DROP] and report.began_step == 400
+
+
 def test_small_likeness_wobble_is_not_a_drop():
     history = TrainingHistory()
     for i, like in enumerate([0.2, 0.5, 0.7, 0.72, 0.66, 0.71, 0.68]):

@@ -269,10 +269,35 @@ def test_non_finite_loss_stops_keeps_last_good_checkpoint_and_advises_lower_lr(t
     with pytest.raises(NonFiniteLoss, match=r"Lower the learning rate \(LR 1e6 → 5e5\)") as info:
         run(tiny_diffusers, sample_dataset, tmp_path, training_cache, config=quick_config(training_steps=40, save_every=1, learning_rate=1e6))
     assert "last good checkpoint" in str(info.value)
+    assert str(info.value.health.collapse.last_good_path) in str(info.value)  # the message and the verdict agree
     assert not (tmp_path / "klein_lora.safetensors").exists()
     for checkpoint in tmp_path.glob("*_step*.safetensors"):
         weights = lora_io.read_lora_file(checkpoint)
         assert all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in weights.values())
+
+
+def test_a_non_finite_loss_between_loss_reads_is_named_at_its_first_training_step(tiny_diffusers, sample_dataset, tmp_path, training_cache):
+    with pytest.raises(NonFiniteLoss) as info:
+        run(tiny_diffusers, sample_dataset, tmp_path, training_cache,
+            config=quick_config(training_steps=40, save_every=0, log_every=10, learning_rate=1e6))
+    history = json.loads((tmp_path / "run.json").read_text())["history"]
+    first_bad = next(step for step, v in zip(history["loss_steps"], history["losses"]) if not isinstance(v, float))
+    assert first_bad < 10 and f"at training step {first_bad}," in str(info.value)
+
+
+def test_a_stop_after_an_unread_non_finite_loss_saves_nothing(tiny_diffusers, sample_dataset, tmp_path, training_cache):
+    calls = {"n": 0}
+
+    def stop_at_step_six():
+        calls["n"] += 1
+        return calls["n"] > 5
+
+    messages = []
+    with pytest.raises(TrainingInterrupted, match="non-finite at training step [1-5], so nothing was saved"):
+        run(tiny_diffusers, sample_dataset, tmp_path, training_cache,
+            config=quick_config(training_steps=40, save_every=0, log_every=10, learning_rate=1e6),
+            callbacks=TrainCallbacks(should_stop=stop_at_step_six, log=messages.append))
+    assert not list(tmp_path.glob("*_step*.safetensors")) and not (tmp_path / "training_state.pt").exists()
 
 
 # --- memory and data hygiene ---------------------------------------------------------------------------------------------

@@ -152,6 +152,10 @@ def test_a_regularization_set_whose_captions_carry_the_trigger_is_refused_before
     identity_captions = DatasetSpec(folder=str(sample_dataset), trigger="kleinchar", resolutions=(64,))
     with pytest.raises(DatasetError, match=r"6 regularization captions contain the trigger 'kleinchar': sample_00.png"):
         run(tiny_diffusers, sample_dataset, tmp_path / "run", tmp_path / "cache", quick_config(), regularization=identity_captions)
+    # and the other way round: 'exclude' on the identity dataset itself would train captions without the word
+    with pytest.raises(DatasetError, match="trigger_policy 'exclude' is for a regularization set"):
+        train(resolve_model(tiny_diffusers), quick_spec(sample_dataset, trigger_policy="exclude"), quick_config(),
+              tmp_path / "run", callbacks=quiet, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "run").exists()
 
 

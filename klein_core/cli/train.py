@@ -119,7 +119,7 @@ def run(args) -> int:
     regularization = None
     if args.regularization:
         regularization = DatasetSpec(folder=args.regularization, trigger=args.trigger, resolutions=tuple(args.resolution),
-                                     default_caption=args.regularization_caption).as_regularization()
+                                     default_caption=args.regularization_caption).as_regularization(args.trigger)
         regularization.scan()
     held_out = None
     if args.held_out:

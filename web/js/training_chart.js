@@ -44,7 +44,8 @@ function onTrainingEvent(detail) {
     let state = stateFor(detail.node);
     if (detail.kind === "step") {
         const last = state.losses.length ? state.losses[state.losses.length - 1][0] : 0;
-        if (detail.training_step <= last) { // a new run on this node
+        const first = detail.losses?.[0]?.[0] ?? detail.training_step;
+        if (first <= last) { // a new run on this node
             states.set(String(detail.node), newState());
             state = stateFor(detail.node);
         }
