@@ -395,8 +395,10 @@ def train(
 
     def checkpoint_losses() -> tuple[float, float | None]:
         """The fixed-noise validation loss on the training images, and on the held-out images when there are some."""
-        held = validation_loss(transformer, held_data.latents, _caption_embeds(held_data)) if held_data else None
-        return validation_loss(transformer, data.latents, _caption_embeds(data)), held
+        trained = validation_loss(transformer, data.latents, _caption_embeds(data))
+        if held_data is None:
+            return trained, None
+        return trained, validation_loss(transformer, held_data.latents, _caption_embeds(held_data))
     start_step = 0
     if state is not None:
         lora_io.load_adapter_weights(transformer, state["lora"])
