@@ -6,7 +6,6 @@ hands the in-memory run to the preview node. Training itself is ``klein_core.tra
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 
@@ -35,10 +34,6 @@ def _send(payload: dict) -> None:
         PromptServer.instance.send_sync(EVENT, payload)
 
 
-def _finite_or_none(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
-
-
 class _ComfyProgress:
     """ComfyUI's progress bar over training steps, the cancel check every micro-batch, and live chart events."""
 
@@ -56,8 +51,9 @@ class _ComfyProgress:
         _send({"node": self.node_id, "kind": "step", **info})
 
     def on_checkpoint(self, record) -> None:
-        _send({"node": self.node_id, "kind": "checkpoint", "training_step": record.step,  # NaN is not JSON: None
-               "validation_loss": _finite_or_none(record.validation_loss), "likeness": _finite_or_none(record.likeness)})
+        saved = record.as_dict()  # run.json's strict-JSON form: a non-finite value is a string, never a bare NaN
+        _send({"node": self.node_id, "kind": "checkpoint", "training_step": record.step,
+               "validation_loss": saved["validation_loss"], "likeness": saved["likeness"]})
 
     @staticmethod
     def should_stop() -> bool:

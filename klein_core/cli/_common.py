@@ -6,6 +6,14 @@ import json
 import sys
 
 
+def show_sample_progress(done: int, total: int, indent: str = "") -> None:
+    """Redraw "sample step d/t" in place on stderr (a terminal only) and clear it when the image is done."""
+    sys.stderr.write(f"\r{indent}sample step {done}/{total}")
+    if done == total:
+        sys.stderr.write("\r\033[K")
+    sys.stderr.flush()
+
+
 def print_json(obj: object) -> None:
     json.dump(obj, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")

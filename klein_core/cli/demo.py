@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 
 from ..demo import DemoScale, run_demo
-from ._common import print_json
+from ._common import print_json, show_sample_progress
 from .train import progress_line
 
 
@@ -21,13 +22,6 @@ def register(sub) -> None:
     p.add_argument("--out", default="klein-demo", help="output folder (default ./klein-demo)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout (the log goes to stderr)")
     p.set_defaults(func=run)
-
-
-def _sample_progress(done: int, total: int) -> None:
-    sys.stderr.write(f"\r  sample step {done}/{total}")
-    if done == total:
-        sys.stderr.write("\r\033[K")
-    sys.stderr.flush()
 
 
 def _training_progress(info: dict) -> None:
@@ -45,16 +39,20 @@ def run(args) -> int:
     def log(message: str) -> None:
         print(message, file=stream, flush=True)
 
+    quarters_logged = [0]
+
     def quarterly(info: dict) -> None:
-        """Without a terminal (a log file, CI): one line at each quarter of the training steps."""
+        """Without a terminal (a log file, CI): one line per quarter of the training steps. The loss arrives every
+        few training steps (each read waits for the GPU), so a quarter is logged at the first read inside it."""
         done, total = info["training_step"], info["training_steps"]
-        if done * 4 // total != (done - 1) * 4 // total:
+        if done * 4 // total > quarters_logged[0]:
+            quarters_logged[0] = done * 4 // total
             log(f"  training step {done}/{total}, loss {info['loss']:.3f}, {info['s_per_step']:.2f} s/training step")
 
     result = run_demo(
         args.out, DemoScale(), log=log,
         on_training_step=_training_progress if interactive else quarterly,
-        on_sample_step=_sample_progress if interactive else None,
+        on_sample_step=partial(show_sample_progress, indent="  ") if interactive else None,
     )
     wall = time.perf_counter() - started
     if args.json:

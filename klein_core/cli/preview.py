@@ -13,7 +13,7 @@ from ..loading import resolve_model
 from ..preset import PRESET
 from ..preview import PreviewSettings, checkpoint_from_file, load_for_preview, plan_rows, render_preview_grid, substitute_prompts
 from ..sampling import PreviewError, check_size
-from ._common import add_model_args, print_json
+from ._common import add_model_args, print_json, show_sample_progress
 
 
 def register(sub) -> None:
@@ -42,13 +42,6 @@ def register(sub) -> None:
     p.set_defaults(func=run_preview)
 
 
-def _progress(done: int, total: int) -> None:
-    sys.stderr.write(f"\rsample step {done}/{total}")
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
-
-
 def run_preview(args) -> int:
     # Everything that can be wrong with the inputs is reported before any weights are loaded.
     check_size(args.width, args.height)
@@ -70,7 +63,7 @@ def run_preview(args) -> int:
     try:
         result = render_preview_grid(
             loaded.transformer, loaded.vae, prompts, loaded.prompt_embeds, loaded.negative_embeds, rows, settings, out_dir,
-            progress=_progress if sys.stderr.isatty() else None,
+            progress=show_sample_progress if sys.stderr.isatty() else None,
         )
     except KeyboardInterrupt:
         print("\npreview interrupted; no files were written", file=sys.stderr)
