@@ -21,5 +21,9 @@ class LoraFormatError(KleinError):
     """A LoRA file has keys we cannot map onto a Klein transformer."""
 
 
+class ConfigError(KleinError):
+    """A training setting (rank, learning rate, checkpoint interval, ...) is out of range."""
+
+
 class ResumeError(KleinError):
     """A run folder cannot be resumed with the given dataset or config."""

@@ -28,7 +28,7 @@ from . import lora as lora_io
 from .atomic import atomic_torch_save, atomic_write_json
 from .cache import EmbeddingCache, latent_requests, prompts_to_cache
 from .dataset import BucketBatchSampler, DatasetScan, DatasetSpec, fingerprint_parts, load_image_rgb, substitute_trigger
-from .errors import DatasetError, KleinError, ResumeError
+from .errors import ConfigError, DatasetError, KleinError, ResumeError
 from .health import CheckpointRecord, CollapseReport, TrainingHistory, non_finite_loss_message
 from .latents import encode_images, image_ids, pack
 from .loading import ResolvedModel, load_text_encoder, load_transformer, load_vae
@@ -83,6 +83,20 @@ class TrainConfig:
     health_sample_steps: int = PRESET.sample_steps  # sample steps of those health previews (Base needs ~50)
     regularization_weight: float = PRESET.regularization_weight  # loss weight of the optional class-image set
     weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Refuse an impossible setting by name before anything runs (the planner checks steps, batch and accum)."""
+        at_least = {"rank": 1, "log_every": 1, "health_sample_steps": 1, "save_every": 0, "keep_last": 0,
+                    "warmup_steps": 0, "validation_every": 0}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
+        numbers = {"learning_rate": True, "alpha": True, "regularization_weight": False, "weight_decay": False}
+        for name, positive in numbers.items():  # name -> must be > 0 (else >= 0); alpha None means alpha = rank
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < 0 or (positive and value == 0)):
+                raise ConfigError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
 
     def as_dict(self) -> dict:
         return asdict(self)

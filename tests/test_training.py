@@ -88,6 +88,29 @@ def test_a_fresh_adapter_is_a_no_op_and_removing_a_trained_one_restores_the_base
 
 
 # --- optimisation --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("setting, value, message", [
+    ("save_every", -3, "save_every must be a whole number >= 0, got -3"),
+    ("log_every", 0, "log_every must be a whole number >= 1, got 0"),
+    ("rank", 0, "rank must be a whole number >= 1, got 0"),
+    ("learning_rate", 0.0, "learning_rate must be a finite number > 0, got 0.0"),
+    ("regularization_weight", -0.1, "regularization_weight must be a finite number >= 0, got -0.1"),
+])
+def test_an_impossible_training_setting_is_refused_by_name(setting, value, message):
+    from klein_core.errors import ConfigError
+    from klein_core.training import TrainConfig
+
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**{setting: value})
+
+
+def test_the_cli_refuses_a_bad_setting_before_loading_any_model(sample_dataset, tmp_path, capsys):
+    from klein_core.cli import main
+
+    code = main(["train", "--model", str(tmp_path / "no-model"), "--images", str(sample_dataset), "--trigger", "kleinchar",
+                 "--out", str(tmp_path / "run"), "--save-every", "-3"])
+    assert code != 0 and "save_every must be a whole number >= 0, got -3" in capsys.readouterr().err
+
+
 def test_grad_accum_4_of_batch_1_equals_one_batch_of_4(tiny_diffusers):
     g = torch.Generator().manual_seed(1)
     latents, embeds = torch.randn(4, 128, 2, 2, generator=g), torch.randn(4, 512, 48, generator=g)

@@ -111,6 +111,14 @@ def progress_line(info: dict) -> str:
 
 
 def run(args) -> int:
+    config = TrainConfig(  # settings first: every check here runs before any model loads
+        output_name=args.name, training_steps=args.training_steps, target_repeats=args.target_repeats,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup_steps,
+        rank=args.rank, seed=args.seed, save_every=args.save_every, keep_last=args.keep_last,
+        gradient_checkpointing=args.gradient_checkpointing, base_8bit=args.base_8bit, compile_blocks=args.compile_blocks,
+        stop_on_collapse=args.stop_on_collapse, validation_every=args.validation_every, log_every=args.log_every,
+        regularization_weight=args.regularization_weight,
+    )
     spec = DatasetSpec(
         folder=args.images, trigger=args.trigger, default_caption=args.default_caption,
         caption_dropout=args.caption_dropout, resolutions=tuple(args.resolution),
@@ -127,14 +135,6 @@ def run(args) -> int:
                                caption_dropout=0.0, resolutions=tuple(args.resolution))
         held_out.scan()
     resolved = resolve_model(args.model, args.text_encoder, args.vae, args.tokenizer)
-    config = TrainConfig(
-        output_name=args.name, training_steps=args.training_steps, target_repeats=args.target_repeats,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup_steps,
-        rank=args.rank, seed=args.seed, save_every=args.save_every, keep_last=args.keep_last,
-        gradient_checkpointing=args.gradient_checkpointing, base_8bit=args.base_8bit, compile_blocks=args.compile_blocks,
-        stop_on_collapse=args.stop_on_collapse, validation_every=args.validation_every, log_every=args.log_every,
-        regularization_weight=args.regularization_weight,
-    )
     console = _Console(to_stderr=args.json)  # with --json, stdout carries only the JSON summary
     with _Signals() as signals:
         callbacks = TrainCallbacks(on_step=console.progress, should_stop=lambda: signals.stop, log=console.log)
