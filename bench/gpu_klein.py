@@ -8,7 +8,7 @@ and memory do not depend on the values). Batch 1, the trainer's own loss and gra
 (``training.accumulate_gradients``) and fused AdamW on CUDA. For each variant x resolution it reports:
 
 * s/training step (warm-up excluded, device synchronised), achieved TFLOP/s and MFU against the exact FLOP count of
-  ``klein_core.estimate`` (MFU counts model FLOPs, without the recompute of checkpointing; HFU counts it too);
+  ``klein_core.train.estimate`` (MFU counts model FLOPs, without the recompute of checkpointing; HFU counts it too);
 * peak VRAM (allocated and reserved; the CUDA context, ~0.5 GiB, comes on top) in each mode: ``no_gc``, ``gc``
   (per-block gradient checkpointing), ``compiled`` (each block through ``torch.compile``, CUDA only) and
   ``8bit_<backend>_gc`` (an int8 base with checkpointing, per installed backend: torchao / optimum-quanto;
@@ -36,12 +36,12 @@ from _common import REPO_ROOT, device_info, random_transformer, time_call, today
 
 import torch
 
-from klein_core import estimate as est
-from klein_core import lora as lora_io
-from klein_core.lowvram import BACKENDS, backend_available, quantize_base_8bit
-from klein_core.sampling import denoise_base
-from klein_core.tiny import TINY_TRANSFORMER_CONFIG
-from klein_core.training import MicroBatch, accumulate_gradients
+from klein_core.train import estimate as est
+from klein_core.model import lora as lora_io
+from klein_core.model.lowvram import BACKENDS, backend_available, quantize_base_8bit
+from klein_core.preview.sampling import denoise_base
+from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
+from klein_core.train.loop import MicroBatch, accumulate_gradients
 
 RESULTS_MD = REPO_ROOT / "bench" / "RESULTS.md"
 BEGIN, END = "<!-- gpu_klein:begin -->", "<!-- gpu_klein:end -->"
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "results": results,
         "goals": goals(results, args.device_name),
-        "note": "MFU counts model FLOPs (no checkpointing recompute) against the peak in klein_core.estimate.PEAK_TFLOPS",
+        "note": "MFU counts model FLOPs (no checkpointing recompute) against the peak in klein_core.train.estimate.PEAK_TFLOPS",
     }
     if args.write_results:
         write_results(report, args.results_md)

@@ -2,8 +2,8 @@
 
     python bench/run.py [--json] [--quick] [--threads N]
 
-Everything runs the real code (``klein_core.training.train``, ``sampling.denoise_base``, ``lora.LoraPatcher``) on
-the tiny Klein (``klein_core.tiny``: 2 double + 2 single blocks, hidden 128, the real 512 text tokens) with the
+Everything runs the real code (``klein_core.train.loop.train``, ``sampling.denoise_base``, ``lora.LoraPatcher``) on
+the tiny Klein (``klein_core.tools.tiny``: 2 double + 2 single blocks, hidden 128, the real 512 text tokens) with the
 generated sample dataset at 64 px. At 64 px a training step is ~0.2-0.3 s of real compute (528 tokens through 4
 blocks), so Python overhead does not dominate. The RSS measure uses a larger model (text encoder 22 M parameters =
 88 MB fp32, transformer 26 M = 103 MB), so the two phases are of comparable size, as in Klein (16 GB encoder, 17 GB
@@ -51,12 +51,12 @@ from _common import REPO_ROOT, today, versions
 
 import torch
 
-from klein_core import lora as lora_io
-from klein_core import training
-from klein_core.dataset import DatasetSpec
-from klein_core.loading import load_transformer, resolve_model
-from klein_core.sampling import denoise_base
-from klein_core.training import TrainCallbacks, TrainConfig, flow_matching_loss
+from klein_core.model import lora as lora_io
+from klein_core.train import loop as training
+from klein_core.data.scan import DatasetSpec
+from klein_core.model.loading import load_transformer, resolve_model
+from klein_core.preview.sampling import denoise_base
+from klein_core.train.loop import TrainCallbacks, TrainConfig, flow_matching_loss
 
 RESOLUTION = 64
 RANK = 16
@@ -88,7 +88,7 @@ def check(name: str, value: float) -> dict:
 
 
 class Probe:
-    """Wraps functions of ``klein_core.training`` for one run: counts text-encoder use, times the encode phase,
+    """Wraps functions of ``klein_core.train.loop`` for one run: counts text-encoder use, times the encode phase,
     records the micro-batches of each training step. Restores the originals on exit."""
 
     def __init__(self) -> None:
@@ -252,7 +252,7 @@ def make_rss_model(folder: Path) -> Path:
     from transformers import Qwen3Config, Qwen3ForCausalLM
     from diffusers import Flux2Transformer2DModel
 
-    from klein_core import tiny
+    from klein_core.tools import tiny
 
     components = list(tiny.build_tiny_components(seed=0))
     torch.manual_seed(0)
@@ -292,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict = {}
     with tempfile.TemporaryDirectory(prefix="klein-bench-") as tmp:
         work = Path(tmp)
-        from klein_core.sample_data import make_sample_dataset
-        from klein_core.tiny import make_tiny
+        from klein_core.tools.sample_data import make_sample_dataset
+        from klein_core.tools.tiny import make_tiny
 
         model = make_tiny(work / "tiny", fmt="diffusers").diffusers
         dataset = work / "dataset"
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": today(),
         "machine": {"cpu_cores": os.cpu_count(), "torch_threads": args.threads},
         "versions": versions(),
-        "model": f"tiny Klein (klein_core.tiny), {RESOLUTION} px, rank {RANK}, sample dataset of 6 images",
+        "model": f"tiny Klein (klein_core.tools.tiny), {RESOLUTION} px, rank {RANK}, sample dataset of 6 images",
         "quick": args.quick,
         "ratios": ratios,
         "figures": figures,

@@ -1,14 +1,14 @@
 """KleinRepeatsCalculator: turns a target dose (repeats per image) into training steps, inside ComfyUI.
 
-The arithmetic lives in ``klein_core.planner`` (one source of truth with the CLI); this node only exposes it.
+The arithmetic lives in ``klein_core.train.planner`` (one source of truth with the CLI); this node only exposes it.
 """
 
 from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..klein_core.estimate import VARIANTS, Mode, detect_gpu_memory, detect_gpu_name, estimate, recommend_mode
-from ..klein_core.planner import plan
+from ..klein_core.train.estimate import VARIANTS, Mode, detect_gpu_memory, detect_gpu_name, estimate, recommend_mode
+from ..klein_core.train.planner import plan
 from ..klein_core.preset import PRESET
 
 FORMULA = "repeats_per_image = S*B*G/N; S = ceil(N*R/(B*G))"

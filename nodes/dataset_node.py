@@ -3,7 +3,7 @@
 Only cheap, model-free work happens here: the folder is scanned (every image decoded once, nothing written) so a
 bad file is reported on this node, before the trainer loads any model. Latents and text embeddings are computed
 and cached later by the trainer. The rules (captions, trigger policy, buckets, alpha) live in
-``klein_core.dataset`` and are quoted in the tooltips.
+``klein_core.data.scan`` and are quoted in the tooltips.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..klein_core.dataset import (
+from ..klein_core.data.scan import (
     DROPOUT_CAPTIONS,
     TRIGGER_POLICIES,
     DatasetSpec,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import folder_paths
 
-from ..klein_core.loading import ResolvedModel, find_tokenizer, resolve_model
+from ..klein_core.model.loading import ResolvedModel, find_tokenizer, resolve_model
 
 NONE = "(none)"  # Combo entry: no file chosen (also keeps the lists non-empty)
 

@@ -2,7 +2,7 @@
 
 Two sources: the trainer's in-memory ``KLEIN_LORA_RUN`` (its transformer, VAE and cached prompt embeddings: no
 second model load), or model files plus an optional LoRA from ComfyUI's model folders. The sampling, the grid and
-the exact weight restore live in ``klein_core.preview``; this node only gathers inputs and reports progress.
+the exact weight restore live in ``klein_core.preview.grid``; this node only gathers inputs and reports progress.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..klein_core.preset import PRESET
-from ..klein_core.preview import (
+from ..klein_core.preview.grid import (
     DEFAULT_STRENGTH_SWEEP,
     PreviewSettings,
     checkpoint_from_file,
@@ -31,8 +31,8 @@ from ..klein_core.preview import (
     split_prompts,
     substitute_prompts,
 )
-from ..klein_core.latents import LATENT_MULTIPLE
-from ..klein_core.sampling import PreviewError, check_size
+from ..klein_core.model.latents import LATENT_MULTIPLE
+from ..klein_core.preview.sampling import PreviewError, check_size
 from . import memory
 from .model_inputs import NONE, choices, full_path, resolve_choice
 from .types import KleinLoraRun

@@ -1,7 +1,7 @@
 """KleinLoRATrainer: trains a Klein Base LoRA inside ComfyUI with the same loop as ``klein-lora train``.
 
 The node gathers inputs, reports progress (ComfyUI's bar plus ``klein.training`` events for the live chart) and
-hands the in-memory run to the preview node. Training itself is ``klein_core.training.train``.
+hands the in-memory run to the preview node. Training itself is ``klein_core.train.loop.train``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..klein_core.cache import default_cache_dir
-from ..klein_core.dataset import REGULARIZATION_CAPTION
+from ..klein_core.data.cache import default_cache_dir
+from ..klein_core.data.scan import REGULARIZATION_CAPTION
 from ..klein_core.preset import PRESET
-from ..klein_core.training import TrainCallbacks, TrainConfig, regularization_summary, train
+from ..klein_core.train.loop import TrainCallbacks, TrainConfig, regularization_summary, train
 from . import memory
 from .model_inputs import NONE, choices, diffusers_choices, resolve_choice
 from .types import KleinDataset, KleinLoraRun

@@ -421,8 +421,8 @@ def place_tiny_klein(server: ComfyServer) -> ComfyAssets:
     into the server's models/ tree and write 4 sample images of 96 px into input/<ASSET_DATASET>/."""
     from conftest import tiny_model_dir  # the cached tiny model build
 
-    from klein_core.sample_data import make_sample_dataset
-    from klein_core.tiny import COMFY_FILES
+    from klein_core.tools.sample_data import make_sample_dataset
+    from klein_core.tools.tiny import COMFY_FILES
 
     source = tiny_model_dir() / "comfyui"
     for kind in ("diffusion_models", "text_encoders", "vae"):

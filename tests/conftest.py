@@ -20,11 +20,11 @@ def cache_root() -> Path:
 
 
 def _tiny_key(seed: int, distilled: bool) -> str:
-    import klein_core.keymap
-    import klein_core.tiny
+    import klein_core.model.keymap
+    import klein_core.tools.tiny
 
     h = hashlib.sha256()
-    for module in (klein_core.tiny, klein_core.keymap):
+    for module in (klein_core.tools.tiny, klein_core.model.keymap):
         h.update(Path(module.__file__).read_bytes())
     h.update(f"{seed}-{distilled}".encode())
     return h.hexdigest()[:12]
@@ -33,7 +33,7 @@ def _tiny_key(seed: int, distilled: bool) -> str:
 def tiny_model_dir(seed: int = 0, distilled: bool = False) -> Path:
     """Build (once per source version) a tiny Klein in both formats and return its folder."""
     from klein_core.atomic import atomic_write_bytes
-    from klein_core.tiny import make_tiny
+    from klein_core.tools.tiny import make_tiny
 
     folder = cache_root() / "tiny" / _tiny_key(seed, distilled)
     if not (folder / "complete").exists():
@@ -54,7 +54,7 @@ def tiny_diffusers(tiny_model) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_comfy_files(tiny_model) -> dict[str, Path]:
-    from klein_core.tiny import COMFY_FILES
+    from klein_core.tools.tiny import COMFY_FILES
 
     root = tiny_model / "comfyui"
     return {name: root / rel for name, rel in COMFY_FILES.items() if (root / rel).exists()}
@@ -89,7 +89,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def sample_dataset(tmp_path_factory) -> Path:
     """Six small images of the procedurally drawn character, with captions (generated, never committed)."""
-    from klein_core.sample_data import make_sample_dataset
+    from klein_core.tools.sample_data import make_sample_dataset
 
     folder = tmp_path_factory.mktemp("sample_dataset")
     make_sample_dataset(folder, count=6, seed=0, size=96)
@@ -98,7 +98,7 @@ def sample_dataset(tmp_path_factory) -> Path:
 
 def quick_config(**changes):
     """A few training steps at 64 px on the tiny model: the full code path in seconds."""
-    from klein_core.training import TrainConfig
+    from klein_core.train.loop import TrainConfig
 
     base = dict(training_steps=4, learning_rate=1e-3, rank=4, save_every=2, seed=0)
     base.update(changes)
@@ -106,7 +106,7 @@ def quick_config(**changes):
 
 
 def quick_spec(folder, **changes):
-    from klein_core.dataset import DatasetSpec
+    from klein_core.data.scan import DatasetSpec
 
     return DatasetSpec(folder=str(folder), trigger="kleinchar", resolutions=(64,), **changes)
 

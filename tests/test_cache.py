@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from klein_core.atomic import PARTIAL_SUFFIX
-from klein_core.cache import (
+from klein_core.data.cache import (
     CACHE_ENV_VAR,
     CacheError,
     EmbeddingCache,
@@ -22,8 +22,8 @@ from klein_core.cache import (
     latent_requests,
     prompts_to_cache,
 )
-from klein_core.dataset import Bucket, DatasetSpec, scan_dataset
-from klein_core.sample_data import make_sample_dataset
+from klein_core.data.scan import Bucket, DatasetSpec, scan_dataset
+from klein_core.tools.sample_data import make_sample_dataset
 
 TRIGGER = "kleinchar"
 MODEL = "tiny-klein:weights=abc123:te-layers=9,18,27"

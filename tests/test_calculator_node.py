@@ -22,7 +22,7 @@ def calculator():
 def pack_core():
     """The pack's own copy of klein_core (imported relatively, as inside ComfyUI)."""
     require_comfy_api()
-    return import_pack_module("klein_core.planner"), import_pack_module("klein_core.preset").PRESET
+    return import_pack_module("klein_core.train.planner"), import_pack_module("klein_core.preset").PRESET
 
 
 def test_seed_example_with_grad_accum_4_plans_1375_training_steps(calculator):

@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import load_file
 
 from comfy_harness import REPO_ROOT, TESTS_DIR
-from klein_core.keymap import diffusers_to_bfl_transformer
-from klein_core.lora import FILE_PREFIX, read_lora_file, save_lora, target_module_names
-from klein_core.tiny import COMFY_FILES, TINY_TRANSFORMER_CONFIG
+from klein_core.model.keymap import diffusers_to_bfl_transformer
+from klein_core.model.lora import FILE_PREFIX, read_lora_file, save_lora, target_module_names
+from klein_core.tools.tiny import COMFY_FILES, TINY_TRANSFORMER_CONFIG
 
 # ComfyUI's Flux2 rule for diffusers-named LoRA keys: "transformer.<module>" -> (BFL weight, slice index in thirds of
 # the fused qkv or None for the whole weight). Derived by reading comfy/utils.py flux_to_diffusers (0.33.0).
@@ -131,7 +131,7 @@ def test_comfyui_stock_lora_loader_loads_every_key_and_patches_exactly_our_delta
     if not runs_klein(comfy_env.tree):
         pytest.skip(f"ComfyUI {comfy_env.version} ({comfy_env.tree}) predates Klein: no Flux2 diffusers LoRA names "
                     "(ComfyUI PR #11981, early 2026). Set COMFYUI_DIR to a current ComfyUI tree (0.33.0 verified).")
-    from klein_core.loading import load_transformer, resolve_model
+    from klein_core.model.loading import load_transformer, resolve_model
 
     transformer = load_transformer(resolve_model(tiny_model / "diffusers"))
     weights = random_lora(transformer, seed=7)

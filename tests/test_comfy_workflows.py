@@ -147,8 +147,8 @@ def test_train_then_preview_workflow_trains_publishes_the_lora_and_renders_the_g
 
 
 def test_preview_existing_lora_workflow_renders_a_lora_file_from_the_loras_folder(comfy_assets):
-    from klein_core.lora import save_lora, target_module_names
-    from klein_core.tiny import TINY_TRANSFORMER_CONFIG
+    from klein_core.model.lora import save_lora, target_module_names
+    from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
 
     from diffusers import Flux2Transformer2DModel
 
@@ -178,7 +178,7 @@ def test_preview_existing_lora_workflow_renders_a_lora_file_from_the_loras_folde
 
 
 def test_a_regularization_dataset_linked_to_the_trainer_mixes_in_apart_from_the_dose(comfy_assets):
-    from klein_core.sample_data import make_sample_dataset
+    from klein_core.tools.sample_data import make_sample_dataset
 
     server = comfy_assets.server
     class_images = server.input_dir / "klein_class_images"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from klein_core.dataset import (
+from klein_core.data.scan import (
     IMAGE_EXTENSIONS,
     Bucket,
     BucketBatchSampler,
@@ -158,7 +158,7 @@ def test_trigger_policy_append_and_keep(tmp_path: Path):
 
 
 def test_a_regularization_set_keeps_class_captions_and_refuses_any_that_carry_the_trigger(tmp_path: Path):
-    from klein_core.dataset import DatasetSpec
+    from klein_core.data.scan import DatasetSpec
 
     save_image(tmp_path / "a.png")
     save_image(tmp_path / "b.png", color=(20, 90, 160))

@@ -23,7 +23,7 @@ def node():
 @pytest.fixture(scope="module")
 def core():
     require_comfy_api()
-    return import_pack_module("klein_core.dataset"), import_pack_module("klein_core.sample_data")
+    return import_pack_module("klein_core.data.scan"), import_pack_module("klein_core.tools.sample_data")
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def input_dir(tmp_path: Path, node):
     import folder_paths
 
     root = tmp_path / "input"
-    import_pack_module("klein_core.sample_data").make_sample_dataset(root / "kleinchar", count=4, size=256)
+    import_pack_module("klein_core.tools.sample_data").make_sample_dataset(root / "kleinchar", count=4, size=256)
     (root / "unrelated").mkdir()
     before = folder_paths.get_input_directory()
     folder_paths.set_input_directory(str(root))
@@ -77,7 +77,7 @@ def test_execute_scans_the_chosen_input_subfolder(node, core, input_dir):
 
 def test_a_path_overrides_the_list(node, input_dir, tmp_path: Path):
     other = tmp_path / "elsewhere"
-    import_pack_module("klein_core.sample_data").make_sample_dataset(other, count=3, size=256)
+    import_pack_module("klein_core.tools.sample_data").make_sample_dataset(other, count=3, size=256)
     spec, count, _ = node.KleinCaptionDataset.execute(**widgets(folder=node.USE_PATH, path=str(other))).result
     assert Path(spec.folder) == other and count == 3
 

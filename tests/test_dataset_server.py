@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from klein_core.sample_data import make_sample_dataset
+from klein_core.tools.sample_data import make_sample_dataset
 
 pytestmark = pytest.mark.comfy_server
 

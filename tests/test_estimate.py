@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from klein_core import estimate as estimate_module
+from klein_core.train import estimate as estimate_module
 from klein_core.cli import main
 from klein_core.errors import PlanError
-from klein_core.estimate import (
+from klein_core.train.estimate import (
     KLEIN_4B,
     KLEIN_9B,
     Mode,
@@ -22,7 +22,7 @@ from klein_core.estimate import (
     peak_tflops,
     recommend_mode,
 )
-from klein_core.tiny import TINY_TRANSFORMER_CONFIG
+from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
 
 GC = Mode(gradient_checkpointing=True)
 
@@ -47,7 +47,7 @@ def test_parameter_counts_match_the_real_diffusers_modules(shape):
 
 
 def test_lora_parameter_count_matches_the_adapter_the_trainer_injects():
-    from klein_core.lora import add_lora
+    from klein_core.model.lora import add_lora
 
     model = meta_transformer(KLEIN_4B)
     with torch.device("meta"):
@@ -221,8 +221,8 @@ def test_a_config_dict_of_a_known_size_is_named_after_it():
 def test_trainer_shows_the_estimate_before_the_first_training_step(tiny_diffusers, sample_dataset, tmp_path, training_cache):
     from conftest import quick_config, quick_spec
 
-    from klein_core.loading import resolve_model
-    from klein_core.training import TrainCallbacks, train
+    from klein_core.model.loading import resolve_model
+    from klein_core.train.loop import TrainCallbacks, train
 
     events: list[str] = []
     callbacks = TrainCallbacks(log=events.append, on_step=lambda info: events.append(f"step {info['training_step']}"))

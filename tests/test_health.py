@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from klein_core.health import (
+from klein_core.health.collapse import (
     LIKENESS_DROP,
     PREVIEW_BLOWOUT,
     TRAINING_LOSS_NON_FINITE,

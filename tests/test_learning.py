@@ -1,7 +1,7 @@
 """End-to-end proof that training teaches the LoRA the training images: train on the sample dataset, preview with the
 trigger prompt, and the LoRA's previews are clearly closer to the training images than the no-LoRA control.
 
-The metric (``klein_core.demo.nearest_training_distance``): for each preview, the RMS distance per latent element
+The metric (``klein_core.tools.demo.nearest_training_distance``): for each preview, the RMS distance per latent element
 from its final denoised latent (``sampling.denoise_base``: normalised, patchified, what the VAE decodes) to the
 NEAREST training image, encoded at the preview size (centre-cropped to the square) with the same VAE. The tiny
 model's VAE is random, so pixels would say nothing; its latent space is where the training images live. Normalised
@@ -28,12 +28,12 @@ import pytest
 import torch
 from conftest import quick_config, quick_spec
 
-from klein_core import lora as lora_io
-from klein_core.demo import dataset_images, nearest_training_distance, training_reference_latents
-from klein_core.loading import load_transformer, resolve_model
-from klein_core.lora import LoraPatcher
-from klein_core.sampling import denoise_base
-from klein_core.training import TrainCallbacks, train
+from klein_core.model import lora as lora_io
+from klein_core.tools.demo import dataset_images, nearest_training_distance, training_reference_latents
+from klein_core.model.loading import load_transformer, resolve_model
+from klein_core.model.lora import LoraPatcher
+from klein_core.preview.sampling import denoise_base
+from klein_core.train.loop import TrainCallbacks, train
 
 SIZE = 64  # preview = training resolution
 PROMPT = "photo of [trigger]"

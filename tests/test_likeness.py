@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from klein_core.likeness import (
+from klein_core.health.likeness import (
     FACE_LABEL,
     GENERIC_LABEL,
     FaceLikeness,
@@ -168,7 +168,7 @@ def test_choose_backend_uses_faces_when_the_training_images_show_one():
 
 
 def test_without_the_extra_choose_backend_says_how_to_install_it(monkeypatch):
-    import klein_core.likeness as likeness
+    import klein_core.health.likeness as likeness
 
     monkeypatch.setattr(likeness, "face_backend_available", lambda: (False, "dlib is not installed: pip install x"))
     backend = likeness.choose_backend([astronaut()])

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from klein_core import lora as lora_io
-from klein_core import lowvram
+from klein_core.model import lora as lora_io
+from klein_core.model import lowvram
 from klein_core.errors import ModelError
-from klein_core.tiny import TINY_TRANSFORMER_CONFIG
-from klein_core.training import MicroBatch, accumulate_gradients
+from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
+from klein_core.train.loop import MicroBatch, accumulate_gradients
 
 INSTALLED = lowvram.available_backends()
 needs_backend = pytest.mark.skipif(not INSTALLED, reason="no 8-bit backend installed (pip install 'klein-lora-trainer[lowvram]')")
@@ -50,8 +50,8 @@ def test_asking_for_a_missing_backend_fails_with_the_install_command(monkeypatch
 def test_training_with_a_missing_backend_fails_before_any_model_loads(monkeypatch, tiny_diffusers, sample_dataset, tmp_path):
     from conftest import quick_config, quick_spec
 
-    from klein_core import training
-    from klein_core.loading import resolve_model
+    from klein_core.train import loop as training
+    from klein_core.model.loading import resolve_model
 
     monkeypatch.setattr(lowvram, "backend_available", lambda _backend: False)
     monkeypatch.setattr(training, "load_transformer", lambda *a, **k: pytest.fail("the transformer was loaded"))
@@ -113,8 +113,8 @@ def test_preview_patch_on_an_8bit_base_applies_the_lora_and_restores_exactly(bac
 def test_the_trainer_runs_with_an_8bit_base(tiny_diffusers, sample_dataset, tmp_path, training_cache):
     from conftest import quick_config, quick_spec
 
-    from klein_core.loading import resolve_model
-    from klein_core.training import TrainCallbacks, train
+    from klein_core.model.loading import resolve_model
+    from klein_core.train.loop import TrainCallbacks, train
 
     logs: list[str] = []
     result = train(resolve_model(tiny_diffusers), quick_spec(sample_dataset), quick_config(training_steps=2, save_every=0, base_8bit=True),

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from klein_core.errors import ModelError
-from klein_core.keymap import bfl_to_diffusers_transformer, diffusers_to_bfl_transformer, ldm_to_diffusers_vae
-from klein_core.loading import (
+from klein_core.model.keymap import bfl_to_diffusers_transformer, diffusers_to_bfl_transformer, ldm_to_diffusers_vae
+from klein_core.model.loading import (
     TEXT_ENCODER_LAYERS,
     load_text_encoder,
     load_transformer,
     load_vae,
     resolve_model,
 )
-from klein_core.tiny import build_tiny_components
+from klein_core.tools.tiny import build_tiny_components
 
 
 def comfy(files):
@@ -91,7 +91,7 @@ def test_comfy_vae_file_converts_like_diffusers_ldm_converter(tiny_comfy_files):
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     from safetensors.torch import load_file
 
-    from klein_core.tiny import TINY_VAE_CONFIG
+    from klein_core.tools.tiny import TINY_VAE_CONFIG
 
     ldm = load_file(tiny_comfy_files["vae"])
     assert "bn.running_mean" in ldm and "encoder.down.0.block.0.conv1.weight" in ldm
@@ -235,7 +235,7 @@ def test_missing_tokenizer_says_where_to_put_it(tiny_comfy_files, tmp_path):
 
 
 def test_known_sizes_are_detected_from_shapes_on_the_meta_device():
-    from klein_core.loading import variant_from_bfl_shapes
+    from klein_core.model.loading import variant_from_bfl_shapes
 
     for hidden, doubles, singles, joint, name in ((4096, 8, 24, 12288, "9B"), (3072, 5, 20, 7680, "4B")):
         shapes = {"img_in.weight": (hidden, 128), "txt_in.weight": (hidden, joint),

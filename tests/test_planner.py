@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from klein_core.errors import PlanError
-from klein_core.planner import band, plan, repeats_per_image_for, training_steps_for
+from klein_core.train.planner import band, plan, repeats_per_image_for, training_steps_for
 
 
 def test_seed_example_55_images_100_repeats_grad_accum_1_gives_5500_steps():

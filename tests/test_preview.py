@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from klein_core.cli import main
-from klein_core.loading import load_text_encoder, load_transformer, load_vae, resolve_model
-from klein_core.lora import LoraWeights, save_lora, target_module_names
-from klein_core.preview import (
+from klein_core.model.loading import load_text_encoder, load_transformer, load_vae, resolve_model
+from klein_core.model.lora import LoraWeights, save_lora, target_module_names
+from klein_core.preview.grid import (
     CONTROL,
     PreviewCheckpoint,
     PreviewSettings,
@@ -27,8 +27,8 @@ from klein_core.preview import (
     render_preview_grid,
     select_checkpoints,
 )
-from klein_core.sampling import PreviewError, SamplingInterrupted, sample_base
-from klein_core.text import encode_prompts
+from klein_core.preview.sampling import PreviewError, SamplingInterrupted, sample_base
+from klein_core.model.text import encode_prompts
 
 SIZE = 32
 SETTINGS = PreviewSettings(width=SIZE, height=SIZE, sample_steps=1, cfg=4.0, seed=7)  # tiny and fast; 50 in real use
@@ -179,7 +179,7 @@ def test_labels_are_drawn_above_each_cell(model):
 
 # --- the trainer's in-memory run -------------------------------------------------------------------------------------
 def test_preview_of_an_in_memory_run_uses_its_cached_embeddings_and_training_resolution(model, tmp_path):
-    from klein_core.health import TrainingHistory
+    from klein_core.health.collapse import TrainingHistory
 
     history = TrainingHistory()
     for step in range(1, 41):

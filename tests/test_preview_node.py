@@ -26,10 +26,10 @@ def pack():
     args.cpu = True  # as the server is started (--cpu); comfy.model_management picks its device at import
     return SimpleNamespace(
         node=import_pack_module("nodes.preview_node").KleinBasePreviewSampler,
-        loading=import_pack_module("klein_core.loading"),
-        lora=import_pack_module("klein_core.lora"),
-        text=import_pack_module("klein_core.text"),
-        health=import_pack_module("klein_core.health"),
+        loading=import_pack_module("klein_core.model.loading"),
+        lora=import_pack_module("klein_core.model.lora"),
+        text=import_pack_module("klein_core.model.text"),
+        health=import_pack_module("klein_core.health.collapse"),
     )
 
 

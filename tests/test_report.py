@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from klein_core.health import (
+from klein_core.health.collapse import (
     TrainingHistory,
     collapse_advice,
     detect_collapse,
     pick_best_checkpoint,
 )
-from klein_core.report import (
+from klein_core.health.report import (
     BEST_COLOUR,
     COLLAPSE_COLOUR,
     HELD_OUT_COLOUR,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from klein_core.dataset import scan_dataset
+from klein_core.data.scan import scan_dataset
 from klein_core.errors import DatasetError
-from klein_core.sample_data import BODY_BLUE, HAT_RED, SCARF_YELLOW, make_sample_dataset
+from klein_core.tools.sample_data import BODY_BLUE, HAT_RED, SCARF_YELLOW, make_sample_dataset
 
 
 def file_hashes(folder: Path) -> dict[str, str]:

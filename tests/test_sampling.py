@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from klein_core.preset import PRESET
-from klein_core.sampling import (
+from klein_core.preview.sampling import (
     SamplingInterrupted,
     PreviewError,
     base_sigmas,
@@ -20,7 +20,7 @@ from klein_core.sampling import (
     sample_warnings,
     vae_latents,
 )
-from klein_core.text import encode_prompts
+from klein_core.model.text import encode_prompts
 
 WIDTH, HEIGHT = 64, 48  # not square, so width and height cannot be swapped unnoticed
 SAMPLE_STEPS = 4

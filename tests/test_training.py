@@ -11,10 +11,10 @@ import torch
 from dataclasses import replace
 from conftest import quick_config, quick_spec
 
-from klein_core import lora as lora_io
+from klein_core.model import lora as lora_io
 from klein_core.errors import ResumeError
-from klein_core.loading import load_transformer, resolve_model
-from klein_core.training import (
+from klein_core.model.loading import load_transformer, resolve_model
+from klein_core.train.loop import (
     MicroBatch,
     NonFiniteLoss,
     TrainCallbacks,
@@ -47,7 +47,7 @@ def state_equal(a: dict, b: dict, atol=0.0) -> bool:
 def test_lora_targets_every_attention_projection_of_every_block(variant, doubles, singles, expected):
     from diffusers import Flux2Transformer2DModel
 
-    from klein_core.tiny import TINY_TRANSFORMER_CONFIG
+    from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
 
     config = dict(TINY_TRANSFORMER_CONFIG, num_layers=doubles, num_single_layers=singles)
     if variant != "tiny":
@@ -97,7 +97,7 @@ def test_a_fresh_adapter_is_a_no_op_and_removing_a_trained_one_restores_the_base
 ])
 def test_an_impossible_training_setting_is_refused_by_name(setting, value, message):
     from klein_core.errors import ConfigError
-    from klein_core.training import TrainConfig
+    from klein_core.train.loop import TrainConfig
 
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**{setting: value})
@@ -325,7 +325,7 @@ def test_a_stop_after_an_unread_non_finite_loss_saves_nothing(tiny_diffusers, sa
 
 # --- memory and data hygiene ---------------------------------------------------------------------------------------------
 def test_second_run_on_an_unchanged_dataset_never_loads_the_text_encoder(tiny_diffusers, sample_dataset, tmp_path, monkeypatch):
-    import klein_core.training as training
+    import klein_core.train.loop as training
 
     loads = {"n": 0}
     real = training.load_text_encoder
@@ -346,7 +346,7 @@ def test_text_encoder_is_released_before_training(tiny_diffusers, sample_dataset
     import gc
     import weakref
 
-    import klein_core.training as training
+    import klein_core.train.loop as training
 
     refs = []
     real = training.load_text_encoder

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import quick_config, quick_spec
 
-from klein_core import lora as lora_io
-from klein_core.loading import resolve_model
-from klein_core.training import NonFiniteLoss, TrainCallbacks, train
+from klein_core.model import lora as lora_io
+from klein_core.model.loading import resolve_model
+from klein_core.train.loop import NonFiniteLoss, TrainCallbacks, train
 
 quiet = TrainCallbacks(log=lambda _m: None)
 UNSTABLE_LR = 100.0  # the tiny model shrugs off LR 10 (Adam + QK norms) and diverges to NaN within ~10 steps at 100
@@ -98,8 +98,8 @@ def test_health_previews_give_likeness_and_preview_statistics_per_checkpoint(tin
 
 
 def test_regularization_set_mixes_in_at_its_weight_and_is_not_counted_in_the_dose(tiny_diffusers, sample_dataset, training_cache, tmp_path):
-    from klein_core.dataset import DatasetSpec
-    from klein_core.sample_data import make_sample_dataset
+    from klein_core.data.scan import DatasetSpec
+    from klein_core.tools.sample_data import make_sample_dataset
 
     reg_folder = tmp_path / "class_images"
     make_sample_dataset(reg_folder, count=3, seed=7, size=96)
@@ -124,8 +124,8 @@ def test_regularization_set_mixes_in_at_its_weight_and_is_not_counted_in_the_dos
 def test_held_out_images_get_their_validation_loss_at_every_checkpoint_and_are_never_trained_on(tiny_diffusers, sample_dataset, training_cache, tmp_path):
     import shutil
 
-    from klein_core.dataset import DatasetSpec
-    from klein_core.sample_data import make_sample_dataset
+    from klein_core.data.scan import DatasetSpec
+    from klein_core.tools.sample_data import make_sample_dataset
 
     held = tmp_path / "held_out"
     make_sample_dataset(held, count=2, seed=11, size=96)  # two more photos of "the person", never trained on
@@ -143,8 +143,8 @@ def test_held_out_images_get_their_validation_loss_at_every_checkpoint_and_are_n
 
 
 def test_a_regularization_set_whose_captions_carry_the_trigger_is_refused_before_any_model_loads(tiny_diffusers, sample_dataset, tmp_path, monkeypatch):
-    import klein_core.training as training
-    from klein_core.dataset import DatasetSpec
+    import klein_core.train.loop as training
+    from klein_core.data.scan import DatasetSpec
     from klein_core.errors import DatasetError
 
     monkeypatch.setattr(training, "load_text_encoder", lambda *a, **k: pytest.fail("a model was loaded"))
@@ -164,7 +164,7 @@ def test_cli_train_json_reports_best_checkpoint_and_collapse(tiny_diffusers, sam
 
     common = ["train", "--model", str(tiny_diffusers), "--images", str(sample_dataset), "--trigger", "kleinchar",
               "--resolution", "64", "--rank", "4", "--cache-dir", str(tmp_path / "cache"), "--json"]
-    from klein_core.sample_data import make_sample_dataset
+    from klein_core.tools.sample_data import make_sample_dataset
 
     make_sample_dataset(tmp_path / "held", count=1, seed=5, size=96)
     assert main([*common, "--out", str(tmp_path / "ok"), "--training-steps", "2", "--save-every", "1",

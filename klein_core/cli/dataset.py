@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..dataset import TRIGGER_POLICIES, inspect_dataset, parse_resolutions
+from ..data.scan import TRIGGER_POLICIES, inspect_dataset, parse_resolutions
 from ..preset import PRESET
 from ._common import print_json
 
@@ -76,7 +76,7 @@ def run_check(args) -> int:
 
 
 def run_make_sample(args) -> int:
-    from ..sample_data import make_sample_dataset
+    from ..tools.sample_data import make_sample_dataset
 
     paths = make_sample_dataset(Path(args.folder), count=args.count, seed=args.seed, size=args.size)
     print(f"wrote {len(paths)} images with captions to {Path(args.folder).expanduser()}")

@@ -6,7 +6,7 @@ import sys
 import time
 from functools import partial
 
-from ..demo import DemoScale, run_demo
+from ..tools.demo import DemoScale, run_demo
 from ._common import print_json, show_sample_progress
 from .train import progress_line
 

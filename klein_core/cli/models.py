@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..loading import resolve_model
-from ..tiny import make_tiny
+from ..model.loading import resolve_model
+from ..tools.tiny import make_tiny
 from ._common import add_model_args, print_json
 
 

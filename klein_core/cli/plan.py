@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import PlanError
-from ..estimate import VARIANTS, Mode, detect_gpu_memory, detect_gpu_name, estimate, recommend_mode
-from ..planner import plan
+from ..train.estimate import VARIANTS, Mode, detect_gpu_memory, detect_gpu_name, estimate, recommend_mode
+from ..train.planner import plan
 from ..preset import PRESET
 from ._common import print_json
 
@@ -18,7 +18,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=PRESET.batch_size, help="batch size B")
     p.add_argument("--grad-accum", type=int, default=PRESET.grad_accum, help="gradient accumulation G")
     p.add_argument("--training-steps", type=int, help="report the dose of these training steps S instead")
-    est = p.add_argument_group("estimate", "VRAM and time of the run (a prediction; see klein_core/estimate.py)")
+    est = p.add_argument_group("estimate", "VRAM and time of the run (a prediction; see klein_core/train/estimate.py)")
     est.add_argument("--variant", default="9B", type=str.upper, choices=sorted(VARIANTS), help="Klein Base size")
     est.add_argument("--resolution", type=int, default=PRESET.resolution, help="largest training resolution in px")
     est.add_argument("--rank", type=int, default=PRESET.rank, help="LoRA rank")
@@ -36,7 +36,7 @@ def count_images_arg(value: str) -> int:
     folder = Path(value)
     if not folder.is_dir():
         raise PlanError(f"--images must be a number or a dataset folder; {value!r} is neither")
-    from ..dataset import is_image_file
+    from ..data.scan import is_image_file
 
     return sum(1 for f in folder.iterdir() if f.is_file() and is_image_file(f))
 

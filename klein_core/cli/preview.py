@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..loading import resolve_model
+from ..model.loading import resolve_model
 from ..preset import PRESET
-from ..preview import PreviewSettings, checkpoint_from_file, load_for_preview, plan_rows, render_preview_grid, substitute_prompts
-from ..sampling import PreviewError, check_size
+from ..preview.grid import PreviewSettings, checkpoint_from_file, load_for_preview, plan_rows, render_preview_grid, substitute_prompts
+from ..preview.sampling import PreviewError, check_size
 from ._common import add_model_args, print_json, show_sample_progress
 
 

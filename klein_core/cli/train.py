@@ -8,10 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..dataset import REGULARIZATION_CAPTION, DatasetSpec
-from ..loading import resolve_model
+from ..data.scan import REGULARIZATION_CAPTION, DatasetSpec
+from ..model.loading import resolve_model
 from ..preset import PRESET
-from ..training import NonFiniteLoss, TrainCallbacks, TrainConfig, train
+from ..train.loop import NonFiniteLoss, TrainCallbacks, TrainConfig, train
 from ._common import add_model_args, print_json
 
 

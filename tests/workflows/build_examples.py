@@ -222,7 +222,7 @@ BUILD_JS = r"""
 def add_placeholders(server: ComfyServer) -> None:
     """Empty model files and a one-image dataset with the example's names, so the lists hold the example's values
     and the thumbnails show no "missing model" errors. Only the names matter; nothing is ever loaded."""
-    from klein_core.sample_data import make_sample_dataset
+    from klein_core.tools.sample_data import make_sample_dataset
 
     for kind, name in (("diffusion_models", MODEL_FILES["diffusion_model"]), ("text_encoders", MODEL_FILES["text_encoder"]),
                        ("vae", MODEL_FILES["vae"]), ("loras", "klein/my_character.safetensors")):

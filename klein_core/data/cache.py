@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from .atomic import atomic_save_safetensors
-from .dataset import Bucket, DatasetScan, DatasetSpec, ScanItem, bucket_pixels, substitute_trigger
-from .errors import KleinError
+from ..atomic import atomic_save_safetensors
+from .scan import Bucket, DatasetScan, DatasetSpec, ScanItem, bucket_pixels, substitute_trigger
+from ..errors import KleinError
 
 if TYPE_CHECKING:
     import torch

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .atomic import atomic_write, atomic_write_json
-from .lora import LoraPatcher, LoraWeights, read_lora_file
-from .preset import PRESET
+from ..atomic import atomic_write, atomic_write_json
+from ..model.lora import LoraPatcher, LoraWeights, read_lora_file
+from ..preset import PRESET
 from .sampling import PreviewError, check_size, sample_base, sample_warnings
-from .dataset import substitute_trigger
-from .health import TrainingHistory, diagnose_weak_lora
+from ..data.scan import substitute_trigger
+from ..health.collapse import TrainingHistory, diagnose_weak_lora
 
 CONTROL_STEP = 0  # the no-LoRA control row is labelled training step 0
 DEFAULT_STRENGTH_SWEEP = (0.6, 0.8, 1.0, 1.2)  # a suggestion for the UI and the docs; no sweep unless asked
@@ -407,8 +407,8 @@ def load_for_preview(resolved, prompts: Sequence[str], device: str | torch.devic
     """
     import gc
 
-    from .loading import load_text_encoder, load_transformer, load_vae
-    from .text import encode_prompts
+    from ..model.loading import load_text_encoder, load_transformer, load_vae
+    from ..model.text import encode_prompts
 
     device = str(device or preview_device())
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

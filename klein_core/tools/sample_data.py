@@ -17,9 +17,9 @@ from typing import Callable
 
 from PIL import Image, ImageDraw
 
-from .atomic import atomic_write_bytes
-from .errors import DatasetError
-from .preset import PRESET
+from ..atomic import atomic_write_bytes
+from ..errors import DatasetError
+from ..preset import PRESET
 
 SKIN = (241, 200, 160)
 HAT_RED = (205, 25, 35)

@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Hashable, Iterator, Literal, NamedTuple, Seque
 
 from PIL import Image, ImageOps
 
-from .errors import DatasetError
-from .preset import PRESET
+from ..errors import DatasetError
+from ..preset import PRESET
 
 if TYPE_CHECKING:  # torch is only needed for pixels_from_image; keep `dataset check` light
     import torch

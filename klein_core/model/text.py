@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .preset import PRESET
+from ..preset import PRESET
 
 MAX_TEXT_TOKENS = 512
 

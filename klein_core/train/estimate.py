@@ -48,8 +48,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from .errors import PlanError
-from .preset import PRESET
+from ..errors import PlanError
+from ..preset import PRESET
 
 GIB = 2**30
 TEXT_TOKENS = 512  # Klein's prompt length: the transformer sees all 512 tokens, unmasked

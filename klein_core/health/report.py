@@ -17,8 +17,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .atomic import atomic_write
-from .health import (
+from ..atomic import atomic_write
+from .collapse import (
     SIGNAL_DESCRIPTIONS,
     BestChoice,
     CollapseReport,

@@ -10,8 +10,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .atomic import atomic_write_bytes
-from .health import (
+from ..atomic import atomic_write_bytes
+from .collapse import (
     BestChoice,
     CollapseReport,
     TrainingHistory,
@@ -21,7 +21,7 @@ from .health import (
     preview_statistics,
 )
 from .likeness import LikenessBackend, choose_backend
-from .preset import PRESET
+from ..preset import PRESET
 from .report import render_training_report, save_training_report, verdict_text
 
 VALIDATION_SIGMAS = (0.2, 0.4, 0.6, 0.8)
@@ -33,7 +33,7 @@ REPORT_FILE = "report.png"
 def validation_loss(transformer, latents: Sequence[torch.Tensor], embeds: Sequence[torch.Tensor]) -> float:
     """Flow-matching loss of every image at fixed σ values with fixed noise: identical inputs at every
     evaluation, so the numbers are comparable across training steps (unlike the noisy training loss)."""
-    from .training import flow_matching_loss
+    from ..train.loop import flow_matching_loss
 
     was_training = transformer.training
     transformer.eval()

@@ -24,18 +24,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import lora as lora_io
-from .atomic import atomic_torch_save, atomic_write_json
-from .cache import EmbeddingCache, latent_requests, prompts_to_cache
-from .dataset import BucketBatchSampler, DatasetScan, DatasetSpec, fingerprint_parts, load_image_rgb, substitute_trigger
-from .errors import ConfigError, DatasetError, KleinError, ResumeError
-from .health import CheckpointRecord, CollapseReport, TrainingHistory, non_finite_loss_message
-from .latents import encode_images, image_ids, pack
-from .loading import ResolvedModel, load_text_encoder, load_transformer, load_vae
-from .monitor import HealthMonitor, HealthSummary, validation_loss
+from ..model import lora as lora_io
+from ..atomic import atomic_torch_save, atomic_write_json
+from ..data.cache import EmbeddingCache, latent_requests, prompts_to_cache
+from ..data.scan import BucketBatchSampler, DatasetScan, DatasetSpec, fingerprint_parts, load_image_rgb, substitute_trigger
+from ..errors import ConfigError, DatasetError, KleinError, ResumeError
+from ..health.collapse import CheckpointRecord, CollapseReport, TrainingHistory, non_finite_loss_message
+from ..model.latents import encode_images, image_ids, pack
+from ..model.loading import ResolvedModel, load_text_encoder, load_transformer, load_vae
+from ..health.monitor import HealthMonitor, HealthSummary, validation_loss
 from .planner import Plan, plan
-from .preset import PRESET
-from .text import encode_prompts, text_ids
+from ..preset import PRESET
+from ..model.text import encode_prompts, text_ids
 
 STATE_FILE = "training_state.pt"
 MANIFEST_FILE = "run.json"
@@ -360,7 +360,7 @@ def train(
         for warning in _held_out_overlap(scan, held_scan):
             log(f"warning: {warning}")
     if config.base_8bit:
-        from .lowvram import choose_backend
+        from ..model.lowvram import choose_backend
 
         choose_backend()  # a missing optional backend fails here, before any model loads
     config = replace(config, gradient_checkpointing=_estimate_memory_mode(resolved, spec, scan, config, device, log))
@@ -376,7 +376,7 @@ def train(
     transformer = load_transformer(resolved, dtype=_dtype(device), device="cpu" if config.base_8bit else device)
     transformer.requires_grad_(False)
     if config.base_8bit:
-        from .lowvram import quantize_base_8bit
+        from ..model.lowvram import quantize_base_8bit
 
         log(f"8-bit base: block weights quantised to int8 with {quantize_base_8bit(transformer, device)}")
     if config.gradient_checkpointing:
@@ -601,7 +601,7 @@ def _health_preview(transformer, vae, data: EncodedDataset, prompts: tuple[str, 
     """The first preview prompt rendered Base-correctly with the current adapter (for preview stats and likeness)."""
     if not prompts:
         return None
-    from .sampling import sample_base
+    from ..preview.sampling import sample_base
 
     size = spec.resolutions[0]
 

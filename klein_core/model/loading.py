@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelError
+from ..errors import ModelError
 from .keymap import COMFY_TRANSFORMER_PREFIX, bfl_to_diffusers_transformer, ldm_to_diffusers_vae, strip_prefix
 
 TEXT_ENCODER_LAYERS = (9, 18, 27)  # Klein's hidden-state layers; (10, 20, 30) is a FLUX.2-dev value (a known trap)

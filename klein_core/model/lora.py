@@ -15,8 +15,8 @@ from typing import Iterator
 
 import torch
 
-from .atomic import atomic_save_safetensors
-from .errors import LoraFormatError
+from ..atomic import atomic_save_safetensors
+from ..errors import LoraFormatError
 from .keymap import _DOUBLE_BLOCK, _DOUBLE_QKV, _SINGLE_BLOCK
 
 # The complete attention set of every block: image and text streams of the double blocks (q/k/v/out each), and the

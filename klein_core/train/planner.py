@@ -14,8 +14,8 @@ import numbers
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 
-from .errors import PlanError
-from .preset import PRESET
+from ..errors import PlanError
+from ..preset import PRESET
 
 UNDER_TRAINED, NORMAL_IDENTITY, HIGH_LIKENESS, OVER_TRAINING = (
     "under-trained",

@@ -36,7 +36,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .preset import PRESET
+from ..preset import PRESET
 
 VALIDATION_LOSS_RISING = "validation_loss_rising"
 TRAINING_LOSS_NON_FINITE = "training_loss_non_finite"

@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from .errors import ModelError
+from ..errors import ModelError
 
 BACKENDS = ("torchao", "quanto")
 INSTALL_HINT = "pip install 'klein-lora-trainer[lowvram]' (or: pip install torchao)"

@@ -22,10 +22,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .atomic import atomic_write_bytes
-from .dataset import DatasetSpec, fit_to_bucket, is_image_file, load_image_rgb, pixels_from_image
-from .latents import encode_images
-from .preset import PRESET
+from ..atomic import atomic_write_bytes
+from ..data.scan import DatasetSpec, fit_to_bucket, is_image_file, load_image_rgb, pixels_from_image
+from ..model.latents import encode_images
+from ..preset import PRESET
 
 TINY_FOLDER = "tiny-klein"
 DATASET_FOLDER = "sample-dataset"
@@ -97,7 +97,7 @@ class DemoScale:
 
     def changes(self) -> list[str]:
         """What differs from the starter preset, in words (printed by the demo)."""
-        from .health import format_learning_rate
+        from ..health.collapse import format_learning_rate
 
         return [
             f"{self.images} generated images (a real set has 20-60 photos)",
@@ -170,12 +170,12 @@ def run_demo(
     on_sample_step: Callable[[int, int], None] | None = None,
 ) -> DemoResult:
     """Run the demo into ``out_dir`` (created; the tiny model and the dataset are reused when already there)."""
-    from .loading import resolve_model
-    from .planner import plan
-    from .preview import PreviewSettings, preview_run
-    from .sampling import denoise_base
-    from .lora import LoraPatcher
-    from .training import MANIFEST_FILE, TrainCallbacks, TrainConfig, default_device, train
+    from ..model.loading import resolve_model
+    from ..train.planner import plan
+    from ..preview.grid import PreviewSettings, preview_run
+    from ..preview.sampling import denoise_base
+    from ..model.lora import LoraPatcher
+    from ..train.loop import MANIFEST_FILE, TrainCallbacks, TrainConfig, default_device, train
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)

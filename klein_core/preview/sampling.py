@@ -15,10 +15,10 @@ from typing import Callable
 
 import torch
 
-from .errors import KleinError
-from .latents import LATENT_MULTIPLE, decode_latents, image_ids, pack, unpack, unpatchify, denormalise
-from .preset import PRESET
-from .text import text_ids
+from ..errors import KleinError
+from ..model.latents import LATENT_MULTIPLE, decode_latents, image_ids, pack, unpack, unpatchify, denormalise
+from ..preset import PRESET
+from ..model.text import text_ids
 
 LATENT_CHANNELS = 128  # patchified: 32 VAE channels x 2x2
 NUM_TRAIN_TIMESTEPS = 1000  # the transformer multiplies the timestep by 1000 inside; the pipeline rounds through it

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_save_safetensors, atomic_write_json
-from .keymap import diffusers_to_bfl_transformer, diffusers_to_ldm_vae
+from ..atomic import atomic_save_safetensors, atomic_write_json
+from ..model.keymap import diffusers_to_bfl_transformer, diffusers_to_ldm_vae
 
 TINY_TRANSFORMER_CONFIG = dict(
     patch_size=1,
