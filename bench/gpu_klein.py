@@ -41,7 +41,7 @@ from klein_core.model import lora as lora_io
 from klein_core.model.lowvram import BACKENDS, backend_available, quantize_base_8bit
 from klein_core.preview.sampling import denoise_base
 from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
-from klein_core.train.loop import MicroBatch, accumulate_gradients
+from klein_core.train.objective import MicroBatch, accumulate_gradients
 
 RESULTS_MD = REPO_ROOT / "bench" / "RESULTS.md"
 BEGIN, END = "<!-- gpu_klein:begin -->", "<!-- gpu_klein:end -->"

@@ -56,7 +56,8 @@ from klein_core.train import loop as training
 from klein_core.data.scan import DatasetSpec
 from klein_core.model.loading import load_transformer, resolve_model
 from klein_core.preview.sampling import denoise_base
-from klein_core.train.loop import TrainCallbacks, TrainConfig, flow_matching_loss
+from klein_core.train.config import TrainCallbacks, TrainConfig
+from klein_core.train.objective import flow_matching_loss
 
 RESOLUTION = 64
 RANK = 16

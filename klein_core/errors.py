@@ -27,3 +27,18 @@ class ConfigError(KleinError):
 
 class ResumeError(KleinError):
     """A run folder cannot be resumed with the given dataset or config."""
+
+
+class TrainingInterrupted(KleinError):
+    """The user cancelled; the last completed training step was saved (the message says where)."""
+
+
+class NonFiniteLoss(KleinError):
+    """The loss went NaN/inf at ``training_step``; training stopped and the last good checkpoint was kept (``health``
+    has the verdict)."""
+
+    health: object = None  # the run's HealthSummary (collapse verdict, advice, best checkpoint) when known
+
+    def __init__(self, training_step: int) -> None:
+        super().__init__(f"the training loss became non-finite at training step {training_step}")
+        self.training_step = training_step

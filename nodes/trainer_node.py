@@ -17,7 +17,8 @@ from comfy_api.latest import io, ui
 from ..klein_core.data.cache import default_cache_dir
 from ..klein_core.data.scan import REGULARIZATION_CAPTION
 from ..klein_core.preset import PRESET
-from ..klein_core.train.loop import TrainCallbacks, TrainConfig, regularization_summary, train
+from ..klein_core.train.config import TrainCallbacks, TrainConfig
+from ..klein_core.train.loop import regularization_summary, train
 from . import memory
 from .model_inputs import NONE, choices, diffusers_choices, resolve_choice
 from .types import KleinDataset, KleinLoraRun

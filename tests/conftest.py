@@ -98,7 +98,7 @@ def sample_dataset(tmp_path_factory) -> Path:
 
 def quick_config(**changes):
     """A few training steps at 64 px on the tiny model: the full code path in seconds."""
-    from klein_core.train.loop import TrainConfig
+    from klein_core.train.config import TrainConfig
 
     base = dict(training_steps=4, learning_rate=1e-3, rank=4, save_every=2, seed=0)
     base.update(changes)

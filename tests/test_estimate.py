@@ -222,7 +222,8 @@ def test_trainer_shows_the_estimate_before_the_first_training_step(tiny_diffuser
     from conftest import quick_config, quick_spec
 
     from klein_core.model.loading import resolve_model
-    from klein_core.train.loop import TrainCallbacks, train
+    from klein_core.train.config import TrainCallbacks
+    from klein_core.train.loop import train
 
     events: list[str] = []
     callbacks = TrainCallbacks(log=events.append, on_step=lambda info: events.append(f"step {info['training_step']}"))

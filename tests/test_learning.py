@@ -33,7 +33,8 @@ from klein_core.tools.demo import dataset_images, nearest_training_distance, tra
 from klein_core.model.loading import load_transformer, resolve_model
 from klein_core.model.lora import LoraPatcher
 from klein_core.preview.sampling import denoise_base
-from klein_core.train.loop import TrainCallbacks, train
+from klein_core.train.config import TrainCallbacks
+from klein_core.train.loop import train
 
 SIZE = 64  # preview = training resolution
 PROMPT = "photo of [trigger]"

@@ -13,7 +13,7 @@ from klein_core.model import lora as lora_io
 from klein_core.model import lowvram
 from klein_core.errors import ModelError
 from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
-from klein_core.train.loop import MicroBatch, accumulate_gradients
+from klein_core.train.objective import MicroBatch, accumulate_gradients
 
 INSTALLED = lowvram.available_backends()
 needs_backend = pytest.mark.skipif(not INSTALLED, reason="no 8-bit backend installed (pip install 'klein-lora-trainer[lowvram]')")
@@ -114,7 +114,8 @@ def test_the_trainer_runs_with_an_8bit_base(tiny_diffusers, sample_dataset, tmp_
     from conftest import quick_config, quick_spec
 
     from klein_core.model.loading import resolve_model
-    from klein_core.train.loop import TrainCallbacks, train
+    from klein_core.train.config import TrainCallbacks
+    from klein_core.train.loop import train
 
     logs: list[str] = []
     result = train(resolve_model(tiny_diffusers), quick_spec(sample_dataset), quick_config(training_steps=2, save_every=0, base_8bit=True),

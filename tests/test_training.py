@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 
@@ -14,15 +13,10 @@ from conftest import quick_config, quick_spec
 from klein_core.model import lora as lora_io
 from klein_core.errors import ResumeError
 from klein_core.model.loading import load_transformer, resolve_model
-from klein_core.train.loop import (
-    MicroBatch,
-    NonFiniteLoss,
-    TrainCallbacks,
-    TrainingInterrupted,
-    accumulate_gradients,
-    checkpoint_name,
-    train,
-)
+from klein_core.errors import NonFiniteLoss, TrainingInterrupted
+from klein_core.train.config import TrainCallbacks
+from klein_core.train.loop import checkpoint_name, train
+from klein_core.train.objective import MicroBatch, accumulate_gradients
 
 quiet = TrainCallbacks(log=lambda _m: None)
 
@@ -97,7 +91,7 @@ def test_a_fresh_adapter_is_a_no_op_and_removing_a_trained_one_restores_the_base
 ])
 def test_an_impossible_training_setting_is_refused_by_name(setting, value, message):
     from klein_core.errors import ConfigError
-    from klein_core.train.loop import TrainConfig
+    from klein_core.train.config import TrainConfig
 
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**{setting: value})

@@ -10,7 +10,9 @@ from conftest import quick_config, quick_spec
 
 from klein_core.model import lora as lora_io
 from klein_core.model.loading import resolve_model
-from klein_core.train.loop import NonFiniteLoss, TrainCallbacks, train
+from klein_core.errors import NonFiniteLoss
+from klein_core.train.config import TrainCallbacks
+from klein_core.train.loop import train
 
 quiet = TrainCallbacks(log=lambda _m: None)
 UNSTABLE_LR = 100.0  # the tiny model shrugs off LR 10 (Adam + QK norms) and diverges to NaN within ~10 steps at 100

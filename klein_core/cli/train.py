@@ -11,7 +11,9 @@ from pathlib import Path
 from ..data.scan import REGULARIZATION_CAPTION, DatasetSpec
 from ..model.loading import resolve_model
 from ..preset import PRESET
-from ..train.loop import NonFiniteLoss, TrainCallbacks, TrainConfig, train
+from ..errors import NonFiniteLoss
+from ..train.config import TrainCallbacks, TrainConfig
+from ..train.loop import train
 from ._common import add_model_args, print_json
 
 

@@ -24,30 +24,7 @@ from .likeness import LikenessBackend, choose_backend
 from ..preset import PRESET
 from .report import render_training_report, save_training_report, verdict_text
 
-VALIDATION_SIGMAS = (0.2, 0.4, 0.6, 0.8)
-VALIDATION_SEED = 20260115
 REPORT_FILE = "report.png"
-
-
-@torch.no_grad()
-def validation_loss(transformer, latents: Sequence[torch.Tensor], embeds: Sequence[torch.Tensor]) -> float:
-    """Flow-matching loss of every image at fixed σ values with fixed noise: identical inputs at every
-    evaluation, so the numbers are comparable across training steps (unlike the noisy training loss)."""
-    from ..train.loop import flow_matching_loss
-
-    was_training = transformer.training
-    transformer.eval()
-    sigmas = torch.tensor(VALIDATION_SIGMAS)
-    total = 0.0
-    for index, (latent, embed) in enumerate(zip(latents, embeds)):
-        generator = torch.Generator().manual_seed(VALIDATION_SEED + index)
-        noise = torch.randn((1, *latent.shape), generator=generator).to(latent.device, latent.dtype)
-        n = len(sigmas)
-        total += flow_matching_loss(
-            transformer, latent.expand(n, -1, -1, -1), embed.expand(n, -1, -1), noise.expand(n, -1, -1, -1), sigmas.to(latent.device)
-        ).item()
-    transformer.train(was_training)
-    return total / max(1, len(latents))
 
 
 @dataclass

@@ -175,7 +175,8 @@ def run_demo(
     from ..preview.grid import PreviewSettings, preview_run
     from ..preview.sampling import denoise_base
     from ..model.lora import LoraPatcher
-    from ..train.loop import MANIFEST_FILE, TrainCallbacks, TrainConfig, default_device, train
+    from ..train.config import TrainCallbacks, TrainConfig
+    from ..train.loop import MANIFEST_FILE, default_device, train
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)

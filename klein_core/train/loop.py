@@ -13,200 +13,45 @@ signal at a given σ, so the shift moves them towards more noise, as FLUX traini
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ..model import lora as lora_io
 from ..atomic import atomic_torch_save, atomic_write_json
 from ..data.cache import EmbeddingCache, latent_requests, prompts_to_cache
-from ..data.scan import BucketBatchSampler, DatasetScan, DatasetSpec, fingerprint_parts, load_image_rgb, substitute_trigger
-from ..errors import ConfigError, DatasetError, KleinError, ResumeError
-from ..health.collapse import CheckpointRecord, CollapseReport, TrainingHistory, non_finite_loss_message
-from ..model.latents import encode_images, image_ids, pack
+from ..data.scan import (
+    BucketBatchSampler,
+    DatasetScan,
+    DatasetSpec,
+    fingerprint_parts,
+    load_image_rgb,
+    substitute_trigger,
+)
+from ..errors import DatasetError, NonFiniteLoss, ResumeError, TrainingInterrupted
+from ..health.collapse import CollapseReport, TrainingHistory, non_finite_loss_message
+from ..health.monitor import HealthMonitor
+from ..model import lora as lora_io
+from ..model.latents import encode_images
 from ..model.loading import ResolvedModel, load_text_encoder, load_transformer, load_vae
-from ..health.monitor import HealthMonitor, HealthSummary, validation_loss
-from .planner import Plan, plan
+from ..model.text import encode_prompts
 from ..preset import PRESET
-from ..model.text import encode_prompts, text_ids
+from .config import DistributedContext, TrainCallbacks, TrainConfig, TrainedRun
+from .objective import (
+    MicroBatch,
+    accumulate_gradients,
+    micro_batch_generator,
+    sample_sigmas,
+    validation_loss,
+)
+from .planner import Plan, plan
 
 STATE_FILE = "training_state.pt"
 MANIFEST_FILE = "run.json"
-BASE_SHIFT, MAX_SHIFT, BASE_TOKENS, MAX_TOKENS = 0.5, 1.15, 256, 4096
-
-
-class TrainingInterrupted(KleinError):
-    """The user cancelled; the last completed training step was saved (the message says where)."""
-
-
-class NonFiniteLoss(KleinError):
-    """The loss went NaN/inf at ``training_step``; training stopped and the last good checkpoint was kept (``health``
-    has the verdict)."""
-
-    health: "HealthSummary | None" = None
-
-    def __init__(self, training_step: int) -> None:
-        super().__init__(f"the training loss became non-finite at training step {training_step}")
-        self.training_step = training_step
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train. Defaults are the Klein 9B Base starter preset."""
-
-    output_name: str = "klein_lora"
-    training_steps: int | None = None  # None: planned from target_repeats
-    target_repeats: float = PRESET.target_repeats
-    batch_size: int = PRESET.batch_size
-    grad_accum: int = PRESET.grad_accum
-    learning_rate: float = PRESET.learning_rate
-    warmup_steps: int = 0
-    rank: int = PRESET.rank
-    alpha: float | None = None  # None: alpha = rank
-    seed: int = 0
-    save_every: int = 250  # training steps between LoRA checkpoints (0: only the final LoRA)
-    keep_last: int = 0  # keep only the newest N step checkpoints (0: keep all)
-    gradient_checkpointing: bool | None = None  # None: automatic, on when the estimate says the GPU needs it
-    base_8bit: bool = False  # low-VRAM mode: int8 base weights, LoRA on top (the optional [lowvram] extra)
-    compile_blocks: bool = False  # torch.compile each transformer block (worth it on CUDA; the first step compiles)
-    log_every: int = 10  # training steps between loss reads: the loop's only host-device sync (checkpoints read too)
-    validation_every: int = 0  # extra fixed-noise validation every K training steps (checkpoints always get one)
-    stop_on_collapse: bool = False  # stop training as soon as a collapse is detected (the best checkpoint is kept)
-    health_previews: bool = True  # render the first preview prompt at each checkpoint for preview stats and likeness
-    health_sample_steps: int = PRESET.sample_steps  # sample steps of those health previews (Base needs ~50)
-    regularization_weight: float = PRESET.regularization_weight  # loss weight of the optional class-image set
-    weight_decay: float = 0.0
-
-    def __post_init__(self) -> None:
-        """Refuse an impossible setting by name before anything runs (the planner checks steps, batch and accum)."""
-        at_least = {"rank": 1, "log_every": 1, "health_sample_steps": 1, "save_every": 0, "keep_last": 0,
-                    "warmup_steps": 0, "validation_every": 0}
-        for name, low in at_least.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
-        numbers = {"learning_rate": True, "alpha": True, "regularization_weight": False, "weight_decay": False}
-        for name, positive in numbers.items():  # name -> must be > 0 (else >= 0); alpha None means alpha = rank
-            value = getattr(self, name)
-            if value is not None and (not math.isfinite(value) or value < 0 or (positive and value == 0)):
-                raise ConfigError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class TrainCallbacks:
-    """Hooks the fronts supply: ComfyUI's progress bar and cancel, the CLI's progress line and signals."""
-
-    # at each loss read (every log_every training steps and at checkpoints): {training_step, training_steps, loss,
-    # losses: [[training_step, loss], ...] since the previous read, s_per_step, eta_s}
-    on_step: Callable[[dict], None] | None = None
-    on_progress: Callable[[int, int], None] | None = None  # (training_step, training_steps) after every update
-    should_stop: Callable[[], bool] | None = None  # checked every micro-batch; may also raise to cancel
-    on_checkpoint: Callable[[CheckpointRecord], None] | None = None  # step, path, validation loss, likeness
-    log: Callable[[str], None] = print
-
-
-@dataclass
-class TrainedRun:
-    """What training leaves in memory for previews (``KLEIN_LORA_RUN``): no second model load needed."""
-
-    transformer: torch.nn.Module  # plain base transformer (adapter removed, base weights untouched)
-    vae: torch.nn.Module
-    checkpoints: list[tuple[int, Path, lora_io.LoraWeights]]
-    preview_embeds: dict[str, torch.Tensor]
-    trigger: str
-    resolution: int
-    run_dir: Path
-    final_lora: Path
-    plan: Plan
-    manifest: dict
-    health: HealthSummary | None = None  # collapse verdict, advice and best checkpoint
-    is_distilled: bool = False
-
-
-@dataclass
-class DistributedContext:
-    """Rank-awareness for torchrun/accelerate DDP: rank 0 saves and logs; the sampler shards by rank."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def from_env(cls) -> "DistributedContext":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-# --- small pure pieces ------------------------------------------------------------------------------------------
-def timestep_shift_mu(image_tokens: int) -> float:
-    slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_TOKENS - BASE_TOKENS)
-    return BASE_SHIFT + slope * (image_tokens - BASE_TOKENS)
-
-
-def sample_sigmas(batch: int, image_tokens: int, generator: torch.Generator) -> torch.Tensor:
-    sigma = torch.sigmoid(torch.randn(batch, generator=generator))
-    shift = math.exp(timestep_shift_mu(image_tokens))
-    return shift * sigma / (1 + (shift - 1) * sigma)
-
-
-def micro_batch_generator(seed: int, training_step: int, micro: int) -> torch.Generator:
-    """Noise, σ and nothing else depend on (seed, step, micro-batch): resume reproduces an unbroken run."""
-    digest = hashlib.sha256(f"klein-train:{seed}:{training_step}:{micro}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
-def flow_matching_loss(transformer, latents: torch.Tensor, embeds: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """MSE between the prediction at xt = (1-σ)x0 + σ·noise and the target noise - x0 (latents: B,128,h,w)."""
-    b, _, h, w = latents.shape
-    s = sigma.view(b, 1, 1, 1).to(latents.dtype)
-    noisy = (1 - s) * latents + s * noise
-    param = next(transformer.parameters())
-    prediction = transformer(
-        hidden_states=pack(noisy).to(param.dtype),
-        encoder_hidden_states=embeds.to(param.dtype),
-        timestep=sigma.to(param.dtype),
-        img_ids=image_ids(b, h, w, latents.device),
-        txt_ids=text_ids(b, embeds.shape[1], latents.device),
-        guidance=None,
-        return_dict=False,
-    )[0]
-    return torch.nn.functional.mse_loss(prediction.float(), pack(noise - latents).float())
-
-
-@dataclass
-class MicroBatch:
-    latents: torch.Tensor  # (B,128,h,w) normalised
-    embeds: torch.Tensor  # (B,512,3H)
-    noise: torch.Tensor
-    sigma: torch.Tensor
-    weight: float = 1.0  # regularization micro-batches carry the (low) regularization weight
-    is_regularization: bool = False
-
-
-def accumulate_gradients(transformer, micro_batches: list[MicroBatch], should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
-    """Backward over the micro-batches of one training step, each loss scaled by weight/G (G = identity
-    micro-batches). Returns the mean identity loss (plus the weighted regularization loss)."""
-    grad_accum = sum(not m.is_regularization for m in micro_batches)
-    total = torch.zeros((), device=micro_batches[0].latents.device)
-    for micro in micro_batches:
-        if should_stop is not None and should_stop():
-            raise TrainingInterrupted("cancelled")
-        loss = flow_matching_loss(transformer, micro.latents, micro.embeds, micro.noise, micro.sigma) * micro.weight / grad_accum
-        loss.backward()
-        total = total + loss.detach()
-    return total
 
 
 # --- the data the loop needs, encoded once ----------------------------------------------------------------------
@@ -692,7 +537,11 @@ def _non_finite_message(step: int, collapse: CollapseReport | None, config: Trai
 
 def _estimate_memory_mode(resolved: ResolvedModel, spec: DatasetSpec, scan: DatasetScan, config: TrainConfig, device, log) -> bool:
     """Log the VRAM/time estimate before step 1 and decide gradient checkpointing (automatic when ``None``)."""
-    from .estimate import decide_gradient_checkpointing, detect_gpu_memory, detect_gpu_name
+    from .estimate import (
+        decide_gradient_checkpointing,
+        detect_gpu_memory,
+        detect_gpu_name,
+    )
 
     checkpointing, lines = decide_gradient_checkpointing(
         resolved.transformer_config, max(spec.resolutions), config.rank, config.gradient_checkpointing, config.base_8bit,

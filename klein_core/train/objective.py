@@ -1,0 +1,105 @@
+"""The flow-matching objective Klein Base is trained with, and the gradient accumulation of one training step.
+
+x0 = cached normalised latents, xt = (1-σ)·x0 + σ·noise, the transformer predicts ``noise - x0`` (MSE).
+σ sampling: u ~ N(0, 1), σ = sigmoid(u) (logit-normal: most samples in the middle of the noise range, where
+composition and identity are decided), then the exponential shift with μ rising linearly from 0.5 at 256 image
+tokens to 1.15 at 4096 (FLUX's training shift; the sampler's larger shift is for inference only). Larger images keep
+more signal at a given σ, so the shift moves them towards more noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..errors import TrainingInterrupted
+from ..model.latents import image_ids, pack
+from ..model.text import text_ids
+
+BASE_SHIFT, MAX_SHIFT, BASE_TOKENS, MAX_TOKENS = 0.5, 1.15, 256, 4096
+
+
+def timestep_shift_mu(image_tokens: int) -> float:
+    slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_TOKENS - BASE_TOKENS)
+    return BASE_SHIFT + slope * (image_tokens - BASE_TOKENS)
+
+
+def sample_sigmas(batch: int, image_tokens: int, generator: torch.Generator) -> torch.Tensor:
+    sigma = torch.sigmoid(torch.randn(batch, generator=generator))
+    shift = math.exp(timestep_shift_mu(image_tokens))
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def micro_batch_generator(seed: int, training_step: int, micro: int) -> torch.Generator:
+    """Noise, σ and nothing else depend on (seed, step, micro-batch): resume reproduces an unbroken run."""
+    digest = hashlib.sha256(f"klein-train:{seed}:{training_step}:{micro}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def flow_matching_loss(transformer, latents: torch.Tensor, embeds: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """MSE between the prediction at xt = (1-σ)x0 + σ·noise and the target noise - x0 (latents: B,128,h,w)."""
+    b, _, h, w = latents.shape
+    s = sigma.view(b, 1, 1, 1).to(latents.dtype)
+    noisy = (1 - s) * latents + s * noise
+    param = next(transformer.parameters())
+    prediction = transformer(
+        hidden_states=pack(noisy).to(param.dtype),
+        encoder_hidden_states=embeds.to(param.dtype),
+        timestep=sigma.to(param.dtype),
+        img_ids=image_ids(b, h, w, latents.device),
+        txt_ids=text_ids(b, embeds.shape[1], latents.device),
+        guidance=None,
+        return_dict=False,
+    )[0]
+    return torch.nn.functional.mse_loss(prediction.float(), pack(noise - latents).float())
+
+
+@dataclass
+class MicroBatch:
+    latents: torch.Tensor  # (B,128,h,w) normalised
+    embeds: torch.Tensor  # (B,512,3H)
+    noise: torch.Tensor
+    sigma: torch.Tensor
+    weight: float = 1.0  # regularization micro-batches carry the (low) regularization weight
+    is_regularization: bool = False
+
+
+def accumulate_gradients(transformer, micro_batches: list[MicroBatch], should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    """Backward over the micro-batches of one training step, each loss scaled by weight/G (G = identity
+    micro-batches). Returns the mean identity loss (plus the weighted regularization loss)."""
+    grad_accum = sum(not m.is_regularization for m in micro_batches)
+    total = torch.zeros((), device=micro_batches[0].latents.device)
+    for micro in micro_batches:
+        if should_stop is not None and should_stop():
+            raise TrainingInterrupted("cancelled")
+        loss = flow_matching_loss(transformer, micro.latents, micro.embeds, micro.noise, micro.sigma) * micro.weight / grad_accum
+        loss.backward()
+        total = total + loss.detach()
+    return total
+
+
+VALIDATION_SIGMAS = (0.2, 0.4, 0.6, 0.8)
+VALIDATION_SEED = 20260115
+
+
+@torch.no_grad()
+def validation_loss(transformer, latents: Sequence[torch.Tensor], embeds: Sequence[torch.Tensor]) -> float:
+    """Flow-matching loss of every image at fixed σ values with fixed noise: identical inputs at every
+    evaluation, so the numbers are comparable across training steps (unlike the noisy training loss)."""
+    was_training = transformer.training
+    transformer.eval()
+    sigmas = torch.tensor(VALIDATION_SIGMAS)
+    total = 0.0
+    for index, (latent, embed) in enumerate(zip(latents, embeds)):
+        generator = torch.Generator().manual_seed(VALIDATION_SEED + index)
+        noise = torch.randn((1, *latent.shape), generator=generator).to(latent.device, latent.dtype)
+        n = len(sigmas)
+        total += flow_matching_loss(
+            transformer, latent.expand(n, -1, -1, -1), embed.expand(n, -1, -1), noise.expand(n, -1, -1, -1), sigmas.to(latent.device)
+        ).item()
+    transformer.train(was_training)
+    return total / max(1, len(latents))
