@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
@@ -23,12 +23,13 @@ class StarterPreset:
     caption_dropout: float = 0.05
     regularization_weight: float = 0.1  # loss weight of the optional class-image set: low, so it anchors without diluting
     target_repeats: float = 100.0
+    save_every: int = 250  # training steps between LoRA checkpoints
+    output_name: str = "klein_lora"  # the LoRA file name stem
     sample_steps: int = 50  # denoising steps of a preview, not training steps
     cfg: float = 4.0  # real classifier-free guidance: Base is undistilled
     preview_seed: int = 0
     min_base_sample_steps: int = 30  # below this a Base preview is under-sampled (warning)
     min_base_cfg: float = 1.5  # at or below this a Base preview has no real guidance (warning)
-    text_encoder_layers: tuple[int, ...] = field(default=(9, 18, 27))
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -31,7 +31,7 @@ from ..klein_core.preview.grid import (
     split_prompts,
     substitute_prompts,
 )
-from ..klein_core.model.latents import LATENT_MULTIPLE
+from ..klein_core.facts import PIXEL_MULTIPLE
 from ..klein_core.preview.sampling import PreviewError, check_size
 from . import memory
 from .model_inputs import NONE, choices, full_path, resolve_choice
@@ -160,7 +160,7 @@ class KleinBasePreviewSampler(io.ComfyNode):
     def validate_inputs(cls, width=None, height=None, checkpoints=None, strengths=None) -> bool | str:
         try:
             # 0 (or a linked value, None here) means "the training resolution": check only the typed sides.
-            check_size(width or LATENT_MULTIPLE, height or LATENT_MULTIPLE)
+            check_size(width or PIXEL_MULTIPLE, height or PIXEL_MULTIPLE)
             if strengths is not None:
                 parse_strengths(strengths)
             if checkpoints is not None:

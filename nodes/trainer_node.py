@@ -111,7 +111,7 @@ class KleinLoRATrainer(io.ComfyNode):
                 io.Int.Input("rank", default=PRESET.rank, min=1, max=256,
                              tooltip=f"LoRA rank (alpha = rank): {PRESET.rank}; {PRESET.stable_underfit_rank} only "
                              "when stable and underfitting."),
-                io.Int.Input("save_every", default=250, min=0, max=100_000,
+                io.Int.Input("save_every", default=PRESET.save_every, min=0, max=100_000,
                              tooltip="Training steps between LoRA checkpoints (0: only the final LoRA). Each checkpoint "
                              "gets a fixed-noise validation loss for the health report."),
                 # control_after_generate=False: the frontend would otherwise add "randomize" to any input named
@@ -123,12 +123,13 @@ class KleinLoRATrainer(io.ComfyNode):
                                 tooltip="One prompt per line for the preview node, encoded now while the text encoder "
                                 "is loaded. [trigger] becomes the trigger word. The first also renders a health "
                                 "preview at each checkpoint (likeness, preview statistics)."),
-                io.String.Input("output_name", default="klein_lora",
+                io.String.Input("output_name", default=PRESET.output_name,
                                 tooltip="LoRA file name stem: <name>_step000500.safetensors, <name>.safetensors, "
                                 "<name>_best.safetensors."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
-                                 tooltip="Recompute activations per block: ~1.45x compute, far less VRAM "
-                                 "(Klein 9B at 1024 px fits a 24 GB card with it)."),
+                                 tooltip="Ticked: always recompute activations per block (~1.45x compute, far less VRAM). "
+                                 "Unticked: automatic, on only when the memory estimate says the card needs it "
+                                 "(Klein 9B at 1024 px on a 24 GB card)."),
                 io.Boolean.Input("stop_on_collapse", default=False,
                                  tooltip="Stop as soon as a collapse is detected (better, then chaos); the best "
                                  "checkpoint before it is kept."),

@@ -36,9 +36,8 @@ def test_tiny_text_encoder_has_layers_9_18_27(tiny_diffusers):
 
 
 def test_text_encoder_layers_are_9_18_27_not_the_flux2_dev_10_20_30():
-    from klein_core.preset import PRESET
 
-    assert TEXT_ENCODER_LAYERS == PRESET.text_encoder_layers == (9, 18, 27)
+    assert TEXT_ENCODER_LAYERS == (9, 18, 27)
 
 
 def test_factory_is_deterministic_per_seed():

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from klein_core.facts import image_tokens as image_token_count
+from klein_core.facts import sampling_shift_mu as compute_empirical_mu
 from klein_core.preset import PRESET
 from klein_core.preview.sampling import (
     SamplingInterrupted,
     PreviewError,
     base_sigmas,
-    compute_empirical_mu,
     denoise_base,
-    image_token_count,
     sample_base,
     sample_warnings,
     vae_latents,

@@ -23,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--images", required=True, help="dataset folder (images + optional same-stem .txt captions)")
     p.add_argument("--trigger", required=True, help="the trigger word; replaces [trigger] in captions")
     p.add_argument("--out", required=True, help="run folder (LoRA checkpoints, run.json, training state)")
-    p.add_argument("--name", default="klein_lora", help="LoRA file name stem")
+    p.add_argument("--name", default=PRESET.output_name, help="LoRA file name stem")
     dose = p.add_mutually_exclusive_group()
     dose.add_argument("--target-repeats", type=float, default=PRESET.target_repeats, help="dose in repeats per image R")
     dose.add_argument("--training-steps", type=int, help="optimizer updates S (instead of a target dose)")
@@ -35,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--resolution", type=int, nargs="+", default=[PRESET.resolution], help="e.g. 1024, or 1024 768")
     p.add_argument("--default-caption", default=PRESET.default_caption)
     p.add_argument("--caption-dropout", type=float, default=PRESET.caption_dropout)
-    p.add_argument("--save-every", type=int, default=250, help="training steps between checkpoints")
+    p.add_argument("--save-every", type=int, default=PRESET.save_every, help="training steps between checkpoints")
     p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0 = all)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="per-block activation checkpointing: ~1.45x compute for a fraction of the activation memory "

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Hashable, Iterator, Literal, NamedTuple, Seque
 from PIL import Image, ImageOps
 
 from ..errors import DatasetError
+from ..facts import PIXEL_MULTIPLE
 from ..preset import PRESET
 
 if TYPE_CHECKING:  # torch is only needed for pixels_from_image; keep `dataset check` light
@@ -55,7 +56,6 @@ REGULARIZATION_CAPTION = "photo of a person"  # the caption of a class image wit
 DropoutCaption = Literal["trigger", "empty"]
 DROPOUT_CAPTIONS: tuple[str, ...] = ("trigger", "empty")
 
-BUCKET_STEP = 16  # Klein latents are /8 by the VAE and /2 by the patchify: sides must be multiples of 16
 MIN_RESOLUTION = 64  # real runs use 768/1024; the tiny test model trains at 64-128
 BUCKET_ASPECTS: tuple[float, ...] = (1 / 2, 9 / 16, 2 / 3, 3 / 4, 4 / 5, 1.0, 5 / 4, 4 / 3, 3 / 2, 16 / 9, 2.0)
 TINY_IMAGE_SIDE = 128  # shorter side below this carries too little detail for an identity at any resolution
@@ -280,9 +280,9 @@ def validate_resolution(resolution: object) -> int:
         raise DatasetError(f"resolution must be a whole number such as 1024 or 768, got {resolution!r}") from None
     if isinstance(resolution, float) and not resolution.is_integer():
         raise DatasetError(f"resolution must be a whole number, got {resolution!r}")
-    if value < MIN_RESOLUTION or value % BUCKET_STEP:
+    if value < MIN_RESOLUTION or value % PIXEL_MULTIPLE:
         raise DatasetError(
-            f"resolution {resolution!r} must be a multiple of {BUCKET_STEP} and at least {MIN_RESOLUTION} "
+            f"resolution {resolution!r} must be a multiple of {PIXEL_MULTIPLE} and at least {MIN_RESOLUTION} "
             f"(Klein uses {PRESET.resolution}, or 768)"
         )
     return value
@@ -303,7 +303,7 @@ def parse_resolutions(value: object) -> tuple[int, ...]:
 
 
 def _round_to_step(value: float) -> int:
-    return max(BUCKET_STEP, int(round(value / BUCKET_STEP)) * BUCKET_STEP)
+    return max(PIXEL_MULTIPLE, int(round(value / PIXEL_MULTIPLE)) * PIXEL_MULTIPLE)
 
 
 @lru_cache(maxsize=64)

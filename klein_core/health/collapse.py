@@ -608,7 +608,7 @@ def _preview_signal(history: TrainingHistory, th: CollapseThresholds) -> Collaps
         step, s = points[i]
         earlier = [p for _, p in points[:i]]
 
-        def base(attr: str) -> float:
+        def base(attr: str, earlier: list = earlier) -> float:
             return float(np.median([getattr(p, attr) for p in earlier]))
 
         reasons: list[str] = []

@@ -211,7 +211,7 @@ def ldm_to_diffusers_vae(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
         new = _vae_block_renames(key, True, levels)
         if new is None:
             module, _, suffix = key.rpartition(".")
-            new = next((f"{d}.{suffix}" for l, d in table if l == module), None)
+            new = next((f"{diffusers}.{suffix}" for bfl, diffusers in table if bfl == module), None)
         if new is None:
             raise KeyError(f"unrecognised Flux2 VAE key: {key}")
         out[new] = _attention_shape(key, tensor, to_diffusers=True)
@@ -231,7 +231,7 @@ def diffusers_to_ldm_vae(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
         new = _vae_block_renames(key, False, levels)
         if new is None:
             module, _, suffix = key.rpartition(".")
-            new = next((f"{l}.{suffix}" for l, d in table if d == module), None)
+            new = next((f"{bfl}.{suffix}" for bfl, diffusers in table if diffusers == module), None)
         if new is None:
             raise KeyError(f"unrecognised diffusers Flux2 VAE key: {key}")
         out[new] = _attention_shape(key, tensor, to_diffusers=False)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-LATENT_MULTIPLE = 16  # image sides must be multiples of 16 (VAE /8, then 2x2 patches)
 
 
 def patchify(latents: torch.Tensor) -> torch.Tensor:

@@ -18,14 +18,11 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
+from ..facts import KLEIN_SHAPES, TEXT_ENCODER_LAYERS
 from .keymap import COMFY_TRANSFORMER_PREFIX, bfl_to_diffusers_transformer, ldm_to_diffusers_vae, strip_prefix
 
-TEXT_ENCODER_LAYERS = (9, 18, 27)  # Klein's hidden-state layers; (10, 20, 30) is a FLUX.2-dev value (a known trap)
-KNOWN_VARIANTS = {  # transformer hidden size -> (name, double blocks, single blocks, text-encoder hidden size)
-    4096: ("9B", 8, 24, 4096),
-    3072: ("4B", 5, 20, 2560),
-}
-TEXT_ENCODER_NAMES = {4096: "Qwen3-8B", 2560: "Qwen3-4B"}
+KNOWN_VARIANTS = {shape.hidden_size: shape for shape in KLEIN_SHAPES.values()}  # transformer hidden size -> shape
+TEXT_ENCODER_NAMES = {shape.text_encoder_hidden_size: shape.text_encoder for shape in KLEIN_SHAPES.values()}
 BASE_FILE_NAMES = {"9B": "flux-2-klein-base-9b.safetensors", "4B": "flux-2-klein-base-4b.safetensors"}
 TE_PREFIXES = ("text_encoders.qwen3_8b.transformer.", "text_encoders.qwen3_4b.transformer.")
 
@@ -70,14 +67,6 @@ class ResolvedModel:
                 h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
         return h.hexdigest()[:16]
 
-    @property
-    def text_encoder_identity(self) -> str:
-        h = hashlib.sha256()
-        path = self.text_encoder_path
-        for f in sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]:
-            st = f.stat()
-            h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-        return h.hexdigest()[:16]
 
 
 # --- header reading ---------------------------------------------------------------------------------------------
@@ -190,8 +179,8 @@ def variant_from_bfl_shapes(shapes: dict[str, tuple[int, ...]], path: Path) -> t
 
 def _name_variant(hidden: int, doubles: int, singles: int, joint: int) -> KleinVariant:
     known = KNOWN_VARIANTS.get(hidden)
-    if known and known[1:3] == (doubles, singles):
-        name = known[0]
+    if known and (known.num_layers, known.num_single_layers) == (doubles, singles):
+        name = known.name
     else:
         name = f"custom (hidden {hidden}, {doubles} double + {singles} single blocks)"
     return KleinVariant(name, hidden, doubles, singles, joint)

@@ -8,6 +8,7 @@ The file we write uses diffusers/peft names under ``transformer.`` with alpha/ra
 from __future__ import annotations
 
 import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,11 @@ def add_lora(transformer, rank: int, alpha: float | None = None, adapter_name: s
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=LORA_TARGETS, init_lora_weights=True)
-    inject_adapter_in_model(config, transformer, adapter_name=adapter_name)
+    with warnings.catch_warnings():
+        # peft warns that its torchao LoRA layer (8-bit base) cannot merge; previews patch or hook instead of merging
+        # through peft. Scoped here so ComfyUI's process keeps its own warning filters.
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+        inject_adapter_in_model(config, transformer, adapter_name=adapter_name)
     for name, param in transformer.named_parameters():
         is_lora = "lora_" in name
         param.requires_grad_(is_lora)

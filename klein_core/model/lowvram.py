@@ -15,7 +15,6 @@ when it is enough.
 from __future__ import annotations
 
 import importlib.util
-import warnings
 
 import torch
 
@@ -23,8 +22,6 @@ from ..errors import ModelError
 
 BACKENDS = ("torchao", "quanto")
 INSTALL_HINT = "pip install 'klein-lora-trainer[lowvram]' (or: pip install torchao)"
-# peft warns that its torchao LoRA layer cannot merge; we never merge through peft (previews patch or hook instead).
-warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
 
 
 def backend_available(backend: str) -> bool:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..preset import PRESET
+from ..facts import TEXT_ENCODER_LAYERS, TEXT_TOKENS
 
-MAX_TEXT_TOKENS = 512
 
 
 def klein_chat_text(prompt: str) -> str:
@@ -19,8 +18,8 @@ def encode_prompts(
     text_encoder,
     tokenizer,
     prompts: list[str],
-    layers: tuple[int, ...] = PRESET.text_encoder_layers,
-    max_tokens: int = MAX_TEXT_TOKENS,
+    layers: tuple[int, ...] = TEXT_ENCODER_LAYERS,
+    max_tokens: int = TEXT_TOKENS,
 ) -> torch.Tensor:
     """Return (B, 512, 3*H) embeddings: per token ``[h9 | h18 | h27]``, all 512 padded tokens kept.
 
@@ -40,7 +39,7 @@ def encode_prompts(
     return stacked.permute(0, 2, 1, 3).reshape(b, length, n * hidden)
 
 
-def text_ids(batch: int, length: int = MAX_TEXT_TOKENS, device="cpu") -> torch.Tensor:
+def text_ids(batch: int, length: int = TEXT_TOKENS, device="cpu") -> torch.Tensor:
     """Text position ids (0, 0, 0, l) for l = 0..L-1, shape (B, L, 4)."""
     ids = torch.zeros(length, 4, dtype=torch.long, device=device)
     ids[:, 3] = torch.arange(length, device=device)

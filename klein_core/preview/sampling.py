@@ -10,24 +10,17 @@ It takes pre-computed prompt embeddings, so the trainer can preview with its cac
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 
 from ..errors import KleinError
-from ..model.latents import LATENT_MULTIPLE, decode_latents, image_ids, pack, unpack, unpatchify, denormalise
+from ..facts import LATENT_CHANNELS, PIXEL_MULTIPLE, exponential_shift, sampling_shift_mu
+from ..model.latents import decode_latents, image_ids, pack, unpack, unpatchify, denormalise
 from ..preset import PRESET
 from ..model.text import text_ids
 
-LATENT_CHANNELS = 128  # patchified: 32 VAE channels x 2x2
 NUM_TRAIN_TIMESTEPS = 1000  # the transformer multiplies the timestep by 1000 inside; the pipeline rounds through it
-
-# The empirical mu fit of the FLUX.2 reference code: a line in the step count between a fit at 10 and at 200 sample
-# steps, each linear in the image token count; above 4300 tokens only the 200-step fit is used.
-_MU_10_SLOPE, _MU_10_INTERCEPT = 8.73809524e-5, 1.89833333
-_MU_200_SLOPE, _MU_200_INTERCEPT = 0.00016927, 0.45666666
-_MU_LARGE_IMAGE_TOKENS = 4300
 
 ProgressCallback = Callable[[int, int], None]  # (sample steps done, sample steps in total)
 InterruptCallback = Callable[[], bool]  # True (or raising) stops the sampling
@@ -41,20 +34,6 @@ class SamplingInterrupted(KleinError):
     """The user cancelled a preview between two sample steps; the base weights have been restored."""
 
 
-def compute_empirical_mu(image_tokens: int, sample_steps: int) -> float:
-    """The time-shift mu for an image of ``image_tokens`` latent tokens sampled in ``sample_steps`` steps."""
-    if image_tokens > _MU_LARGE_IMAGE_TOKENS:
-        return float(_MU_200_SLOPE * image_tokens + _MU_200_INTERCEPT)
-    mu_at_10 = _MU_10_SLOPE * image_tokens + _MU_10_INTERCEPT
-    mu_at_200 = _MU_200_SLOPE * image_tokens + _MU_200_INTERCEPT
-    return float(mu_at_10 + (sample_steps - 10) * (mu_at_200 - mu_at_10) / 190.0)
-
-
-def image_token_count(width: int, height: int) -> int:
-    """Latent tokens of a width x height image: one per 16x16 pixel patch."""
-    return (height // LATENT_MULTIPLE) * (width // LATENT_MULTIPLE)
-
-
 def base_sigmas(sample_steps: int, image_tokens: int) -> torch.Tensor:
     """The Klein Base sigma grid, ``sample_steps + 1`` values from 1 down to 0 (fp32).
 
@@ -63,13 +42,8 @@ def base_sigmas(sample_steps: int, image_tokens: int) -> torch.Tensor:
     """
     if sample_steps < 1:
         raise PreviewError(f"sample_steps must be at least 1 (got {sample_steps}); Klein Base wants about {PRESET.sample_steps}")
-    mu = compute_empirical_mu(image_tokens, sample_steps)
     unshifted = torch.linspace(1.0, 1.0 / sample_steps, sample_steps, dtype=torch.float64).to(torch.float32)
-    # fp32 tensors on both sides of every division: torch turns ``scalar / tensor`` into a reciprocal times the
-    # scalar, which is 1 ulp off the scheduler's plain division.
-    shift = torch.tensor(math.exp(mu), dtype=torch.float32)
-    one = torch.tensor(1.0, dtype=torch.float32)
-    shifted = shift / (shift + (one / unshifted - one))
+    shifted = exponential_shift(unshifted, sampling_shift_mu(image_tokens, sample_steps))
     return torch.cat([shifted, torch.zeros(1, dtype=torch.float32)])
 
 
@@ -91,10 +65,10 @@ def sample_warnings(sample_steps: int, cfg: float, is_distilled: bool = False) -
 
 def check_size(width: int, height: int) -> None:
     for name, value in (("width", width), ("height", height)):
-        if value < LATENT_MULTIPLE or value % LATENT_MULTIPLE:
+        if value < PIXEL_MULTIPLE or value % PIXEL_MULTIPLE:
             raise PreviewError(
-                f"{name} {value} is not a positive multiple of {LATENT_MULTIPLE} (Klein's VAE /8 then 2x2 patches); "
-                f"use e.g. {max(LATENT_MULTIPLE, value - value % LATENT_MULTIPLE)}"
+                f"{name} {value} is not a positive multiple of {PIXEL_MULTIPLE} (Klein's VAE /8 then 2x2 patches); "
+                f"use e.g. {max(PIXEL_MULTIPLE, value - value % PIXEL_MULTIPLE)}"
             )
 
 
@@ -104,7 +78,7 @@ def initial_noise(batch: int, width: int, height: int, seed: int, dtype: torch.d
     Drawn on the CPU so the same seed gives the same image on every device (and matches ComfyUI's CPU noise).
     """
     generator = torch.Generator("cpu").manual_seed(int(seed))
-    shape = (batch, LATENT_CHANNELS, height // LATENT_MULTIPLE, width // LATENT_MULTIPLE)
+    shape = (batch, LATENT_CHANNELS, height // PIXEL_MULTIPLE, width // PIXEL_MULTIPLE)
     return torch.randn(shape, generator=generator, dtype=dtype)
 
 
@@ -144,7 +118,7 @@ def denoise_base(
             raise PreviewError("true CFG needs the empty-prompt negative embeddings (encode \"\" with the text encoder)")
         negative_embeds = _as_batch(negative_embeds).to(device, prompt_embeds.dtype).expand(batch, -1, -1)
 
-    h, w = height // LATENT_MULTIPLE, width // LATENT_MULTIPLE
+    h, w = height // PIXEL_MULTIPLE, width // PIXEL_MULTIPLE
     # Latents start in the embeddings' dtype, like the pipeline; after the first step they carry the model's dtype.
     latents = pack(initial_noise(batch, width, height, seed, prompt_embeds.dtype).to(device))
     img_ids = image_ids(batch, h, w, device=device)

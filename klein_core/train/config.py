@@ -26,7 +26,7 @@ from .planner import Plan
 class TrainConfig:
     """How to train. Defaults are the Klein 9B Base starter preset."""
 
-    output_name: str = "klein_lora"
+    output_name: str = PRESET.output_name
     training_steps: int | None = None  # None: planned from target_repeats
     target_repeats: float = PRESET.target_repeats
     batch_size: int = PRESET.batch_size
@@ -36,7 +36,7 @@ class TrainConfig:
     rank: int = PRESET.rank
     alpha: float | None = None  # None: alpha = rank
     seed: int = 0
-    save_every: int = 250  # training steps between LoRA checkpoints (0: only the final LoRA)
+    save_every: int = PRESET.save_every  # training steps between LoRA checkpoints (0: only the final LoRA)
     keep_last: int = 0  # keep only the newest N step checkpoints (0: keep all)
     gradient_checkpointing: bool | None = None  # None: automatic, on when the estimate says the GPU needs it
     base_8bit: bool = False  # low-VRAM mode: int8 base weights, LoRA on top (the optional [lowvram] extra)

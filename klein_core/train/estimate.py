@@ -49,11 +49,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import PlanError
+from ..facts import KLEIN_4B as KLEIN_4B_FACTS
+from ..facts import KLEIN_9B as KLEIN_9B_FACTS
+from ..facts import TEXT_TOKENS
+from ..facts import PIXEL_MULTIPLE as PATCH_PIXELS
 from ..preset import PRESET
 
 GIB = 2**30
-TEXT_TOKENS = 512  # Klein's prompt length: the transformer sees all 512 tokens, unmasked
-PATCH_PIXELS = 16  # one latent token per 16x16 pixel patch (VAE /8, then 2x2 patchify)
 ACTIVATION_BYTES = 57.6  # bytes per token per hidden unit per block without GC (calibrated to facts §j)
 CHECKPOINT_BYTES = 2.0  # bf16 block input kept per token per hidden unit per block with GC
 CONTEXT_GIB = 1.0
@@ -167,8 +169,12 @@ class ModelShape:
         return self.num_layers * 2 * (5 * d + 2 * m) + self.num_single_layers * (4 * d + 2 * m)
 
 
-KLEIN_9B = ModelShape("9B", hidden_size=4096, num_layers=8, num_single_layers=24, joint_attention_dim=12288)
-KLEIN_4B = ModelShape("4B", hidden_size=3072, num_layers=5, num_single_layers=20, joint_attention_dim=7680)
+def _shape_of(facts) -> "ModelShape":
+    return ModelShape(facts.name, facts.hidden_size, facts.num_layers, facts.num_single_layers, facts.joint_attention_dim)
+
+
+KLEIN_9B = _shape_of(KLEIN_9B_FACTS)
+KLEIN_4B = _shape_of(KLEIN_4B_FACTS)
 VARIANTS: dict[str, ModelShape] = {"9B": KLEIN_9B, "4B": KLEIN_4B}
 
 

@@ -10,28 +10,19 @@ more signal at a given σ, so the shift moves them towards more noise.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 from ..errors import TrainingInterrupted
+from ..facts import exponential_shift, training_shift_mu
 from ..model.latents import image_ids, pack
 from ..model.text import text_ids
 
-BASE_SHIFT, MAX_SHIFT, BASE_TOKENS, MAX_TOKENS = 0.5, 1.15, 256, 4096
-
-
-def timestep_shift_mu(image_tokens: int) -> float:
-    slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_TOKENS - BASE_TOKENS)
-    return BASE_SHIFT + slope * (image_tokens - BASE_TOKENS)
-
-
 def sample_sigmas(batch: int, image_tokens: int, generator: torch.Generator) -> torch.Tensor:
-    sigma = torch.sigmoid(torch.randn(batch, generator=generator))
-    shift = math.exp(timestep_shift_mu(image_tokens))
-    return shift * sigma / (1 + (shift - 1) * sigma)
+    """σ for ``batch`` samples: logit-normal, then the training shift for this image size."""
+    return exponential_shift(torch.sigmoid(torch.randn(batch, generator=generator)), training_shift_mu(image_tokens))
 
 
 def micro_batch_generator(seed: int, training_step: int, micro: int) -> torch.Generator:
