@@ -12,7 +12,7 @@ from ..klein_core.train.planner import plan
 from ..klein_core.preset import PRESET
 
 FORMULA = "repeats_per_image = S*B*G/N; S = ceil(N*R/(B*G))"
-# The seed's worked example (55 images -> 5500 training steps at G=1, 1375 at G=4); a starting value only,
+# The Klein 9B character guide's worked example (55 images -> 5500 training steps at G=1, 1375 at G=4); a starting value only,
 # usually replaced by a link from the dataset node's image count.
 EXAMPLE_IMAGE_COUNT = 55
 MAX_IMAGES = 100_000

@@ -1,4 +1,4 @@
-"""Training health: collapse signals, the seed's ordered advice, weak-LoRA diagnosis and best-checkpoint choice.
+"""Training health: collapse signals, the guide's ordered advice, weak-LoRA diagnosis and best-checkpoint choice.
 
 Histories here are synthetic but shaped like real runs: a flow-matching training loss is noisy per step (each step
 draws its own σ), so "normal" runs carry heavy multiplicative noise and must never raise an alarm.
@@ -12,23 +12,10 @@ import math
 import numpy as np
 import pytest
 
-from klein_core.health.collapse import (
-    LIKENESS_DROP,
-    PREVIEW_BLOWOUT,
-    TRAINING_LOSS_NON_FINITE,
-    TRAINING_LOSS_DIVERGING,
-    TRAINING_LOSS_SPIKES,
-    VALIDATION_LOSS_RISING,
-    CollapseThresholds,
-    TrainingHistory,
-    collapse_advice,
-    detect_collapse,
-    diagnose_weak_lora,
-    format_learning_rate,
-    non_finite_loss_message,
-    pick_best_checkpoint,
-    preview_statistics,
-)
+from klein_core.health.advice import collapse_advice, diagnose_weak_lora, format_learning_rate, non_finite_loss_message, pick_best_checkpoint
+from klein_core.health.collapse import LIKENESS_DROP, PREVIEW_BLOWOUT, TRAINING_LOSS_NON_FINITE, TRAINING_LOSS_DIVERGING, TRAINING_LOSS_SPIKES, VALIDATION_LOSS_RISING, CollapseThresholds, detect_collapse
+from klein_core.health.history import TrainingHistory
+from klein_core.health.stats import preview_statistics
 from klein_core.preset import PRESET
 
 CHECKPOINT_EVERY = 50

@@ -179,7 +179,7 @@ def test_labels_are_drawn_above_each_cell(model):
 
 # --- the trainer's in-memory run -------------------------------------------------------------------------------------
 def test_preview_of_an_in_memory_run_uses_its_cached_embeddings_and_training_resolution(model, tmp_path):
-    from klein_core.health.collapse import TrainingHistory
+    from klein_core.health.history import TrainingHistory
 
     history = TrainingHistory()
     for step in range(1, 41):

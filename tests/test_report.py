@@ -8,12 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from klein_core.health.collapse import (
-    TrainingHistory,
-    collapse_advice,
-    detect_collapse,
-    pick_best_checkpoint,
-)
+from klein_core.health.advice import collapse_advice, pick_best_checkpoint
+from klein_core.health.collapse import detect_collapse
+from klein_core.health.history import TrainingHistory
 from klein_core.health.report import (
     BEST_COLOUR,
     COLLAPSE_COLOUR,

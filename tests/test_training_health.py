@@ -1,4 +1,4 @@
-"""Training health on the tiny Klein: a normal run is healthy, an unstable one is flagged with the seed's advice,
+"""Training health on the tiny Klein: a normal run is healthy, an unstable one is flagged with the guide's ordered advice,
 the best checkpoint is kept and explained, and the regularization set mixes in at its weight."""
 
 import json

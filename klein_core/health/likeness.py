@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .collapse import as_rgb_float_images
+from .stats import as_rgb_float_images
 
 FACE_LABEL = "face similarity (dlib face embedder)"
 GENERIC_LABEL = "generic image similarity (whole images, not faces)"

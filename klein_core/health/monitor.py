@@ -11,18 +11,13 @@ from typing import Callable, Sequence
 import torch
 
 from ..atomic import atomic_write_bytes
-from .collapse import (
-    BestChoice,
-    CollapseReport,
-    TrainingHistory,
-    collapse_advice,
-    detect_collapse,
-    pick_best_checkpoint,
-    preview_statistics,
-)
-from .likeness import LikenessBackend, choose_backend
 from ..preset import PRESET
+from .advice import BestChoice, collapse_advice, pick_best_checkpoint
+from .collapse import CollapseReport, detect_collapse
+from .history import TrainingHistory
+from .likeness import LikenessBackend, choose_backend
 from .report import render_training_report, save_training_report, verdict_text
+from .stats import preview_statistics
 
 REPORT_FILE = "report.png"
 

@@ -18,12 +18,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..atomic import atomic_write
-from .collapse import (
-    SIGNAL_DESCRIPTIONS,
-    BestChoice,
-    CollapseReport,
-    TrainingHistory,
-)
+from .advice import BestChoice
+from .collapse import SIGNAL_DESCRIPTIONS, CollapseReport
+from .history import TrainingHistory
 
 BACKGROUND = (255, 255, 255)
 AXIS_COLOUR = (60, 60, 60)

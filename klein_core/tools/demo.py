@@ -97,7 +97,7 @@ class DemoScale:
 
     def changes(self) -> list[str]:
         """What differs from the starter preset, in words (printed by the demo)."""
-        from ..health.collapse import format_learning_rate
+        from ..health.advice import format_learning_rate
 
         return [
             f"{self.images} generated images (a real set has 20-60 photos)",

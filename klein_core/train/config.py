@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from ..errors import ConfigError
-from ..health.collapse import CheckpointRecord
+from ..health.history import CheckpointRecord
 from ..health.monitor import HealthSummary
 from ..model import lora as lora_io
 from ..preset import PRESET

@@ -17,7 +17,7 @@ matmul per Linear, = L) and the fused-attention backward (2.5·A: dQ, dK, dV, dP
     training step, per-block GC (one more forward) = 3·L + 4.5·A     ≈ 3.2 × forward
     + LoRA: 3 × its forward (forward, input grad, weight grad); + one LoRA forward more with GC.
 
-9B at 1024² gives 75.5 TFLOP forward, 167.6 / 243.1 TFLOP per training step (facts §j), 0.8 TFLOP more for the rank-16
+9B at 1024² gives 75.5 TFLOP forward, 167.6 / 243.1 TFLOP per training step (the published Klein 9B compute figures), 0.8 TFLOP more for the rank-16
 LoRA. A preview of S sample steps at CFG > 1 is 2·S forwards (batched CFG: one forward of batch 2; same FLOPs).
 
 **Time** = FLOPs / (peak × MFU). ``PEAK_TFLOPS`` holds dense-bf16 tensor rates; ``ASSUMED_MFU`` (0.5) is an
@@ -30,7 +30,7 @@ the same FLOPs (weight-only int8 dequantises per layer), so its time here is opt
 * weights: exact parameter count × 2 bytes (bf16); with the 8-bit base the block Linear weights take 1 byte (+ one
   bf16 scale per output row) and one dequantised bf16 copy of the largest Linear is alive during its matmul;
 * LoRA + AdamW: LoRA parameters × 16 bytes (fp32 weight, gradient and two Adam moments);
-* activations, calibrated to the per-block figures of facts §j (to be re-checked by a GPU measurement):
+* activations, calibrated to the per-block figures of the published Klein per-block figures (to be re-checked by a GPU measurement):
   without GC ``ACTIVATION_BYTES × T × d × n`` (≈ 29 bf16 values per token per hidden unit per block; 9B: 10.8 / 19.8 /
   32.4 GiB at 512 / 768 / 1024 px); with per-block GC only each block's bf16 input is kept (2 bytes × T × d × n)
   plus one block's full activations while it is recomputed (9B: 0.7 / 1.3 / 2.1 GiB). Fused attention (SDPA
@@ -51,12 +51,12 @@ from dataclasses import asdict, dataclass, field, replace
 from ..errors import PlanError
 from ..facts import KLEIN_4B as KLEIN_4B_FACTS
 from ..facts import KLEIN_9B as KLEIN_9B_FACTS
-from ..facts import TEXT_TOKENS
 from ..facts import PIXEL_MULTIPLE as PATCH_PIXELS
+from ..facts import TEXT_TOKENS
 from ..preset import PRESET
 
 GIB = 2**30
-ACTIVATION_BYTES = 57.6  # bytes per token per hidden unit per block without GC (calibrated to facts §j)
+ACTIVATION_BYTES = 57.6  # bytes per token per hidden unit per block without GC (calibrated to the published per-block figures)
 CHECKPOINT_BYTES = 2.0  # bf16 block input kept per token per hidden unit per block with GC
 CONTEXT_GIB = 1.0
 LORA_OPTIMIZER_BYTES = 16  # fp32 weight + fp32 grad + 2 fp32 AdamW moments
@@ -65,7 +65,7 @@ ASSUMED_MFU = 0.5
 REFERENCE_DEVICE = "H100"  # whose time is shown when no GPU is detected
 
 # Dense bf16 tensor TFLOP/s (fp32 accumulate). H100/H200: 790, what a large bf16 matmul sustains (769-798 TFLOP/s
-# measured on the H100/H200 machines this project can borrow; facts §j use it; the SXM datasheet says 989 at boost
+# measured on H100/H200 cards; the SXM datasheet says 989 at boost
 # clock). Others: vendor datasheets. Longer names first: the first substring found in the device name wins.
 PEAK_TFLOPS: dict[str, float] = {
     "H100 PCIe": 756.0,

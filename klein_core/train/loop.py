@@ -33,7 +33,9 @@ from ..data.scan import (
     substitute_trigger,
 )
 from ..errors import DatasetError, NonFiniteLoss, ResumeError, TrainingInterrupted
-from ..health.collapse import CollapseReport, TrainingHistory, non_finite_loss_message
+from ..health.advice import non_finite_loss_message
+from ..health.collapse import CollapseReport
+from ..health.history import TrainingHistory
 from ..health.monitor import HealthMonitor
 from ..model import lora as lora_io
 from ..model.latents import encode_images

@@ -20,6 +20,7 @@ from ..facts import exponential_shift, training_shift_mu
 from ..model.latents import image_ids, pack
 from ..model.text import text_ids
 
+
 def sample_sigmas(batch: int, image_tokens: int, generator: torch.Generator) -> torch.Tensor:
     """σ for ``batch`` samples: logit-normal, then the training shift for this image size."""
     return exponential_shift(torch.sigmoid(torch.randn(batch, generator=generator)), training_shift_mu(image_tokens))
