@@ -32,15 +32,14 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from _common import REPO_ROOT, device_info, random_transformer, time_call, today, versions
 
-import torch
-
-from klein_core.train import estimate as est
 from klein_core.model import lora as lora_io
 from klein_core.model.lowvram import BACKENDS, backend_available, quantize_base_8bit
 from klein_core.preview.sampling import denoise_base
 from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
+from klein_core.train import estimate as est
 from klein_core.train.objective import MicroBatch, accumulate_gradients
 
 RESULTS_MD = REPO_ROOT / "bench" / "RESULTS.md"

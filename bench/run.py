@@ -47,15 +47,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from _common import REPO_ROOT, today, versions
 
-import torch
-
+from klein_core.data.spec import DatasetSpec
 from klein_core.model import lora as lora_io
-from klein_core.train import loop as training
-from klein_core.data.scan import DatasetSpec
 from klein_core.model.loading import load_transformer, resolve_model
 from klein_core.preview.sampling import denoise_base
+from klein_core.train import loop as training
 from klein_core.train.config import TrainCallbacks, TrainConfig
 from klein_core.train.objective import flow_matching_loss
 
@@ -250,8 +249,8 @@ print(json.dumps({{"peak_rss_mib": peak_rss_mib(), "text_encoder_loads": probe.t
 
 def make_rss_model(folder: Path) -> Path:
     """A Klein-shaped diffusers folder whose text encoder (22 M) and transformer (26 M + training) are comparable."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
     from diffusers import Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from klein_core.tools import tiny
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
+from ..klein_core.preset import PRESET
 from ..klein_core.train.estimate import VARIANTS, Mode, detect_gpu_memory, detect_gpu_name, estimate, recommend_mode
 from ..klein_core.train.planner import plan
-from ..klein_core.preset import PRESET
 
 FORMULA = "repeats_per_image = S*B*G/N; S = ceil(N*R/(B*G))"
 # The Klein 9B character guide's worked example (55 images -> 5500 training steps at G=1, 1375 at G=4); a starting value only,

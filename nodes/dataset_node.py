@@ -13,15 +13,10 @@ import os
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..klein_core.data.scan import (
-    DROPOUT_CAPTIONS,
-    TRIGGER_POLICIES,
-    DatasetSpec,
-    dataset_folders,
-    folder_signature,
-    parse_resolutions,
-    validate_trigger,
-)
+from ..klein_core.data.buckets import parse_resolutions
+from ..klein_core.data.captions import DROPOUT_CAPTIONS, TRIGGER_POLICIES, validate_trigger
+from ..klein_core.data.scan import dataset_folders, folder_signature
+from ..klein_core.data.spec import DatasetSpec
 from ..klein_core.errors import DatasetError
 from ..klein_core.preset import PRESET
 from .types import KleinDataset

@@ -11,11 +11,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 import folder_paths
+import torch
 from comfy_api.latest import io, ui
 
+from ..klein_core.facts import PIXEL_MULTIPLE
 from ..klein_core.preset import PRESET
 from ..klein_core.preview.grid import (
     DEFAULT_STRENGTH_SWEEP,
@@ -31,7 +31,6 @@ from ..klein_core.preview.grid import (
     split_prompts,
     substitute_prompts,
 )
-from ..klein_core.facts import PIXEL_MULTIPLE
 from ..klein_core.preview.sampling import PreviewError, check_size
 from . import memory
 from .model_inputs import NONE, choices, full_path, resolve_choice

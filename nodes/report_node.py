@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
-
 from comfy_api.latest import io, ui
+from PIL import Image
 
 from .types import KleinLoraRun
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
-
 import folder_paths
+import torch
 from comfy_api.latest import io, ui
 
 from ..klein_core.data.cache import default_cache_dir
-from ..klein_core.data.scan import REGULARIZATION_CAPTION
+from ..klein_core.data.captions import REGULARIZATION_CAPTION
 from ..klein_core.preset import PRESET
 from ..klein_core.train.config import TrainCallbacks, TrainConfig
 from ..klein_core.train.loop import regularization_summary, train

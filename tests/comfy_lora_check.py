@@ -28,11 +28,10 @@ def main(transformer_path: str, lora_path: str, deltas_out: str) -> None:
     from comfy.cli_args import args
 
     args.cpu = True  # as the test server runs; comfy.model_management picks its device at import
-    import torch
-    from safetensors.torch import save_file
-
     import comfy.sd
     import comfy.utils
+    import torch
+    from safetensors.torch import save_file
 
     collect = _Collect()
     logging.getLogger().addHandler(collect)

@@ -106,7 +106,7 @@ def quick_config(**changes):
 
 
 def quick_spec(folder, **changes):
-    from klein_core.data.scan import DatasetSpec
+    from klein_core.data.spec import DatasetSpec
 
     return DatasetSpec(folder=str(folder), trigger="kleinchar", resolutions=(64,), **changes)
 

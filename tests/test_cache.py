@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from klein_core.atomic import PARTIAL_SUFFIX
+from klein_core.data.buckets import Bucket
 from klein_core.data.cache import (
     CACHE_ENV_VAR,
     CacheError,
@@ -22,7 +23,8 @@ from klein_core.data.cache import (
     latent_requests,
     prompts_to_cache,
 )
-from klein_core.data.scan import Bucket, DatasetSpec, scan_dataset
+from klein_core.data.scan import scan_dataset
+from klein_core.data.spec import DatasetSpec
 from klein_core.tools.sample_data import make_sample_dataset
 
 TRIGGER = "kleinchar"

@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from PIL import Image
-
 from browser_harness import ARTIFACTS_DIR, Browser, find_chromium
 from comfy_harness import PACK_DIR_NAME, REPO_ROOT
+from PIL import Image
 
 pytestmark = pytest.mark.browser
 

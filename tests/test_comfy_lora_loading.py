@@ -20,9 +20,9 @@ import subprocess
 
 import pytest
 import torch
+from comfy_harness import REPO_ROOT, TESTS_DIR
 from safetensors.torch import load_file
 
-from comfy_harness import REPO_ROOT, TESTS_DIR
 from klein_core.model.keymap import diffusers_to_bfl_transformer
 from klein_core.model.lora import FILE_PREFIX, read_lora_file, save_lora, target_module_names
 from klein_core.tools.tiny import COMFY_FILES, TINY_TRANSFORMER_CONFIG

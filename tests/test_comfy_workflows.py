@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from comfy_harness import REPO_ROOT
+from safetensors import safe_open
 
 pytestmark = pytest.mark.comfy_server
 
@@ -147,10 +146,10 @@ def test_train_then_preview_workflow_trains_publishes_the_lora_and_renders_the_g
 
 
 def test_preview_existing_lora_workflow_renders_a_lora_file_from_the_loras_folder(comfy_assets):
+    from diffusers import Flux2Transformer2DModel
+
     from klein_core.model.lora import save_lora, target_module_names
     from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
-
-    from diffusers import Flux2Transformer2DModel
 
     server = comfy_assets.server
     with torch.device("meta"):

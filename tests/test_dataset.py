@@ -15,32 +15,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from klein_core.data.scan import (
-    IMAGE_EXTENSIONS,
+from klein_core.data.buckets import (
     Bucket,
     BucketBatchSampler,
-    CaptionDropout,
-    DatasetSpec,
-    apply_caption_dropout,
-    apply_trigger_policy,
     bucket_for,
-    bucket_pixels,
     buckets_for,
-    changed_fingerprint_parts,
-    dataset_fingerprint,
-    dataset_folders,
-    folder_signature,
-    decode_image_rgb,
-    fingerprint_parts,
     fit_to_bucket,
-    inspect_dataset,
-    is_image_file,
-    load_image_rgb,
     parse_resolutions,
-    pixels_from_image,
-    scan_dataset,
-    substitute_trigger,
 )
+from klein_core.data.captions import CaptionDropout, apply_caption_dropout, apply_trigger_policy, substitute_trigger
+from klein_core.data.images import IMAGE_EXTENSIONS, decode_image_rgb, is_image_file, load_image_rgb, pixels_from_image
+from klein_core.data.scan import bucket_pixels, dataset_folders, folder_signature, inspect_dataset, scan_dataset
+from klein_core.data.spec import DatasetSpec, changed_fingerprint_parts, dataset_fingerprint, fingerprint_parts
 from klein_core.errors import DatasetError
 from klein_core.preset import PRESET
 
@@ -158,7 +144,7 @@ def test_trigger_policy_append_and_keep(tmp_path: Path):
 
 
 def test_a_regularization_set_keeps_class_captions_and_refuses_any_that_carry_the_trigger(tmp_path: Path):
-    from klein_core.data.scan import DatasetSpec
+    from klein_core.data.spec import DatasetSpec
 
     save_image(tmp_path / "a.png")
     save_image(tmp_path / "b.png", color=(20, 90, 160))

@@ -23,7 +23,7 @@ def node():
 @pytest.fixture(scope="module")
 def core():
     require_comfy_api()
-    return import_pack_module("klein_core.data.scan"), import_pack_module("klein_core.tools.sample_data")
+    return import_pack_module("klein_core.data.spec"), import_pack_module("klein_core.tools.sample_data")
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import json
 import shutil
 
 from klein_core.cli import build_parser
-from klein_core.tools.demo import DATASET_FOLDER, READY_MARKER, TINY_FOLDER, DemoScale, run_demo
 from klein_core.preset import PRESET
+from klein_core.tools.demo import DATASET_FOLDER, READY_MARKER, TINY_FOLDER, DemoScale, run_demo
 from klein_core.tools.sample_data import sample_file_names
 
 TOY = DemoScale(images=2, image_size=128, resolution=64, target_repeats=5, sample_steps=2)  # S = 2*5/1 = 10 training steps

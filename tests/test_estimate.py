@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from klein_core.train import estimate as estimate_module
 from klein_core.cli import main
 from klein_core.errors import PlanError
+from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
+from klein_core.train import estimate as estimate_module
 from klein_core.train.estimate import (
     KLEIN_4B,
     KLEIN_9B,
@@ -22,7 +23,6 @@ from klein_core.train.estimate import (
     peak_tflops,
     recommend_mode,
 )
-from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
 
 GC = Mode(gradient_checkpointing=True)
 

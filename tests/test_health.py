@@ -12,8 +12,23 @@ import math
 import numpy as np
 import pytest
 
-from klein_core.health.advice import collapse_advice, diagnose_weak_lora, format_learning_rate, non_finite_loss_message, pick_best_checkpoint
-from klein_core.health.collapse import LIKENESS_DROP, PREVIEW_BLOWOUT, TRAINING_LOSS_NON_FINITE, TRAINING_LOSS_DIVERGING, TRAINING_LOSS_SPIKES, VALIDATION_LOSS_RISING, CollapseThresholds, detect_collapse
+from klein_core.health.advice import (
+    collapse_advice,
+    diagnose_weak_lora,
+    format_learning_rate,
+    non_finite_loss_message,
+    pick_best_checkpoint,
+)
+from klein_core.health.collapse import (
+    LIKENESS_DROP,
+    PREVIEW_BLOWOUT,
+    TRAINING_LOSS_DIVERGING,
+    TRAINING_LOSS_NON_FINITE,
+    TRAINING_LOSS_SPIKES,
+    VALIDATION_LOSS_RISING,
+    CollapseThresholds,
+    detect_collapse,
+)
 from klein_core.health.history import TrainingHistory
 from klein_core.health.stats import preview_statistics
 from klein_core.preset import PRESET

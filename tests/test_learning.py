@@ -29,10 +29,10 @@ import torch
 from conftest import quick_config, quick_spec
 
 from klein_core.model import lora as lora_io
-from klein_core.tools.demo import dataset_images, nearest_training_distance, training_reference_latents
 from klein_core.model.loading import load_transformer, resolve_model
 from klein_core.model.lora import LoraPatcher
 from klein_core.preview.sampling import denoise_base
+from klein_core.tools.demo import dataset_images, nearest_training_distance, training_reference_latents
 from klein_core.train.config import TrainCallbacks
 from klein_core.train.loop import train
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from klein_core.errors import ModelError
 from klein_core.model import lora as lora_io
 from klein_core.model import lowvram
-from klein_core.errors import ModelError
 from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
 from klein_core.train.objective import MicroBatch, accumulate_gradients
 
@@ -50,8 +50,8 @@ def test_asking_for_a_missing_backend_fails_with_the_install_command(monkeypatch
 def test_training_with_a_missing_backend_fails_before_any_model_loads(monkeypatch, tiny_diffusers, sample_dataset, tmp_path):
     from conftest import quick_config, quick_spec
 
-    from klein_core.train import loop as training
     from klein_core.model.loading import resolve_model
+    from klein_core.train import loop as training
 
     monkeypatch.setattr(lowvram, "backend_available", lambda _backend: False)
     monkeypatch.setattr(training, "load_transformer", lambda *a, **k: pytest.fail("the transformer was loaded"))

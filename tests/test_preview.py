@@ -16,6 +16,7 @@ from PIL import Image
 from klein_core.cli import main
 from klein_core.model.loading import load_text_encoder, load_transformer, load_vae, resolve_model
 from klein_core.model.lora import LoraWeights, save_lora, target_module_names
+from klein_core.model.text import encode_prompts
 from klein_core.preview.grid import (
     CONTROL,
     PreviewCheckpoint,
@@ -28,7 +29,6 @@ from klein_core.preview.grid import (
     select_checkpoints,
 )
 from klein_core.preview.sampling import PreviewError, SamplingInterrupted, sample_base
-from klein_core.model.text import encode_prompts
 
 SIZE = 32
 SETTINGS = PreviewSettings(width=SIZE, height=SIZE, sample_steps=1, cfg=4.0, seed=7)  # tiny and fast; 50 in real use

@@ -4,23 +4,24 @@ and under-sampled Base settings are called out."""
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import pytest
 import torch
 
 from klein_core.facts import image_tokens as image_token_count
 from klein_core.facts import sampling_shift_mu as compute_empirical_mu
+from klein_core.model.text import encode_prompts
 from klein_core.preset import PRESET
 from klein_core.preview.sampling import (
-    SamplingInterrupted,
     PreviewError,
+    SamplingInterrupted,
     base_sigmas,
     denoise_base,
     sample_base,
     sample_warnings,
     vae_latents,
 )
-from klein_core.model.text import encode_prompts
 
 WIDTH, HEIGHT = 64, 48  # not square, so width and height cannot be swapped unnoticed
 SAMPLE_STEPS = 4

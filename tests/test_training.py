@@ -3,17 +3,16 @@
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from dataclasses import replace
 from conftest import quick_config, quick_spec
 
+from klein_core.errors import NonFiniteLoss, ResumeError, TrainingInterrupted
 from klein_core.model import lora as lora_io
-from klein_core.errors import ResumeError
 from klein_core.model.loading import load_transformer, resolve_model
-from klein_core.errors import NonFiniteLoss, TrainingInterrupted
 from klein_core.train.config import TrainCallbacks
 from klein_core.train.loop import checkpoint_name, train
 from klein_core.train.objective import MicroBatch, accumulate_gradients

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import quick_config, quick_spec
 
+from klein_core.errors import NonFiniteLoss
 from klein_core.model import lora as lora_io
 from klein_core.model.loading import resolve_model
-from klein_core.errors import NonFiniteLoss
 from klein_core.train.config import TrainCallbacks
 from klein_core.train.loop import train
 
@@ -100,7 +100,7 @@ def test_health_previews_give_likeness_and_preview_statistics_per_checkpoint(tin
 
 
 def test_regularization_set_mixes_in_at_its_weight_and_is_not_counted_in_the_dose(tiny_diffusers, sample_dataset, training_cache, tmp_path):
-    from klein_core.data.scan import DatasetSpec
+    from klein_core.data.spec import DatasetSpec
     from klein_core.tools.sample_data import make_sample_dataset
 
     reg_folder = tmp_path / "class_images"
@@ -126,7 +126,7 @@ def test_regularization_set_mixes_in_at_its_weight_and_is_not_counted_in_the_dos
 def test_held_out_images_get_their_validation_loss_at_every_checkpoint_and_are_never_trained_on(tiny_diffusers, sample_dataset, training_cache, tmp_path):
     import shutil
 
-    from klein_core.data.scan import DatasetSpec
+    from klein_core.data.spec import DatasetSpec
     from klein_core.tools.sample_data import make_sample_dataset
 
     held = tmp_path / "held_out"
@@ -146,7 +146,7 @@ def test_held_out_images_get_their_validation_loss_at_every_checkpoint_and_are_n
 
 def test_a_regularization_set_whose_captions_carry_the_trigger_is_refused_before_any_model_loads(tiny_diffusers, sample_dataset, tmp_path, monkeypatch):
     import klein_core.train.loop as training
-    from klein_core.data.scan import DatasetSpec
+    from klein_core.data.spec import DatasetSpec
     from klein_core.errors import DatasetError
 
     monkeypatch.setattr(training, "load_text_encoder", lambda *a, **k: pytest.fail("a model was loaded"))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data.scan import TRIGGER_POLICIES, inspect_dataset, parse_resolutions
+from ..data.buckets import parse_resolutions
+from ..data.captions import TRIGGER_POLICIES
+from ..data.scan import inspect_dataset
 from ..preset import PRESET
 from ._common import print_json
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import PlanError
+from ..preset import PRESET
 from ..train.estimate import VARIANTS, Mode, detect_gpu_memory, detect_gpu_name, estimate, recommend_mode
 from ..train.planner import plan
-from ..preset import PRESET
 from ._common import print_json
 
 
@@ -36,7 +36,7 @@ def count_images_arg(value: str) -> int:
     folder = Path(value)
     if not folder.is_dir():
         raise PlanError(f"--images must be a number or a dataset folder; {value!r} is neither")
-    from ..data.scan import is_image_file
+    from ..data.images import is_image_file
 
     return sum(1 for f in folder.iterdir() if f.is_file() and is_image_file(f))
 

@@ -11,7 +11,14 @@ from pathlib import Path
 
 from ..model.loading import resolve_model
 from ..preset import PRESET
-from ..preview.grid import PreviewSettings, checkpoint_from_file, load_for_preview, plan_rows, render_preview_grid, substitute_prompts
+from ..preview.grid import (
+    PreviewSettings,
+    checkpoint_from_file,
+    load_for_preview,
+    plan_rows,
+    render_preview_grid,
+    substitute_prompts,
+)
 from ..preview.sampling import PreviewError, check_size
 from ._common import add_model_args, print_json, show_sample_progress
 

@@ -8,10 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from ..data.scan import REGULARIZATION_CAPTION, DatasetSpec
+from ..data.captions import REGULARIZATION_CAPTION
+from ..data.spec import DatasetSpec
+from ..errors import NonFiniteLoss
 from ..model.loading import resolve_model
 from ..preset import PRESET
-from ..errors import NonFiniteLoss
 from ..train.config import TrainCallbacks, TrainConfig
 from ..train.loop import train
 from ._common import add_model_args, print_json

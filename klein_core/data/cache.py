@@ -27,8 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..atomic import atomic_save_safetensors
-from .scan import Bucket, DatasetScan, DatasetSpec, ScanItem, bucket_pixels, substitute_trigger
 from ..errors import KleinError
+from .buckets import Bucket
+from .captions import substitute_trigger
+from .scan import DatasetScan, ScanItem, bucket_pixels
+from .spec import DatasetSpec
 
 if TYPE_CHECKING:
     import torch

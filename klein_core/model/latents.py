@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 
-
 def patchify(latents: torch.Tensor) -> torch.Tensor:
     b, c, h, w = latents.shape
     x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)

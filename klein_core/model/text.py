@@ -7,7 +7,6 @@ import torch
 from ..facts import TEXT_ENCODER_LAYERS, TEXT_TOKENS
 
 
-
 def klein_chat_text(prompt: str) -> str:
     """The single-turn Qwen3 chat text with thinking disabled, exactly as the Klein pipeline renders it."""
     return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"

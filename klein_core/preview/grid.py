@@ -19,12 +19,12 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..atomic import atomic_write, atomic_write_json
+from ..data.captions import substitute_trigger
+from ..health.advice import diagnose_weak_lora
+from ..health.history import TrainingHistory
 from ..model.lora import LoraPatcher, LoraWeights, read_lora_file
 from ..preset import PRESET
 from .sampling import PreviewError, check_size, sample_base, sample_warnings
-from ..data.scan import substitute_trigger
-from ..health.advice import diagnose_weak_lora
-from ..health.history import TrainingHistory
 
 CONTROL_STEP = 0  # the no-LoRA control row is labelled training step 0
 DEFAULT_STRENGTH_SWEEP = (0.6, 0.8, 1.0, 1.2)  # a suggestion for the UI and the docs; no sweep unless asked

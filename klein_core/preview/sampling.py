@@ -16,9 +16,9 @@ import torch
 
 from ..errors import KleinError
 from ..facts import LATENT_CHANNELS, PIXEL_MULTIPLE, exponential_shift, sampling_shift_mu
-from ..model.latents import decode_latents, image_ids, pack, unpack, unpatchify, denormalise
-from ..preset import PRESET
+from ..model.latents import decode_latents, denormalise, image_ids, pack, unpack, unpatchify
 from ..model.text import text_ids
+from ..preset import PRESET
 
 NUM_TRAIN_TIMESTEPS = 1000  # the transformer multiplies the timestep by 1000 inside; the pipeline rounds through it
 

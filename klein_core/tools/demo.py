@@ -23,7 +23,9 @@ from typing import Callable, Sequence
 import torch
 
 from ..atomic import atomic_write_bytes
-from ..data.scan import DatasetSpec, fit_to_bucket, is_image_file, load_image_rgb, pixels_from_image
+from ..data.buckets import fit_to_bucket
+from ..data.images import is_image_file, load_image_rgb, pixels_from_image
+from ..data.spec import DatasetSpec
 from ..model.latents import encode_images
 from ..preset import PRESET
 
@@ -171,12 +173,12 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo into ``out_dir`` (created; the tiny model and the dataset are reused when already there)."""
     from ..model.loading import resolve_model
-    from ..train.planner import plan
+    from ..model.lora import LoraPatcher
     from ..preview.grid import PreviewSettings, preview_run
     from ..preview.sampling import denoise_base
-    from ..model.lora import LoraPatcher
     from ..train.config import TrainCallbacks, TrainConfig
     from ..train.loop import MANIFEST_FILE, default_device, train
+    from ..train.planner import plan
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)

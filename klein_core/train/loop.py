@@ -23,15 +23,12 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_torch_save, atomic_write_json
+from ..data.buckets import BucketBatchSampler
 from ..data.cache import EmbeddingCache, latent_requests, prompts_to_cache
-from ..data.scan import (
-    BucketBatchSampler,
-    DatasetScan,
-    DatasetSpec,
-    fingerprint_parts,
-    load_image_rgb,
-    substitute_trigger,
-)
+from ..data.captions import substitute_trigger
+from ..data.images import load_image_rgb
+from ..data.scan import DatasetScan
+from ..data.spec import DatasetSpec, fingerprint_parts
 from ..errors import DatasetError, NonFiniteLoss, ResumeError, TrainingInterrupted
 from ..health.advice import non_finite_loss_message
 from ..health.collapse import CollapseReport
