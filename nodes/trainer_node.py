@@ -211,7 +211,7 @@ def _publish_to_loras(run) -> str:
 
 def _summary(run, lora_name: str) -> str:
     plan = run.plan
-    losses = run.manifest["history"]["losses"]
+    losses = run.history.losses
     lines = [
         f"{plan.training_steps} training steps, {plan.repeats_per_image:.1f} repeats per image ({plan.band})",
         f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no loss recorded",

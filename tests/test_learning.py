@@ -72,7 +72,7 @@ def is_clearly_closer(distance: torch.Tensor, control_distance: torch.Tensor) ->
 
 def test_trained_lora_previews_are_clearly_closer_to_the_training_images_than_the_no_lora_control(learned):
     run, references, preview, control, control_distance = learned
-    final_lora = run.checkpoints[-1][2]
+    final_lora = run.checkpoints[-1].weights
     with_lora = preview(final_lora)
     distance = nearest_training_distance(with_lora, references)
     ratio = distance / control_distance
@@ -86,7 +86,7 @@ def test_trained_lora_previews_are_clearly_closer_to_the_training_images_than_th
 
 def test_the_margin_needs_the_lora_applied_strength_zero_is_the_control(learned):
     run, references, preview, control, control_distance = learned
-    at_zero = preview(run.checkpoints[-1][2], strength=0.0)
+    at_zero = preview(run.checkpoints[-1].weights, strength=0.0)
     assert torch.equal(at_zero, control)
     assert not is_clearly_closer(nearest_training_distance(at_zero, references), control_distance)
 
@@ -98,7 +98,7 @@ def test_the_margin_needs_training_an_untrained_adapter_previews_like_the_contro
         torch.manual_seed(0)
         lora_io.add_lora(fresh, rank=8)  # the adapter training starts from
     untrained = lora_io.adapter_weights(fresh)
-    assert untrained.keys() == run.checkpoints[-1][2].keys()
+    assert untrained.keys() == run.checkpoints[-1].weights.keys()
     skipped = preview(untrained)
     assert torch.equal(skipped, control)
     assert not is_clearly_closer(nearest_training_distance(skipped, references), control_distance)

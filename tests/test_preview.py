@@ -29,6 +29,7 @@ from klein_core.preview.grid import (
     select_checkpoints,
 )
 from klein_core.preview.sampling import PreviewError, SamplingInterrupted, sample_base
+from klein_core.train.config import SavedCheckpoint
 
 SIZE = 32
 SETTINGS = PreviewSettings(width=SIZE, height=SIZE, sample_steps=1, cfg=4.0, seed=7)  # tiny and fast; 50 in real use
@@ -184,10 +185,10 @@ def test_preview_of_an_in_memory_run_uses_its_cached_embeddings_and_training_res
     history = TrainingHistory()
     for step in range(1, 41):
         history.add_training_loss(step, 1.5 - step * 0.01)  # a falling loss: the LoRA is learning
-    run = SimpleNamespace(manifest={"history": history.as_dict()},
-        transformer=model.transformer, vae=model.vae, trigger="kleinchar", resolution=SIZE, run_dir=tmp_path, is_distilled=False,
-        checkpoints=[(200, tmp_path / "x_step000200.safetensors", random_lora(model.transformer, 2)),
-                     (100, tmp_path / "x_step000100.safetensors", random_lora(model.transformer, 1))],
+    run = SimpleNamespace(history=history,
+        transformer=model.transformer, vae=model.vae, trigger="kleinchar", resolution=SIZE, run_dir=tmp_path,
+        checkpoints=[SavedCheckpoint(200, tmp_path / "x_step000200.safetensors", random_lora(model.transformer, 2)),
+                     SavedCheckpoint(100, tmp_path / "x_step000100.safetensors", random_lora(model.transformer, 1))],
         preview_embeds={"photo of [trigger]": model.embeds[0], "": model.negative},
     )
     before = snapshot(model.transformer)

@@ -29,7 +29,8 @@ def pack():
         loading=import_pack_module("klein_core.model.loading"),
         lora=import_pack_module("klein_core.model.lora"),
         text=import_pack_module("klein_core.model.text"),
-        health=import_pack_module("klein_core.health.collapse"),
+        history=import_pack_module("klein_core.health.history"),
+        train_config=import_pack_module("klein_core.train.config"),
     )
 
 
@@ -64,14 +65,14 @@ def run(pack, tiny_diffusers, tmp_path_factory):
     embeds = pack.text.encode_prompts(te, tok, ["photo of kleinchar", ""])
     transformer = pack.loading.load_transformer(resolved)
     run_dir = tmp_path_factory.mktemp("run")
-    history = pack.health.TrainingHistory()
+    history = pack.history.TrainingHistory()
     for step in range(1, 21):
         history.add_training_loss(step, 1.4 - 0.02 * step)
     return SimpleNamespace(
-        manifest={"history": history.as_dict()}, transformer=transformer, vae=pack.loading.load_vae(resolved), trigger="kleinchar", resolution=SIZE,
-        run_dir=run_dir, is_distilled=False,
-        checkpoints=[(10, run_dir / "kc_step000010.safetensors", random_lora(pack, transformer, 1)),
-                     (20, run_dir / "kc_step000020.safetensors", random_lora(pack, transformer, 2))],
+        history=history, transformer=transformer, vae=pack.loading.load_vae(resolved), trigger="kleinchar", resolution=SIZE,
+        run_dir=run_dir,
+        checkpoints=[pack.train_config.SavedCheckpoint(10, run_dir / "kc_step000010.safetensors", random_lora(pack, transformer, 1)),
+                     pack.train_config.SavedCheckpoint(20, run_dir / "kc_step000020.safetensors", random_lora(pack, transformer, 2))],
         preview_embeds={"photo of kleinchar": embeds[0], "": embeds[1]},
     )
 

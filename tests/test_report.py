@@ -109,11 +109,22 @@ def test_chart_draws_non_finite_losses_and_survives_an_empty_history():
     assert empty.size == (400, 300)
 
 
-def test_report_png_is_written_atomically(tmp_path):
+def test_a_report_write_killed_midway_leaves_the_previous_report_whole_and_no_partial_file(tmp_path, monkeypatch):
     history = make_history(collapse=False)
     image = render_training_report(history, None, pick_best_checkpoint(history, None))
     path = save_training_report(image, tmp_path / "run" / "training_report.png")
+    before = path.read_bytes()
     assert Image.open(path).size == image.size
+
+    def killed_while_writing(self, fp, *args, **kwargs):
+        with open(fp, "wb") as out:
+            out.write(before[: len(before) // 2])  # half a PNG on disk, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        save_training_report(render_training_report(make_history(collapse=True), None, None), path)
+    assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == ["training_report.png"]  # no partial file left
 
 

@@ -165,7 +165,7 @@ def test_run_folder_has_step_checkpoints_final_lora_state_and_manifest(tiny_diff
     assert all(c["validation_loss"] is not None for c in records)
     assert manifest["history"]["loss_steps"] == [1, 2, 3, 4]
     assert manifest["final_lora"].endswith("hero.safetensors")
-    assert [s for s, _, _ in result.checkpoints] == [2, 4]
+    assert [c.training_step for c in result.checkpoints] == [2, 4]
 
 
 def test_loss_is_read_only_every_log_every_training_steps_yet_every_loss_is_kept(tiny_diffusers, sample_dataset, tmp_path, training_cache):

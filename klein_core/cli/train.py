@@ -156,7 +156,7 @@ def run(args) -> int:
         "training_steps": result.plan.training_steps,
         "repeats_per_image": result.plan.repeats_per_image,
         "final_lora": str(result.final_lora),
-        "checkpoints": [str(path) for _, path, _ in result.checkpoints],
+        "checkpoints": [str(c.path) for c in result.checkpoints],
         "run_dir": str(result.run_dir),
         **health_fields(result.health),
     }

@@ -21,7 +21,6 @@ from PIL import Image, ImageDraw, ImageFont
 from ..atomic import atomic_write, atomic_write_json
 from ..data.captions import substitute_trigger
 from ..health.advice import diagnose_weak_lora
-from ..health.history import TrainingHistory
 from ..model.lora import LoraPatcher, LoraWeights, read_lora_file
 from ..preset import PRESET
 from .sampling import PreviewError, check_size, sample_base, sample_warnings
@@ -179,7 +178,8 @@ def lora_trigger_word(path: str | Path) -> str | None:
 
 def checkpoints_from_run(run) -> list[PreviewCheckpoint]:
     """The trainer's in-memory checkpoints (``KLEIN_LORA_RUN``), oldest first; nothing is re-read from disk."""
-    return [PreviewCheckpoint(step, Path(path).name, weights) for step, path, weights in sorted(run.checkpoints, key=lambda c: c[0])]
+    ordered = sorted(run.checkpoints, key=lambda c: c.training_step)
+    return [PreviewCheckpoint(c.training_step, c.path.name, c.weights) for c in ordered]
 
 
 @dataclass(frozen=True)
@@ -496,7 +496,6 @@ def preview_run(
         settings,
         width=settings.width or run.resolution,
         height=settings.height or run.resolution,
-        is_distilled=settings.is_distilled or bool(getattr(run, "is_distilled", False)),
     )
     names, embeds, negative = run_prompt_embeds(run, prompts)
     chosen = select_checkpoints(checkpoints_from_run(run), checkpoints)
@@ -505,6 +504,6 @@ def preview_run(
         run.transformer, run.vae, names, embeds, negative, rows, settings, out_dir,
         progress=progress, interrupt=interrupt, on_cell=on_cell,
     )
-    losses = TrainingHistory.from_dict(run.manifest["history"]).losses
+    losses = run.history.losses
     advice = diagnose_weak_lora(losses, settings.sample_steps, settings.cfg, is_base=not settings.is_distilled)
     return replace(result, weak_lora_advice=advice)

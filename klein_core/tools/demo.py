@@ -227,8 +227,7 @@ def run_demo(
 
     settings = PreviewSettings(
         width=scale.resolution, height=scale.resolution, sample_steps=scale.sample_steps, cfg=scale.cfg, seed=scale.seed,
-        is_distilled=run.is_distilled,
-    )
+    )  # training runs only on Base (a distilled model is refused), so the previews are Base previews
     log(f"[4/5] preview grid: rows = no-LoRA control (step 0) + {len(run.checkpoints)} checkpoints, "
         f"{settings.sample_steps} sample steps, CFG {settings.cfg:g}, seed {settings.seed} for every cell")
     for warning in settings.warnings():
@@ -241,13 +240,13 @@ def run_demo(
     references = training_reference_latents(run.vae, dataset_images(dataset_dir), scale.resolution)
     prompt = result.prompts[0]
     embeds, negative = run.preview_embeds[prompt], run.preview_embeds[""]
-    final_weights = run.checkpoints[-1][2]
+    final_weights = run.checkpoints[-1].weights
     patcher = LoraPatcher(run.transformer)
     distances = []
     for weights in (None, final_weights):
         with patcher.applied(weights):
             latents = denoise_base(run.transformer, embeds, negative, scale.resolution, scale.resolution,
-                                   scale.sample_steps, scale.cfg, scale.seed, is_distilled=run.is_distilled,
+                                   scale.sample_steps, scale.cfg, scale.seed,
                                    progress=on_sample_step)
         distances.append(float(nearest_training_distance(latents, references)[0]))
     control_distance, lora_distance = distances

@@ -10,12 +10,12 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from ..errors import ConfigError
-from ..health.history import CheckpointRecord
+from ..health.history import CheckpointRecord, TrainingHistory
 from ..health.monitor import HealthSummary
 from ..model import lora as lora_io
 from ..preset import PRESET
@@ -80,13 +80,21 @@ class TrainCallbacks:
     log: Callable[[str], None] = print
 
 
+class SavedCheckpoint(NamedTuple):
+    """A LoRA checkpoint the run kept: its training step, its file and its weights (already in memory for previews)."""
+
+    training_step: int
+    path: Path
+    weights: lora_io.LoraWeights
+
+
 @dataclass
 class TrainedRun:
     """What training leaves in memory for previews (``KLEIN_LORA_RUN``): no second model load needed."""
 
     transformer: torch.nn.Module  # plain base transformer (adapter removed, base weights untouched)
     vae: torch.nn.Module
-    checkpoints: list[tuple[int, Path, lora_io.LoraWeights]]
+    checkpoints: list[SavedCheckpoint]  # in training-step order
     preview_embeds: dict[str, torch.Tensor]
     trigger: str
     resolution: int
@@ -94,8 +102,8 @@ class TrainedRun:
     final_lora: Path
     plan: Plan
     manifest: dict
+    history: TrainingHistory  # the typed run history of run.json: loss readings and checkpoint records
     health: HealthSummary | None = None  # collapse verdict, advice and best checkpoint
-    is_distilled: bool = False
 
 
 @dataclass

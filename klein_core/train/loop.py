@@ -39,7 +39,7 @@ from ..model.latents import encode_images
 from ..model.loading import ResolvedModel, load_text_encoder, load_transformer, load_vae
 from ..model.text import encode_prompts
 from ..preset import PRESET
-from .config import DistributedContext, TrainCallbacks, TrainConfig, TrainedRun
+from .config import DistributedContext, SavedCheckpoint, TrainCallbacks, TrainConfig, TrainedRun
 from .objective import (
     MicroBatch,
     accumulate_gradients,
@@ -387,7 +387,7 @@ def train(
         log(summary.verdict)
     lora_io.remove_lora(transformer)
     transformer.eval()
-    kept = [(c.step, Path(c.lora_path), lora_io.read_lora_file(c.lora_path))
+    kept = [SavedCheckpoint(c.step, Path(c.lora_path), lora_io.read_lora_file(c.lora_path))
             for c in monitor.history.checkpoints if c.lora_path and Path(c.lora_path).exists()]
     return TrainedRun(
         transformer=transformer,
@@ -400,6 +400,7 @@ def train(
         final_lora=final_path,
         plan=the_plan,
         manifest=manifest,
+        history=monitor.history,
         health=summary,
     )
 
