@@ -15,7 +15,8 @@ from PIL import Image
 
 from klein_core.cli import main
 from klein_core.model.loading import load_text_encoder, load_transformer, load_vae, resolve_model
-from klein_core.model.lora import LoraWeights, save_lora, target_module_names
+from klein_core.errors import LoraFormatError
+from klein_core.model.lora import LoraPatcher, LoraWeights, save_lora, target_module_names
 from klein_core.model.text import encode_prompts
 from klein_core.preview.grid import (
     CONTROL,
@@ -245,3 +246,45 @@ def test_cli_preview_refuses_a_size_that_is_not_a_multiple_of_16(tiny_diffusers,
     code = main(["preview", "--model", str(tiny_diffusers), "--prompt", "x", "--width", "40", "--height", "32", "--out", str(tmp_path)])
     assert code == 2 and "width 40" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+# --- the merge itself: in place, originals off the device, restored bit for bit ---------------------------------------
+def tiny_transformer(dtype: torch.dtype):
+    from diffusers import Flux2Transformer2DModel
+
+    from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
+
+    torch.manual_seed(0)
+    return Flux2Transformer2DModel(**TINY_TRANSFORMER_CONFIG).eval().requires_grad_(False).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_is_in_place_with_cpu_backups_and_restores_every_weight_bit_for_bit(dtype):
+    transformer = tiny_transformer(dtype)
+    before = snapshot(transformer)
+    weights = random_lora(transformer, 3)
+    modules = dict(transformer.named_modules())
+    pointers = {name: modules[name].weight.data_ptr() for name in weights}
+    patcher = LoraPatcher(transformer)
+    with patcher.applied(weights, strength=0.8):
+        for name, (a, b) in weights.items():
+            weight = modules[name].weight
+            assert weight.data_ptr() == pointers[name] and weight.dtype == dtype  # merged into the same storage
+            expected = (before[f"{name}.weight"].float() + (b @ a) * 0.8).to(dtype)  # the former out-of-place merge
+            torch.testing.assert_close(weight.data, expected, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-2)
+            assert not torch.equal(weight.data, before[f"{name}.weight"])
+        assert patcher.originals.keys() == weights.keys()
+        assert all(backup.device.type == "cpu" for backup in patcher.originals.values())
+    assert all(modules[name].weight.data_ptr() == pointers[name] for name in weights)
+    assert patcher.originals == {}
+    assert_bit_identical(before, transformer)
+
+
+def test_a_failed_apply_still_restores_the_weights_merged_before_it():
+    transformer = tiny_transformer(torch.float32)
+    before = snapshot(transformer)
+    weights = dict(random_lora(transformer, 4))
+    weights["transformer_blocks.0.attn.no_such_module"] = next(iter(weights.values()))
+    with pytest.raises(LoraFormatError, match="no_such_module"), LoraPatcher(transformer).applied(weights):
+        pass
+    assert_bit_identical(before, transformer)
