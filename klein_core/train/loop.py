@@ -28,7 +28,7 @@ from ..data.cache import EmbeddingCache, latent_requests, prompts_to_cache
 from ..data.captions import substitute_trigger
 from ..data.images import load_image_rgb
 from ..data.scan import DatasetScan
-from ..data.spec import DatasetSpec, fingerprint_parts
+from ..data.spec import DatasetSpec, changed_fingerprint_parts, fingerprint_parts
 from ..errors import DatasetError, NonFiniteLoss, ResumeError, TrainingInterrupted
 from ..health.advice import non_finite_loss_message
 from ..health.collapse import CollapseReport
@@ -122,7 +122,7 @@ def checkpoint_name(output_name: str, training_step: int) -> str:
 
 
 def _resume_check(state: dict, config: TrainConfig, fingerprint: dict[str, str], allow_changes: bool) -> None:
-    changed = [k for k in sorted(fingerprint) if state["fingerprint"].get(k) != fingerprint[k]]
+    changed = changed_fingerprint_parts(state["fingerprint"], fingerprint)
     old_config = state["config"]
     for key in ("batch_size", "grad_accum", "learning_rate", "rank", "alpha", "seed", "warmup_steps", "training_steps"):
         if old_config.get(key) != getattr(config, key):
