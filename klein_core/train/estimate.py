@@ -49,8 +49,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import PlanError
-from ..facts import KLEIN_4B as KLEIN_4B_FACTS
-from ..facts import KLEIN_9B as KLEIN_9B_FACTS
+from .. import facts
 from ..facts import PIXEL_MULTIPLE as PATCH_PIXELS
 from ..facts import TEXT_TOKENS
 from ..preset import PRESET
@@ -173,8 +172,8 @@ def _shape_of(facts) -> "ModelShape":
     return ModelShape(facts.name, facts.hidden_size, facts.num_layers, facts.num_single_layers, facts.joint_attention_dim)
 
 
-KLEIN_9B = _shape_of(KLEIN_9B_FACTS)
-KLEIN_4B = _shape_of(KLEIN_4B_FACTS)
+KLEIN_9B = _shape_of(facts.KLEIN_9B)
+KLEIN_4B = _shape_of(facts.KLEIN_4B)
 VARIANTS: dict[str, ModelShape] = {"9B": KLEIN_9B, "4B": KLEIN_4B}
 
 
@@ -219,7 +218,7 @@ MODES_BY_PREFERENCE = (Mode(), Mode(gradient_checkpointing=True), Mode(base_8bit
 
 def image_tokens(resolution: int) -> int:
     """Latent tokens of a resolution² image (aspect buckets keep about the same area)."""
-    return (int(resolution) // PATCH_PIXELS) ** 2
+    return facts.image_tokens(int(resolution), int(resolution))
 
 
 @dataclass(frozen=True)
