@@ -28,8 +28,10 @@ from public_photos import (
 from skimage import data
 
 from klein_core.cli import main
-from klein_core.data.contact_sheet import sheet_order, write_contact_sheet
-from klein_core.data.identity import (
+from klein_core.data.images import decode_image_rgb, decode_reduced_rgb
+from klein_core.data.scan import inspect_dataset
+from klein_core.health.contact_sheet import sheet_order, write_contact_sheet
+from klein_core.health.identity import (
     FINDING_KINDS,
     THRESHOLDS,
     IdentityThresholds,
@@ -37,8 +39,6 @@ from klein_core.data.identity import (
     dhash,
     leave_one_out_medoids,
 )
-from klein_core.data.images import decode_image_rgb, decode_reduced_rgb
-from klein_core.data.scan import inspect_dataset
 from klein_core.health.likeness import FaceLikeness, face_backend_available
 
 FACE_AVAILABLE, FACE_MISSING_REASON = face_backend_available()
@@ -123,14 +123,15 @@ def test_reduced_decoding_gives_the_upright_size_asked_for(tmp_path: Path):
 
 
 def test_without_the_extra_near_duplicates_are_still_found_and_one_line_says_how_to_add_faces(tmp_path, monkeypatch):
-    import klein_core.health.likeness as likeness
+    import klein_core.health.identity as identity
+    from klein_core.health.likeness import FACE_EXTRA_HINT
 
-    monkeypatch.setattr(likeness, "face_backend_available", lambda: (False, "dlib is not installed: pip install x"))
+    monkeypatch.setattr(identity, "face_backend_available", lambda: (False, "dlib is not installed: pip install x"))
     shots = clean_astronaut_set()
     shots["copy_of_1.jpg"] = near_duplicate(shots["astronaut_1.jpg"])  # named after it: the later one is flagged
     write_photos(tmp_path / "set", shots)
     report = check_folder(tmp_path / "set", face=True)
-    assert not report.face_checks and "pip install" in report.note and likeness.FACE_EXTRA_HINT in report.note
+    assert not report.face_checks and "pip install" in report.note and FACE_EXTRA_HINT in report.note
     assert kinds_by_file(report) == {**{n: set() for n in clean_astronaut_set()}, "copy_of_1.jpg": {"near_duplicate"}}
     assert report.note in "\n".join(report.summary_lines())
 
@@ -216,3 +217,17 @@ def test_face_size_is_judged_at_the_smallest_training_resolution(tmp_path: Path,
     assert at_1024.face_px >= THRESHOLDS.small_face_px and at_1024.face_resolution == 1024
     assert both.face_resolution == 512 and both.face_px == pytest.approx(at_1024.face_px / 2, abs=2)
     assert "small_face" in {f.kind for f in both.findings} and "small_face" not in {f.kind for f in at_1024.findings}
+
+
+def test_the_identity_benchmark_runs_end_to_end_on_a_few_photos(tmp_path: Path):
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "identity_check.py"
+    command = [sys.executable, str(bench), "--count", "3", "--max-side", "900", "--resolution", "256", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["photos"]["count"] == 3 and report["photos"]["max_side"] == 900
+    assert {"scan_s", "identity_s", "sheet_s", "total_s"} <= report["figures"].keys()
+    assert report["figures"]["face_checks"] == FACE_AVAILABLE

@@ -13,6 +13,8 @@ from ..data.buckets import parse_resolutions
 from ..data.captions import TRIGGER_POLICIES
 from ..data.scan import inspect_dataset
 from ..errors import DatasetError
+from ..health.contact_sheet import write_contact_sheet
+from ..health.identity import check_identity
 from ..preset import PRESET
 from ._common import print_json
 
@@ -84,13 +86,9 @@ def run_check(args) -> int:
     )
     identity = None
     if not args.no_identity or sheet is not None:
-        from ..data.identity import check_identity
-
         identity = check_identity(scan, face=not args.no_identity)
     if sheet is not None:
-        from ..data.contact_sheet import write_contact_sheet
-
-        write_contact_sheet(identity, sheet, title=f"{scan.folder} ({len(scan.items)} images)")
+        write_contact_sheet(identity, sheet, title=f"{scan.folder.name}: {len(scan.items)} images")
     ready = scan.ok and (identity is None or identity.ready)
     if args.json:
         report = scan.as_dict()

@@ -8,25 +8,25 @@ to cover its bucket, so a 4000-px photo is decoded at about 1000 px and costs li
 warning with a reason and a ``kind`` (``FINDING_KINDS``). A set in which most images are flagged is NOT READY.
 
 The face checks use the face embedder of the optional ``[likeness]`` extra (dlib's HOG detector and 128-d face
-descriptor, ``klein_core.health.likeness``), imported only here and only when asked for; without it the
-near-duplicate check still runs and ``IdentityReport.note`` says how to add the face checks. Nothing is written
+descriptor, ``likeness.FaceLikeness``; dlib itself is imported only when the embedder is built); without it the
+near-duplicate check still runs and ``IdentityReport.note`` says how to add the face checks. It lives in ``health``
+(not ``data``) because it needs the face embedder, and ``health`` may import ``data`` but not the other way. Nothing is written
 into the dataset folder: images are only read.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
 
-from .buckets import upscale_factor
-from .images import decode_reduced_rgb
-from .scan import DatasetScan, ScanItem
-
-if TYPE_CHECKING:  # the [likeness] extra is optional: imported lazily in face_checker()
-    from ..health.likeness import FaceBox, FaceLikeness
+from ..data.buckets import upscale_factor
+from ..data.images import decode_reduced_rgb
+from ..data.scan import DatasetScan, ScanItem
+from .likeness import FACE_EXTRA_HINT, FaceBox, FaceLikeness, face_backend_available
+from .stats import laplacian
 
 FINDING_KINDS: tuple[str, ...] = (
     "no_face",
@@ -120,7 +120,7 @@ class ImageCheck:
     scale: float
     dhash: int
     thumbnail: Image.Image = field(repr=False)
-    faces: tuple["FaceBox", ...] = ()
+    faces: tuple[FaceBox, ...] = ()
     descriptors: tuple[np.ndarray, ...] = field(default=(), repr=False)
     face_px: int | None = None
     face_resolution: int | None = None
@@ -195,10 +195,8 @@ class IdentityReport:
 # the check
 
 
-def face_checker() -> tuple["FaceLikeness | None", str]:
+def face_checker() -> tuple[FaceLikeness | None, str]:
     """The face embedder of the ``[likeness]`` extra, or (None, one line saying how to add the face checks)."""
-    from ..health.likeness import FACE_EXTRA_HINT, FaceLikeness, face_backend_available
-
     available, why = face_backend_available()
     if not available:
         return None, f"face checks skipped ({why.split(':')[0]}); add them with: {FACE_EXTRA_HINT}"
@@ -208,7 +206,7 @@ def face_checker() -> tuple["FaceLikeness | None", str]:
 def check_identity(
     scan: DatasetScan,
     thresholds: IdentityThresholds = THRESHOLDS,
-    face: "FaceLikeness | None | bool" = True,
+    face: FaceLikeness | None | bool = True,
 ) -> IdentityReport:
     """Check every usable image of ``scan``; reads the files, writes nothing.
 
@@ -232,7 +230,7 @@ def check_identity(
 
 
 def _look_at(
-    item: ScanItem, resolutions: Sequence[int], face: "FaceLikeness | None", thresholds: IdentityThresholds
+    item: ScanItem, resolutions: Sequence[int], face: FaceLikeness | None, thresholds: IdentityThresholds
 ) -> ImageCheck:
     """Decode one image at training scale (the largest resolution's) and measure it: hash, faces, size, sharpness."""
     scales = {res: upscale_factor(item.width, item.height, item.bucket(res)) for res in resolutions}
@@ -258,11 +256,9 @@ def _look_at(
     return check
 
 
-def face_sharpness(image: Image.Image, box: "FaceBox", side: int) -> float | None:
+def face_sharpness(image: Image.Image, box: FaceBox, side: int) -> float | None:
     """Variance of the Laplacian of the grey face region, the face resized down to ``side`` if larger; None when
     the visible part of the box is too small to measure."""
-    from ..health.stats import laplacian
-
     left, top = max(0, box.left), max(0, box.top)
     right, bottom = min(image.width, box.right), min(image.height, box.bottom)
     if min(right - left, bottom - top) < 8:
