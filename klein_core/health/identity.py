@@ -25,6 +25,7 @@ from PIL import Image
 from ..data.buckets import upscale_factor
 from ..data.images import decode_reduced_rgb
 from ..data.scan import DatasetScan, ScanItem
+from ..errors import DatasetError
 from .likeness import FACE_EXTRA_HINT, FaceBox, FaceLikeness, face_backend_available
 from .stats import laplacian
 
@@ -236,7 +237,11 @@ def _look_at(
     scales = {res: upscale_factor(item.width, item.height, item.bucket(res)) for res in resolutions}
     scale = max(scales.values())
     size = (max(1, round(item.width * scale)), max(1, round(item.height * scale)))
-    image = decode_reduced_rgb(item.path.read_bytes(), item.name, *size)
+    try:
+        data = item.path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{item.path}: cannot be read any more ({exc.strerror or exc}); scan it again") from None
+    image = decode_reduced_rgb(data, item.name, *size)
     thumbnail = image.copy()
     thumbnail.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BILINEAR)
     check = ImageCheck(item.name, item.sha256, item.width, item.height, scale, dhash(image), thumbnail)
@@ -331,7 +336,8 @@ def _flag_identity(images: list[ImageCheck], thresholds: IdentityThresholds) -> 
             return None, [f"only {len(single)} photos show one face: identity needs {thresholds.min_faces_to_compare}"]
         return None, []
     vectors = np.stack([i.descriptors[0] for i in single])
-    distances = np.linalg.norm(vectors[:, None, :] - vectors[None, :, :], axis=-1)
+    squared = (vectors**2).sum(axis=1)
+    distances = np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2.0 * vectors @ vectors.T, 0.0))
     for index, medoid in enumerate(leave_one_out_medoids(distances)):
         single[index].distance = float(distances[index, medoid])
         single[index].compared_to = single[medoid].name
