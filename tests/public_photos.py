@@ -4,6 +4,8 @@
 - matplotlib's ``sample_data/grace_hopper.jpg``: US Navy portrait of Rear Admiral Grace Hopper (public domain).
   Read from the installed package's folder; matplotlib itself is never imported.
 - scikit-image's ``data.coffee()``: a cup of coffee (public domain), a photo without a face.
+
+``needs_face`` skips, saying why, a test that needs the face embedder of the ``[likeness]`` extra.
 """
 
 from __future__ import annotations
@@ -12,8 +14,16 @@ import importlib.util
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 from skimage import data
+
+from klein_core.health.likeness import face_backend_available
+
+FACE_AVAILABLE, FACE_MISSING_REASON = face_backend_available()
+needs_face = pytest.mark.skipif(
+    not FACE_AVAILABLE, reason=f"[likeness] extra not installed, face embedder untestable: {FACE_MISSING_REASON}"
+)
 
 
 def astronaut() -> np.ndarray:

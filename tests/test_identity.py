@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 from public_photos import (
+    FACE_AVAILABLE,
     as_pil,
     astronaut,
     clean_astronaut_set,
     jitter,
     mixed_identity_set,
     near_duplicate,
+    needs_face,
     tiny_face,
     write_photos,
 )
@@ -39,12 +41,8 @@ from klein_core.health.identity import (
     dhash,
     leave_one_out_medoids,
 )
-from klein_core.health.likeness import FaceLikeness, face_backend_available
+from klein_core.health.likeness import FaceLikeness
 
-FACE_AVAILABLE, FACE_MISSING_REASON = face_backend_available()
-needs_face = pytest.mark.skipif(
-    not FACE_AVAILABLE, reason=f"[likeness] extra not installed, face checks untestable: {FACE_MISSING_REASON}"
-)
 RESOLUTION = 512  # faces are judged at training scale; 512 keeps detection cheap
 
 

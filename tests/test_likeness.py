@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from public_photos import astronaut, grace_hopper, jitter
+from public_photos import astronaut, grace_hopper, jitter, needs_face
 from skimage import data
 
 from klein_core.health.likeness import (
@@ -19,13 +19,8 @@ from klein_core.health.likeness import (
     ImageSimilarityLikeness,
     LikenessBackend,
     choose_backend,
-    face_backend_available,
 )
 
-FACE_AVAILABLE, FACE_MISSING_REASON = face_backend_available()
-needs_face = pytest.mark.skipif(
-    not FACE_AVAILABLE, reason=f"[likeness] extra not installed, face backend untestable: {FACE_MISSING_REASON}"
-)
 
 
 @pytest.fixture(scope="module")
