@@ -40,6 +40,76 @@ def _resolve_folder(folder: str | None, path: str | None) -> str:
     return os.path.join(folder_paths.get_input_directory(), folder)
 
 
+def _inputs() -> list:
+    """The node's inputs, in widget order (saved workflows store widget values by position)."""
+    return [
+        io.Combo.Input(
+            "folder",
+            options=_folder_choices(),
+            tooltip="A subfolder of ComfyUI's input directory that holds your images (refresh the page "
+            f"after adding one). Choose '{USE_PATH}' to use the path input instead.",
+        ),
+        io.String.Input(
+            "path",
+            default="",
+            optional=True,
+            tooltip="Optional: a dataset folder anywhere on disk. When not empty it overrides the list. "
+            "Nothing is ever written into it.",
+        ),
+        io.String.Input(
+            "trigger",
+            default="",
+            tooltip="The trigger word the identity binds to, e.g. a rare word like 'kleinchar'. It "
+            "replaces [trigger] in captions and preview prompts. Required.",
+        ),
+        io.String.Input(
+            "default_caption",
+            default=PRESET.default_caption,
+            tooltip="Caption of an image without a .txt file (or with an empty one). [trigger] becomes "
+            "the trigger word.",
+        ),
+        io.Float.Input(
+            "caption_dropout",
+            default=PRESET.caption_dropout,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="Probability that a sample trains with a dropped caption instead of its own "
+            f"(starter value {PRESET.caption_dropout}). Deterministic per seed.",
+        ),
+        io.Combo.Input(
+            "dropout_caption",
+            options=list(DROPOUT_CAPTIONS),
+            default="trigger",
+            tooltip="What a dropped caption becomes: 'trigger' = the trigger word alone (keeps the "
+            "identity bound to the word; default), 'empty' = an empty caption.",
+        ),
+        io.String.Input(
+            "resolutions",
+            default=str(PRESET.resolution),
+            tooltip=f"Training resolution(s), comma-separated: {PRESET.resolution} by default, "
+            "'1024,768' trains every image at both. Multiples of 16. Images go to the aspect bucket "
+            "(sides multiple of 16, area about resolution squared) closest to their shape, are resized "
+            "to cover it and centre-cropped.",
+        ),
+        io.Combo.Input(
+            "trigger_policy",
+            options=list(TRIGGER_POLICIES),
+            default="prepend",
+            tooltip="A caption that lacks the trigger word: 'prepend' -> 'word, caption' (default), "
+            "'append' -> 'caption, word', 'keep' -> left as written (warned). 'exclude' is for a "
+            "regularization set of class images: no caption may contain the word (the trainer reads its "
+            "regularization input this way whatever is set here).",
+        ),
+        io.Boolean.Input(
+            "skip_corrupt",
+            default=False,
+            tooltip="Off: a corrupt or truncated image stops the run with its name. On: it is skipped "
+            "with a warning.",
+        ),
+    ]
+
+
 class KleinCaptionDataset(io.ComfyNode):
     """Scans an identity dataset folder and hands the trainer a validated ``KLEIN_DATASET``."""
 
@@ -54,72 +124,7 @@ class KleinCaptionDataset(io.ComfyNode):
                 "[trigger] in captions becomes the trigger word; captions lacking the word get it by the trigger "
                 "policy. Every image is checked here, before any model loads; the folder is never written to."
             ),
-            inputs=[
-                io.Combo.Input(
-                    "folder",
-                    options=_folder_choices(),
-                    tooltip="A subfolder of ComfyUI's input directory that holds your images (refresh the page "
-                    f"after adding one). Choose '{USE_PATH}' to use the path input instead.",
-                ),
-                io.String.Input(
-                    "path",
-                    default="",
-                    optional=True,
-                    tooltip="Optional: a dataset folder anywhere on disk. When not empty it overrides the list. "
-                    "Nothing is ever written into it.",
-                ),
-                io.String.Input(
-                    "trigger",
-                    default="",
-                    tooltip="The trigger word the identity binds to, e.g. a rare word like 'kleinchar'. It "
-                    "replaces [trigger] in captions and preview prompts. Required.",
-                ),
-                io.String.Input(
-                    "default_caption",
-                    default=PRESET.default_caption,
-                    tooltip="Caption of an image without a .txt file (or with an empty one). [trigger] becomes "
-                    "the trigger word.",
-                ),
-                io.Float.Input(
-                    "caption_dropout",
-                    default=PRESET.caption_dropout,
-                    min=0.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip="Probability that a sample trains with a dropped caption instead of its own "
-                    f"(starter value {PRESET.caption_dropout}). Deterministic per seed.",
-                ),
-                io.Combo.Input(
-                    "dropout_caption",
-                    options=list(DROPOUT_CAPTIONS),
-                    default="trigger",
-                    tooltip="What a dropped caption becomes: 'trigger' = the trigger word alone (keeps the "
-                    "identity bound to the word; default), 'empty' = an empty caption.",
-                ),
-                io.String.Input(
-                    "resolutions",
-                    default=str(PRESET.resolution),
-                    tooltip=f"Training resolution(s), comma-separated: {PRESET.resolution} by default, "
-                    "'1024,768' trains every image at both. Multiples of 16. Images go to the aspect bucket "
-                    "(sides multiple of 16, area about resolution squared) closest to their shape, are resized "
-                    "to cover it and centre-cropped.",
-                ),
-                io.Combo.Input(
-                    "trigger_policy",
-                    options=list(TRIGGER_POLICIES),
-                    default="prepend",
-                    tooltip="A caption that lacks the trigger word: 'prepend' -> 'word, caption' (default), "
-                    "'append' -> 'caption, word', 'keep' -> left as written (warned). 'exclude' is for a "
-                    "regularization set of class images: no caption may contain the word (the trainer reads its "
-                    "regularization input this way whatever is set here).",
-                ),
-                io.Boolean.Input(
-                    "skip_corrupt",
-                    default=False,
-                    tooltip="Off: a corrupt or truncated image stops the run with its name. On: it is skipped "
-                    "with a warning.",
-                ),
-            ],
+            inputs=_inputs(),
             outputs=[
                 KleinDataset.Output(
                     "dataset",
