@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from .crashpoint import crash_point
+
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -23,6 +25,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        crash_point(f"partial:{target.name}")
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)

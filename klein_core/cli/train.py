@@ -10,20 +10,22 @@ from pathlib import Path
 
 from ..data.captions import REGULARIZATION_CAPTION
 from ..data.spec import DatasetSpec
-from ..errors import NonFiniteLoss
+from ..errors import ConfigError, NonFiniteLoss
 from ..model.loading import resolve_model
 from ..preset import PRESET
 from ..train.config import TrainCallbacks, TrainConfig
 from ..train.loop import train
+from ..train.resume import RunInputs, inputs_from_manifest
 from ._common import add_model_args, print_json
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a Klein Base LoRA on a folder of images")
-    add_model_args(p)
-    p.add_argument("--images", required=True, help="dataset folder (images + optional same-stem .txt captions)")
-    p.add_argument("--trigger", required=True, help="the trigger word; replaces [trigger] in captions")
-    p.add_argument("--out", required=True, help="run folder (LoRA checkpoints, run.json, training state)")
+    add_model_args(p, required=False)
+    p.add_argument("--images", help="dataset folder (images + optional same-stem .txt captions); required unless "
+                   "--resume RUN")
+    p.add_argument("--trigger", help="the trigger word; replaces [trigger] in captions; required unless --resume RUN")
+    p.add_argument("--out", help="run folder (LoRA checkpoints, run.json, training state)")
     p.add_argument("--name", default=PRESET.output_name, help="LoRA file name stem")
     dose = p.add_mutually_exclusive_group()
     dose.add_argument("--target-repeats", type=float, default=PRESET.target_repeats, help="dose in repeats per image R")
@@ -61,7 +63,9 @@ def register(sub) -> None:
                    help="optional folder of images of the same person kept out of training (captions as in --images): "
                    "their fixed-noise validation loss is recorded at every checkpoint")
     p.add_argument("--cache-dir", help="latent/embedding cache (default ~/.cache/klein-lora or $KLEIN_LORA_CACHE)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out to its planned total")
+    p.add_argument("--resume", nargs="?", const=True, metavar="RUN",
+                   help="continue the run in --out (or RUN) to its planned total; `--resume RUN` alone takes the model, "
+                   "dataset and settings from RUN/run.json")
     p.add_argument("--allow-changes", action="store_true", help="resume even though the dataset or config changed")
     p.add_argument("--json", action="store_true", help="print a final JSON summary")
     p.set_defaults(func=run)
@@ -114,7 +118,61 @@ def progress_line(info: dict) -> str:
 
 
 def run(args) -> int:
-    config = TrainConfig(  # settings first: every check here runs before any model loads
+    run_dir = _run_folder(args)
+    if args.images is None and args.trigger is None and args.model is None and args.resume:
+        inputs = inputs_from_manifest(run_dir, args.cache_dir)
+    else:
+        inputs = _inputs_from_args(args)
+    console = _Console(to_stderr=args.json)  # with --json, stdout carries only the JSON summary
+    with _Signals() as signals:
+        callbacks = TrainCallbacks(on_step=console.progress, should_stop=lambda: signals.stop, log=console.log)
+        try:
+            result = train(inputs.resolved, inputs.spec, inputs.config, run_dir, callbacks=callbacks,
+                           cache_dir=inputs.cache_dir, preview_prompts=inputs.preview_prompts,
+                           regularization=inputs.regularization, held_out=inputs.held_out,
+                           resume=bool(args.resume), allow_changes=args.allow_changes)
+        except NonFiniteLoss as exc:  # a collapse: the message leads with the LR advice; --json still says what to keep
+            console.end_line()
+            print(f"error: {exc}", file=sys.stderr)
+            if args.json:
+                print_json({"final_lora": None, "run_dir": str(run_dir), **health_fields(exc.health)})
+            return 1
+    console.end_line()
+    summary = {
+        "training_steps": result.plan.training_steps,
+        "repeats_per_image": result.plan.repeats_per_image,
+        "final_lora": str(result.final_lora),
+        "checkpoints": [str(c.path) for c in result.checkpoints],
+        "run_dir": str(result.run_dir),
+        **health_fields(result.health),
+    }
+    if args.json:
+        print_json(summary)
+    else:
+        if result.health is not None:  # its verdict was logged as the run ended
+            print(f"health report: {result.health.report_path}")
+        print(f"final LoRA: {summary['final_lora']}")
+        print(f"run manifest: {result.run_dir / 'run.json'}")
+    return 0
+
+
+def _run_folder(args) -> Path:
+    """``--out``, or the RUN of ``--resume RUN``; both given, they must agree."""
+    named = args.resume if isinstance(args.resume, str) else None
+    if named and args.out and Path(named) != Path(args.out):
+        raise ConfigError(f"--resume {named} and --out {args.out} name different run folders: give one")
+    if not (named or args.out):
+        raise ConfigError("--out is required (the run folder), or --resume RUN to continue a run")
+    return Path(named or args.out)
+
+
+def _inputs_from_args(args) -> RunInputs:
+    """The full command: every check here runs before any model loads."""
+    missing = [flag for flag, value in (("--model", args.model), ("--images", args.images), ("--trigger", args.trigger))
+               if value is None]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} required (or `--resume RUN` alone, to continue a run as saved)")
+    config = TrainConfig(
         output_name=args.name, training_steps=args.training_steps, target_repeats=args.target_repeats,
         batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup_steps,
         rank=args.rank, seed=args.seed, save_every=args.save_every, keep_last=args.keep_last,
@@ -138,36 +196,7 @@ def run(args) -> int:
                                caption_dropout=0.0, resolutions=tuple(args.resolution))
         held_out.scan()
     resolved = resolve_model(args.model, args.text_encoder, args.vae, args.tokenizer)
-    console = _Console(to_stderr=args.json)  # with --json, stdout carries only the JSON summary
-    with _Signals() as signals:
-        callbacks = TrainCallbacks(on_step=console.progress, should_stop=lambda: signals.stop, log=console.log)
-        try:
-            result = train(resolved, spec, config, Path(args.out), callbacks=callbacks, cache_dir=args.cache_dir,
-                           preview_prompts=tuple(args.preview_prompt), regularization=regularization, held_out=held_out,
-                           resume=args.resume, allow_changes=args.allow_changes)
-        except NonFiniteLoss as exc:  # a collapse: the message leads with the LR advice; --json still says what to keep
-            console.end_line()
-            print(f"error: {exc}", file=sys.stderr)
-            if args.json:
-                print_json({"final_lora": None, "run_dir": args.out, **health_fields(exc.health)})
-            return 1
-    console.end_line()
-    summary = {
-        "training_steps": result.plan.training_steps,
-        "repeats_per_image": result.plan.repeats_per_image,
-        "final_lora": str(result.final_lora),
-        "checkpoints": [str(c.path) for c in result.checkpoints],
-        "run_dir": str(result.run_dir),
-        **health_fields(result.health),
-    }
-    if args.json:
-        print_json(summary)
-    else:
-        if result.health is not None:  # its verdict was logged as the run ended
-            print(f"health report: {result.health.report_path}")
-        print(f"final LoRA: {summary['final_lora']}")
-        print(f"run manifest: {result.run_dir / 'run.json'}")
-    return 0
+    return RunInputs(resolved, spec, config, regularization, held_out, tuple(args.preview_prompt), args.cache_dir)
 
 
 def health_fields(health) -> dict:

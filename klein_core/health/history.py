@@ -74,7 +74,9 @@ class TrainingHistory:
         likeness: float | None = None,
         held_out_loss: float | None = None,
     ) -> CheckpointRecord:
+        """One record per training step: recording a step again (its health after its file) replaces the record."""
         record = CheckpointRecord(int(step), lora_path, validation_loss, preview_stats, likeness, held_out_loss)
+        self.checkpoints = [c for c in self.checkpoints if c.step != record.step]
         self.checkpoints.append(record)
         self.checkpoints.sort(key=lambda c: c.step)
         return record

@@ -57,6 +57,14 @@ class ResolvedModel:
     vae_config: dict
     warnings: list[str] = field(default_factory=list)
 
+    def source_args(self) -> dict[str, str | None]:
+        """The ``resolve_model`` arguments that resolve these files again (a run folder's record of its model)."""
+        if self.format == "diffusers":
+            return {"model": str(self.transformer_path.parent), "text_encoder": None, "vae": None,
+                    "tokenizer": None if self.tokenizer_path is None else str(self.tokenizer_path)}
+        return {"model": str(self.transformer_path), "text_encoder": str(self.text_encoder_path),
+                "vae": str(self.vae_path), "tokenizer": None if self.tokenizer_path is None else str(self.tokenizer_path)}
+
     @property
     def identity(self) -> str:
         """A short id of these exact files (names, sizes, mtimes) for cache keys and run manifests."""

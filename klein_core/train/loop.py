@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..crashpoint import crash_point
 from ..data.spec import DatasetSpec
 from ..errors import NonFiniteLoss, TrainingInterrupted
 from ..model.loading import ResolvedModel
@@ -93,6 +94,7 @@ def run_training_steps(session: TrainingSession, progress: Progress, callbacks: 
         progress.step += 1
         progress.pending.append(loss)
         step = progress.step
+        crash_point(f"training_step@{step}")
         if callbacks.on_progress:
             callbacks.on_progress(step, config.training_steps)
         is_checkpoint = bool(config.save_every) and step % config.save_every == 0 and step < config.training_steps

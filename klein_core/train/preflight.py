@@ -7,25 +7,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from ..data.captions import substitute_trigger
 from ..data.scan import DatasetScan
-from ..data.spec import DatasetSpec, changed_fingerprint_parts, fingerprint_parts
-from ..errors import DatasetError, ResumeError
+from ..data.spec import DatasetSpec, fingerprint_parts
+from ..errors import DatasetError
 from ..model.loading import ResolvedModel
 from .config import TrainConfig
 from .planner import Plan, plan
-
-STATE_FILE = "training_state.pt"
-MANIFEST_FILE = "run.json"
+from .resume import ResumePoint, find_resume_point, remove_partial_files
 
 
 @dataclass
 class Preflight:
     """The checked inputs of one run: scans of the identity set and the optional regularization and held-out sets,
-    the plan (and the config with its planned training steps and memory mode), the dataset fingerprint, the resume
-    state when resuming, and the preview prompts with the trigger substituted."""
+    the plan (and the config with its planned training steps and memory mode), the dataset fingerprint, where a
+    resumed run continues, and the preview prompts with the trigger substituted."""
 
     spec: DatasetSpec
     scan: DatasetScan
@@ -37,7 +33,7 @@ class Preflight:
     reg_scan: DatasetScan | None = None
     held_out: DatasetSpec | None = None
     held_scan: DatasetScan | None = None
-    state: dict | None = None
+    resume: ResumePoint | None = None
 
     def datasets(self) -> list[tuple[DatasetScan, DatasetSpec]]:
         """The sets to encode, identity first, then regularization and held-out when present."""
@@ -71,7 +67,11 @@ def preflight(
     the_plan = plan(len(scan.items), config.target_repeats, config.batch_size, config.grad_accum, config.training_steps)
     config = replace(config, training_steps=the_plan.training_steps)
     fingerprint = fingerprint_parts(scan, spec)
-    state = _resume_state(run_dir, config, fingerprint, allow_changes) if resume else None
+    resume_point = None
+    if resume:
+        for leftover in remove_partial_files(run_dir):
+            log(f"removed {leftover.name}: a write cut off by a kill")
+        resume_point = find_resume_point(run_dir, config, fingerprint, allow_changes, log)
     for warning in scan.warnings:
         log(f"warning: {warning}")
     log(
@@ -92,7 +92,7 @@ def preflight(
     config = replace(config, gradient_checkpointing=_estimate_memory_mode(resolved, spec, scan, config, device, log))
     prompts = tuple(dict.fromkeys(substitute_trigger(p, scan.trigger) for p in preview_prompts))
     return Preflight(spec, scan, config, the_plan, fingerprint, prompts, regularization, reg_scan, held_out, held_scan,
-                     state)
+                     resume_point)
 
 
 def regularization_summary(images: int, weight: float, repeats_per_image: float) -> str:
@@ -104,23 +104,6 @@ def regularization_summary(images: int, weight: float, repeats_per_image: float)
 def regularization_repeats(the_plan: Plan, config: TrainConfig, images: int) -> float:
     """How often each class image is seen: one regularization micro-batch rides along with every identity one."""
     return the_plan.training_steps * config.batch_size * config.grad_accum / images
-
-
-def _resume_state(run_dir: Path, config: TrainConfig, fingerprint: dict[str, str], allow_changes: bool) -> dict:
-    if not (run_dir / STATE_FILE).exists():
-        raise ResumeError(f"nothing to resume in {run_dir}: no {STATE_FILE}")
-    state = torch.load(run_dir / STATE_FILE, weights_only=False)
-    changed = changed_fingerprint_parts(state["fingerprint"], fingerprint)
-    old_config = state["config"]
-    for key in ("batch_size", "grad_accum", "learning_rate", "rank", "alpha", "seed", "warmup_steps", "training_steps"):
-        if old_config.get(key) != getattr(config, key):
-            changed.append(f"{key} ({old_config.get(key)} -> {getattr(config, key)})")
-    if changed and not allow_changes:
-        raise ResumeError(
-            f"cannot resume: {', '.join(changed)} changed since the run started; restore them, start a new run, "
-            "or override with --allow-changes"
-        )
-    return state
 
 
 def _held_out_overlap(scan: DatasetScan, held_scan: DatasetScan) -> list[str]:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_torch_save, atomic_write_json
+from ..crashpoint import crash_point
 from ..data.buckets import BucketBatchSampler
 from ..data.cache import EmbeddingCache, latent_requests, prompts_to_cache
 from ..data.images import load_image_rgb
@@ -31,7 +32,8 @@ from ..preset import PRESET
 from .config import DistributedContext, SavedCheckpoint, TrainConfig, TrainedRun
 from .objective import MicroBatch, micro_batch_generator, sample_sigmas, validation_loss
 from .planner import Plan
-from .preflight import MANIFEST_FILE, STATE_FILE, Preflight, regularization_repeats
+from .preflight import Preflight, regularization_repeats
+from .resume import MANIFEST_FILE, STATE_FILE, ResumePoint
 
 
 @dataclass
@@ -121,9 +123,13 @@ def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, device
     optimizer = torch.optim.AdamW(
         params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=str(device).startswith("cuda")
     )
-    warmup = max(0, config.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
-    return optimizer, scheduler
+    return optimizer, warmup_scheduler(optimizer, config.warmup_steps)
+
+
+def warmup_scheduler(optimizer, warmup_steps: int):
+    """The LR rises linearly over the first ``warmup_steps`` training steps, then stays."""
+    warmup = max(0, warmup_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
 
 
 @dataclass
@@ -158,7 +164,7 @@ class TrainingSession:
             if with_preview else None,
             references=[_reference_image(item) for item in self.scan.items] if with_preview else None,
         )
-        self.manifest = _new_manifest(resolved, pre)
+        self.manifest = _new_manifest(resolved, pre, cache_dir)
 
     def _load_transformer(self) -> torch.nn.Module:
         # The 8-bit base loads on the CPU and reaches the device block by block, already quantised.
@@ -176,22 +182,46 @@ class TrainingSession:
 
     # --- start: resume, or the step-0 baseline ----------------------------------------------------------------------
     def start(self) -> Progress:
-        """Restore the resume state, or record the untrained base (the baseline of validation loss and previews)."""
-        state = self.pre.state
-        if state is None:
+        """Restore where a resumed run continues (resume.py), or record the untrained base (the baseline of validation
+        loss and previews). run.json is written at once: a run killed before its first checkpoint can be resumed."""
+        point = self.pre.resume
+        if point is None or point.kind == "start":
             if self.dist.is_main:
                 self.monitor.record_checkpoint(0, None, *self.checkpoint_losses())
+                self._write_manifest()
             return Progress(0)
-        lora_io.load_adapter_weights(self.transformer, state["lora"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        lora_io.load_adapter_weights(self.transformer, point.lora)
+        if point.state is not None:
+            self.optimizer.load_state_dict(point.state["optimizer"])
+            self.scheduler.load_state_dict(point.state["scheduler"])
+            torch.set_rng_state(point.state["torch_rng"])
+        else:  # Adam's moments restart at zero: a short warmup keeps the first updates small
+            self.scheduler = warmup_scheduler(self.optimizer, point.warmup_steps)
         self._set_learning_rate(self.config.learning_rate)  # a changed LR (--allow-changes) takes effect
-        torch.set_rng_state(state["torch_rng"])
-        saved = state["manifest"]  # keep what happened; describe the run as it is configured now
-        self.manifest = dict(self.manifest, history=saved["history"], checkpoints=saved["checkpoints"])
-        self.monitor.history = TrainingHistory.from_dict(self.manifest["history"])
-        self.log(f"resuming {self.run_dir} at training step {state['training_step']}/{self.config.training_steps}")
-        return Progress(state["training_step"])
+        self.monitor.history = TrainingHistory.from_dict(point.history)  # what happened; the config is today's
+        self.manifest["resumed_from"] = point.as_dict()
+        how = "its optimizer state" if point.state is not None else f"a fresh optimizer ({point.warmup_steps}-step warmup)"
+        self.log(f"resuming {self.run_dir} at training step {point.step}/{self.config.training_steps} with {how}")
+        if self.dist.is_main:
+            self._complete_checkpoint(point)
+        return Progress(point.step)
+
+    def _complete_checkpoint(self, point: ResumePoint) -> None:
+        """A kill after the state was written may have cut off the checkpoint's LoRA file or its health work: the
+        state holds the same adapter, so both are redone exactly as the unbroken run did them."""
+        path = self.run_dir / checkpoint_name(self.config.output_name, point.step)
+        record = self.monitor.history.checkpoint_at(point.step)
+        if record is None or record.lora_path is None:
+            if point.state is not None:
+                return  # a stop or final step with no checkpoint record: nothing was cut off
+            path, record = point.source, self.monitor.history.add_checkpoint(point.step, str(point.source))
+        if not Path(record.lora_path).exists():
+            lora_io.save_lora(path, point.lora, self.lora_metadata(point.step))
+            self.log(f"wrote {path.name}: the kill came before its LoRA file")
+        if record.validation_loss is None:
+            self.log(f"health work of the checkpoint at training step {point.step} (cut off or skipped)")
+            self._checkpoint_health(point.step, Path(record.lora_path))
+        self._write_manifest()
 
     def _set_learning_rate(self, learning_rate: float) -> None:
         """Loading a saved optimizer and scheduler restores the LR the run started with; a resume that lowers the LR
@@ -239,25 +269,41 @@ class TrainingSession:
             self.monitor.history.add_checkpoint(step, None, trained, held_out_loss=held)
 
     def save_checkpoint(self, step: int, with_health: bool = True) -> Path:
-        """The LoRA file, its health record (validation loss, preview), the resume state and run.json."""
+        """The resume state first, then the LoRA file and run.json, and only then the health work (validation pass,
+        preview: tens of seconds on a real card) and run.json again. Each write is atomic, so a kill at any moment
+        leaves a state at least as new as the newest checkpoint file: the run resumes exactly (resume.py)."""
         path = self.run_dir / checkpoint_name(self.config.output_name, step)
         weights = lora_io.adapter_weights(self.transformer)
-        losses = self.checkpoint_losses() if with_health else (None, None)
-        if not self.dist.is_main:
-            return path
-        lora_io.save_lora(path, weights, self.lora_metadata(step))
-        if with_health:
-            self.monitor.record_checkpoint(step, str(path), *losses)
-        else:
+        if self.dist.is_main:
             self.monitor.history.add_checkpoint(step, str(path))
-        _prune(self.monitor.history, self.config.keep_last)
-        self.manifest["history"] = self.monitor.history.as_dict()
-        self.manifest["checkpoints"] = [str(c.lora_path) for c in self.monitor.history.checkpoints if c.lora_path]
-        atomic_torch_save(self.state(step, weights), self.run_dir / STATE_FILE)
-        atomic_write_json(self.run_dir / MANIFEST_FILE, self.manifest)
-        if self.on_checkpoint:
+            pruned = _prune(self.monitor.history, self.config.keep_last)
+            atomic_torch_save(self.state(step, weights), self.run_dir / STATE_FILE)
+            crash_point(f"state@{step}")
+            lora_io.save_lora(path, weights, self.lora_metadata(step))
+            for old in pruned:
+                old.unlink(missing_ok=True)
+            self._write_manifest()
+        if with_health:
+            self._checkpoint_health(step, path)
+        if self.dist.is_main and self.on_checkpoint:
             self.on_checkpoint(self.monitor.history.checkpoint_at(step))
         return path
+
+    def _checkpoint_health(self, step: int, path: Path) -> None:
+        """Validation losses on every rank; the health preview and the record on rank 0."""
+        losses = self.checkpoint_losses()
+        crash_point(f"health@{step}")
+        if self.dist.is_main:
+            self.monitor.record_checkpoint(step, str(path), *losses)
+            self._write_manifest()
+
+    def _synced_manifest(self) -> dict:
+        self.manifest["history"] = self.monitor.history.as_dict()
+        self.manifest["checkpoints"] = [str(c.lora_path) for c in self.monitor.history.checkpoints if c.lora_path]
+        return self.manifest
+
+    def _write_manifest(self) -> None:
+        atomic_write_json(self.run_dir / MANIFEST_FILE, self._synced_manifest())
 
     def state(self, step: int, weights: lora_io.LoraWeights) -> dict:
         """What ``--resume`` restores: adapter, optimizer, scheduler, RNG, and the run's config and history."""
@@ -269,7 +315,7 @@ class TrainingSession:
             "torch_rng": torch.get_rng_state(),
             "config": self.config.as_dict(),
             "fingerprint": self.pre.fingerprint,
-            "manifest": self.manifest,
+            "manifest": self._synced_manifest(),
         }
 
     def lora_metadata(self, step: int) -> dict:
@@ -376,14 +422,16 @@ def _health_preview(transformer, vae, data: EncodedDataset, prompts: tuple[str, 
     return render
 
 
-def _prune(history: TrainingHistory, keep_last: int) -> None:
-    """Delete the oldest step checkpoints beyond ``keep_last`` (their health records stay, marked unsaved)."""
+def _prune(history: TrainingHistory, keep_last: int) -> list[Path]:
+    """Mark the oldest step checkpoints beyond ``keep_last`` unsaved (their health records stay) and return their
+    files, deleted once the new checkpoint is on disk."""
     if keep_last <= 0:
-        return
+        return []
     saved = [c for c in history.checkpoints if c.lora_path]
+    pruned = [Path(record.lora_path) for record in saved[:-keep_last]]
     for record in saved[:-keep_last]:
-        Path(record.lora_path).unlink(missing_ok=True)
         record.lora_path = None
+    return pruned
 
 
 def _lora_metadata(spec: DatasetSpec, config: TrainConfig, the_plan: Plan, step: int, resolved: ResolvedModel) -> dict:
@@ -398,7 +446,8 @@ def _lora_metadata(spec: DatasetSpec, config: TrainConfig, the_plan: Plan, step:
     }
 
 
-def _new_manifest(resolved: ResolvedModel, pre: Preflight) -> dict:
+def _new_manifest(resolved: ResolvedModel, pre: Preflight, cache_dir) -> dict:
+    """The run as configured: enough for ``klein-lora train --resume RUN`` to continue it with no other argument."""
     config, reg_scan, held_scan = pre.config, pre.reg_scan, pre.held_scan
     return {
         "config": config.as_dict(),
@@ -407,9 +456,14 @@ def _new_manifest(resolved: ResolvedModel, pre: Preflight) -> dict:
         "regularization": None if reg_scan is None else {
             "folder": str(reg_scan.folder), "images": len(reg_scan.items), "weight": config.regularization_weight,
             "repeats_per_image": regularization_repeats(pre.plan, config, len(reg_scan.items)),
+            "spec": pre.regularization.as_dict(),
         },
-        "held_out": None if held_scan is None else {"folder": str(held_scan.folder), "images": len(held_scan.items)},
-        "model": {"variant": resolved.variant.name, "format": resolved.format, "identity": resolved.identity},
+        "held_out": None if held_scan is None else {"folder": str(held_scan.folder), "images": len(held_scan.items),
+                                                    "spec": pre.held_out.as_dict()},
+        "model": {"variant": resolved.variant.name, "format": resolved.format, "identity": resolved.identity,
+                  "source": resolved.source_args()},
+        "preview_prompts": list(pre.prompts),
+        "cache_dir": None if cache_dir is None else str(cache_dir),
         "history": TrainingHistory().as_dict(),
         "checkpoints": [],
         "final_lora": None,

@@ -1,0 +1,182 @@
+"""Where ``--resume`` picks a run up, decided before any model loads.
+
+The session writes the resume state first at every checkpoint, then the LoRA file, then run.json, and only then
+does the checkpoint's health work; every write is atomic. So after a kill at any moment the run folder holds one of:
+
+- a state at least as new as the newest checkpoint file: the adapter, optimizer, scheduler and RNG continue exactly
+  (the resumed run equals an unbroken one); a checkpoint file or health record the kill cut off is redone;
+- no state, or one older than the newest checkpoint file (a run from before this order, or a state deleted by hand):
+  the newest checkpoint's LoRA continues with a fresh optimizer and a short LR warmup, and the log says so;
+- nothing saved yet but run.json: the run starts again from training step 0 (the same run, it is deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..data.spec import DatasetSpec, changed_fingerprint_parts
+from ..errors import ResumeError
+from ..health.history import TrainingHistory
+from ..model import lora as lora_io
+from ..model.loading import ResolvedModel, resolve_model
+from ..preset import PRESET
+from .config import TrainConfig
+
+STATE_FILE = "training_state.pt"
+MANIFEST_FILE = "run.json"
+# Settings whose change a resume names (and refuses without --allow-changes); the rank is refused always.
+COMPARED_SETTINGS = ("batch_size", "grad_accum", "learning_rate", "rank", "alpha", "seed", "warmup_steps", "training_steps")
+
+
+@dataclass
+class ResumePoint:
+    """What a resumed run restores. ``state`` is the full resume state (optimizer, scheduler, RNG) or None when the
+    LoRA continues from a checkpoint file with a fresh optimizer warmed up over ``warmup_steps`` training steps."""
+
+    step: int
+    source: Path
+    history: dict
+    lora: lora_io.LoraWeights | None = None
+    state: dict | None = None
+    warmup_steps: int = 0
+
+    @property
+    def kind(self) -> str:
+        return "state" if self.state is not None else ("checkpoint" if self.lora is not None else "start")
+
+    def as_dict(self) -> dict:
+        """The manifest's record of this resume."""
+        return {"kind": self.kind, "training_step": self.step, "source": str(self.source),
+                "fresh_optimizer_warmup_steps": self.warmup_steps if self.kind == "checkpoint" else None}
+
+
+def find_resume_point(run_dir: Path, config: TrainConfig, fingerprint: dict[str, str], allow_changes: bool,
+                      log: Callable[[str], None]) -> ResumePoint:
+    """The newest exact point to continue from (see the module docstring); refuses changed settings by name."""
+    state = torch.load(run_dir / STATE_FILE, weights_only=False) if (run_dir / STATE_FILE).exists() else None
+    manifest = read_manifest(run_dir)
+    newest = newest_checkpoint(run_dir, config.output_name)
+    if state is None and manifest is None:
+        raise ResumeError(f"nothing to resume in {run_dir}: no {STATE_FILE} and no {MANIFEST_FILE}")
+    if state is not None:
+        _check_changes(state["config"], state["fingerprint"], config, fingerprint, allow_changes)
+    else:
+        _check_changes(manifest["config"], manifest["dataset"]["fingerprint"], config, fingerprint, allow_changes)
+    if state is not None and (newest is None or state["training_step"] >= newest[0]):
+        return ResumePoint(state["training_step"], run_dir / STATE_FILE, _newest_history(state, manifest),
+                           state["lora"], state)
+    history = manifest["history"] if manifest is not None else state["manifest"]["history"]
+    if newest is None:
+        log(f"nothing saved yet in {run_dir} (no checkpoint, no {STATE_FILE}): starting from training step 0")
+        return ResumePoint(0, run_dir / MANIFEST_FILE, TrainingHistory().as_dict())
+    step, path = newest
+    warmup = max(1, min(PRESET.fresh_optimizer_warmup_steps, config.training_steps - step))
+    why = (f"no {STATE_FILE}" if state is None else
+           f"{STATE_FILE} is at training step {state['training_step']}, older than the newest checkpoint")
+    log(f"{why}: continuing from {path.name} (training step {step}) with a fresh optimizer and a {warmup}-step LR "
+        "warmup (the run will differ slightly from an unbroken one)")
+    return ResumePoint(step, path, _history_until(history, step), lora_io.read_lora_file(path), None, warmup)
+
+
+@dataclass
+class RunInputs:
+    """What a run trains on and with: the front's arguments to ``train``."""
+
+    resolved: ResolvedModel
+    spec: DatasetSpec
+    config: TrainConfig
+    regularization: DatasetSpec | None
+    held_out: DatasetSpec | None
+    preview_prompts: tuple[str, ...]
+    cache_dir: str | None
+
+
+def inputs_from_manifest(run_dir: Path, cache_dir: str | None = None) -> RunInputs:
+    """What ``klein-lora train --resume RUN`` alone continues with: the model, datasets, settings and preview prompts
+    recorded in run.json, each checked before any model loads."""
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        raise ResumeError(f"nothing to resume in {run_dir}: no {MANIFEST_FILE}")
+    source = manifest["model"].get("source")
+    if source is None:
+        raise ResumeError(f"{run_dir / MANIFEST_FILE} does not record its model files (an older run): resume it with "
+                          "the full command and --resume")
+    spec = _spec_from_dict(manifest["dataset"])
+    spec.scan()  # dataset errors before any model work
+    extra = [_spec_from_dict(manifest[key]["spec"]) if manifest.get(key) else None
+             for key in ("regularization", "held_out")]
+    for extra_spec in extra:
+        if extra_spec is not None:
+            extra_spec.scan()
+    return RunInputs(resolve_model(**source), spec, TrainConfig(**manifest["config"]), *extra,
+                     tuple(manifest.get("preview_prompts", ())), cache_dir or manifest.get("cache_dir"))
+
+
+def _spec_from_dict(saved: dict) -> DatasetSpec:
+    names = {f.name for f in fields(DatasetSpec)}
+    return DatasetSpec(**{key: value for key, value in saved.items() if key in names})
+
+
+def read_manifest(run_dir: Path) -> dict | None:
+    path = run_dir / MANIFEST_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def newest_checkpoint(run_dir: Path, output_name: str) -> tuple[int, Path] | None:
+    """(training step, file) of the highest-step ``<name>_stepNNNNNN.safetensors`` in the run folder."""
+    pattern = re.compile(rf"{re.escape(output_name)}_step(\d+)\.safetensors")
+    found = [(int(m.group(1)), p) for p in run_dir.glob(f"{output_name}_step*.safetensors")
+             if (m := pattern.fullmatch(p.name))]
+    return max(found) if found else None
+
+
+def remove_partial_files(run_dir: Path) -> list[Path]:
+    """Temporary files of writes a kill cut off (never renamed onto their target, so never read): removed."""
+    from ..atomic import PARTIAL_SUFFIX
+
+    leftovers = sorted(run_dir.glob(f".*{PARTIAL_SUFFIX}"))
+    for path in leftovers:
+        path.unlink()
+    return leftovers
+
+
+def _check_changes(old_config: dict, old_fingerprint: dict, config: TrainConfig, fingerprint: dict[str, str],
+                   allow_changes: bool) -> None:
+    if old_config.get("rank") != config.rank:
+        raise ResumeError(f"cannot resume: rank ({old_config.get('rank')} -> {config.rank}) changed; a LoRA keeps its "
+                          "rank: start a new run for another one")
+    changed = changed_fingerprint_parts(old_fingerprint, fingerprint)
+    changed += [f"{key} ({old_config.get(key)} -> {getattr(config, key)})" for key in COMPARED_SETTINGS
+                if old_config.get(key) != getattr(config, key)]
+    if changed and not allow_changes:
+        raise ResumeError(
+            f"cannot resume: {', '.join(changed)} changed since the run started; restore them, start a new run, "
+            "or override with --allow-changes"
+        )
+
+
+def _newest_history(state: dict, manifest: dict | None) -> dict:
+    """run.json is written after the state and again after the health work: when it reached the state's training
+    step it holds that checkpoint's health too; otherwise the state's own history is the newest."""
+    saved = state["manifest"]["history"]
+    if manifest is None:
+        return saved
+    on_disk = TrainingHistory.from_dict(manifest["history"])
+    if on_disk.last_step == state["training_step"] and on_disk.checkpoint_at(state["training_step"]) is not None:
+        return manifest["history"]
+    return saved
+
+
+def _history_until(history: dict, step: int) -> dict:
+    """The history up to and including ``step``: what came after it is not part of the continued run."""
+    kept = TrainingHistory.from_dict(history)
+    pairs = [(s, v) for s, v in zip(kept.loss_steps, kept.losses) if s <= step]
+    kept.loss_steps, kept.losses = [s for s, _ in pairs], [v for _, v in pairs]
+    kept.checkpoints = [c for c in kept.checkpoints if c.step <= step]
+    return kept.as_dict()
