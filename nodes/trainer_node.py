@@ -17,7 +17,8 @@ from ..klein_core.data.cache import default_cache_dir
 from ..klein_core.data.captions import REGULARIZATION_CAPTION
 from ..klein_core.preset import PRESET
 from ..klein_core.train.config import TrainCallbacks, TrainConfig
-from ..klein_core.train.loop import regularization_summary, train
+from ..klein_core.train.loop import train
+from ..klein_core.train.preflight import regularization_summary
 from . import memory
 from .model_inputs import NONE, choices, diffusers_choices, resolve_choice
 from .types import KleinDataset, KleinLoraRun
