@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from comfy_harness import import_pack_module, require_comfy_api
+from harness.comfyui import import_pack_module, require_comfy_api
 
 
 @pytest.fixture(scope="module")

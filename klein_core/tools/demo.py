@@ -177,7 +177,9 @@ def run_demo(
     from ..preview.grid import PreviewSettings, preview_run
     from ..preview.sampling import denoise_base
     from ..train.config import TrainCallbacks, TrainConfig
-    from ..train.loop import MANIFEST_FILE, default_device, train
+    from ..train.loop import train
+    from ..train.preflight import MANIFEST_FILE
+    from ..train.session import default_device
     from ..train.planner import plan
 
     out = Path(out_dir).expanduser()
