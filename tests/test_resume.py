@@ -32,7 +32,7 @@ def train_args(tiny_diffusers, sample_dataset, out: Path, cache: Path) -> list[s
 def killed_run(args: list[str], kill_at: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), **{ENV: kill_at})
     code = "import sys; from klein_core.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=1800)
 
 
 def assert_no_partial_file(run_dir: Path) -> None:
