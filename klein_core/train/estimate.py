@@ -37,11 +37,14 @@ the same FLOPs (weight-only int8 dequantises per layer), so its time here is opt
   flash / memory-efficient) is assumed: the math kernel would add the T² score matrices (~162 GiB at 1024 for 9B);
 * the cached dataset on the device: latents (fp32) for every image at every resolution, and one (512, joint dim)
   bf16 embedding per distinct caption (the trainer moves them to the device once);
-* ``CONTEXT_GIB`` (1 GiB): CUDA context, cuBLAS workspace and allocator slack.
+* the VAE (84 M parameters, 0.31 GiB fp32), which stays on the device for the health previews;
+* ``CONTEXT_GIB`` (1 GiB): CUDA context and cuBLAS workspace.
 
-The text encoder and VAE encoder are not counted: the trainer runs them first, caches their outputs and frees the
-text encoder before the transformer loads (the VAE stays for previews, 84 M parameters, ~0.3 GiB fp32, counted in
-``CONTEXT_GIB``'s slack).
+A run fits when every phase stays within ``usable_gib``: 95% of the card (the caching allocator's fragmentation
+needs the rest) less the context. Besides the training step, the text encoder's phase counts: the trainer runs it
+first, caches the embeddings and frees it before the transformer loads (the loader keeps its layers up to the
+deepest one Klein reads). These figures agree with ``klein-lora fit-check`` (the fake-tensor audit of the real code,
+``tools/fitcheck.py``) within 10%; ``tests/test_fitcheck.py`` holds them to it.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ GIB = 2**30
 ACTIVATION_BYTES = 57.6  # bytes per token per hidden unit per block without GC (calibrated to the published per-block figures)
 CHECKPOINT_BYTES = 2.0  # bf16 block input kept per token per hidden unit per block with GC
 CONTEXT_GIB = 1.0
+USABLE_FRACTION = 0.95  # of the card: the caching allocator's fragmentation needs the rest
+VAE_GIB = 84.05e6 * 4 / 2**30  # FLUX.2's VAE in fp32, resident through training for the health previews
+TEXT_ENCODER_ACTIVATIONS_GIB = 0.3  # one 512-token prompt through Qwen3 (the fit-check audit counts 0.23-0.28)
 LORA_OPTIMIZER_BYTES = 16  # fp32 weight + fp32 grad + 2 fp32 AdamW moments
 ATTENTION_BACKWARD_FACTOR = 2.5  # flash-attention backward / forward matmul FLOPs
 ASSUMED_MFU = 0.5
@@ -212,8 +218,9 @@ class Mode:
 
 
 # Fastest first. Gradient checkpointing is exact (same numbers, ~1.45x compute); the 8-bit base changes the weights
-# slightly, so it comes after it.
-MODES_BY_PREFERENCE = (Mode(), Mode(gradient_checkpointing=True), Mode(base_8bit=True), Mode(True, True))
+# slightly, so it comes after it, and only with checkpointing (without, the backward keeps a bf16 copy of every int8
+# weight: see ``config.BASE_8BIT_NEEDS_CHECKPOINTING``).
+MODES_BY_PREFERENCE = (Mode(), Mode(gradient_checkpointing=True), Mode(True, True))
 
 
 def image_tokens(resolution: int) -> int:
@@ -263,11 +270,33 @@ class Memory:
     lora_optimizer: float
     activations: float
     dataset: float
+    vae: float = VAE_GIB  # kept on the device for the health previews
     context: float = CONTEXT_GIB
+    text_encoder: float = 0.0  # the cache fill's phase, before the transformer loads (not part of the total)
 
     @property
     def total(self) -> float:
-        return self.weights + self.lora_optimizer + self.activations + self.dataset + self.context
+        return self.weights + self.lora_optimizer + self.activations + self.dataset + self.vae + self.context
+
+    @property
+    def peak(self) -> float:
+        """The largest phase the estimate covers: the training step, or the text encoder's cache fill."""
+        return max(self.total, self.text_encoder + self.context)
+
+
+def text_encoder_gib(shape: ModelShape) -> float:
+    """The text encoder's phase: its bf16 weights up to the deepest layer Klein reads (the loader drops the rest),
+    plus one prompt's activations. Zero for a shape that is not a released Klein (its encoder is unknown)."""
+    known = [s for s in facts.KLEIN_SHAPES.values() if s.joint_attention_dim == shape.joint_attention_dim]
+    if not known:
+        return 0.0
+    qwen = facts.QWEN3_CONFIGS[known[0].text_encoder]
+    h, kv = qwen["hidden_size"], qwen["num_key_value_heads"] * qwen["head_dim"]
+    heads = qwen["num_attention_heads"] * qwen["head_dim"]
+    layer = h * heads * 2 + h * kv * 2 + 3 * h * qwen["intermediate_size"]
+    embeddings = qwen["vocab_size"] * h * (1 if qwen["tie_word_embeddings"] else 2)
+    layers = max(facts.TEXT_ENCODER_LAYERS) + 1
+    return (embeddings + layers * layer) * 2 / GIB + TEXT_ENCODER_ACTIVATIONS_GIB
 
 
 def memory(
@@ -298,6 +327,7 @@ def memory(
         lora_optimizer=shape.lora_params(rank) * LORA_OPTIMIZER_BYTES / GIB,
         activations=activations / GIB,
         dataset=(latents + embeds) / GIB,
+        text_encoder=text_encoder_gib(shape),
     )
 
 
@@ -444,9 +474,15 @@ def estimate(
     )
 
 
+def usable_gib(gpu_memory_gib: float) -> float:
+    """What a phase may peak at on a card of ``gpu_memory_gib`` (as torch reports it: total memory / 2^30): the card
+    less the allocator's slack, less the CUDA context. The fit-check audit judges its phases by the same rule."""
+    return gpu_memory_gib * USABLE_FRACTION - CONTEXT_GIB
+
+
 def fits(estimate_: Estimate, gpu_memory_gib: float) -> bool:
-    """True when the estimated peak fits a GPU of ``gpu_memory_gib`` (as torch reports it: total memory / 2^30)."""
-    return estimate_.memory.total <= gpu_memory_gib
+    """True when every estimated phase fits a GPU of ``gpu_memory_gib``."""
+    return estimate_.memory.peak - estimate_.memory.context <= usable_gib(gpu_memory_gib)
 
 
 @dataclass(frozen=True)
@@ -467,7 +503,7 @@ class Recommendation:
         """None when the requested mode fits; else a sentence naming the mode (and options) that would."""
         if self.requested_fits:
             return None
-        have = f"{self.requested.memory.total:.1f} GiB estimated"
+        have = f"{self.requested.memory.peak:.1f} GiB estimated"
         card = f"your {self.gpu_memory_gib:.0f} GiB GPU"
         if self.mode is None:
             return (
@@ -482,7 +518,7 @@ class Recommendation:
         ]
         return (
             f"will not fit {card} without {' and '.join(missing)} ({have}, "
-            f"{self.fitting.memory.total:.1f} GiB with it); use {self.mode.flags}"
+            f"{self.fitting.memory.peak:.1f} GiB with it); use {self.mode.flags}"
         )
 
 
@@ -521,6 +557,9 @@ def decide_gradient_checkpointing(
     """
     checkpointing = bool(gradient_checkpointing)
     lines = []
+    if base_8bit and gradient_checkpointing is None:
+        checkpointing = True  # without it the backward keeps a bf16 copy of every int8 weight (see TrainConfig)
+        lines.append("gradient checkpointing: on (automatic: the 8-bit base needs it)")
     if gpu_memory_gib is not None:
         advice = recommend_mode(variant, resolution, rank, gpu_memory_gib, Mode(checkpointing, base_8bit), **estimate_kwargs)
         if gradient_checkpointing is None and not advice.requested_fits:

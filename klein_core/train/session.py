@@ -27,9 +27,10 @@ from ..model import lora as lora_io
 from ..model.latents import encode_images
 from ..model.loading import ResolvedModel, load_text_encoder, load_transformer, load_vae
 from ..model.text import encode_prompts
+from ..facts import PIXEL_MULTIPLE
 from ..preset import PRESET
 from .config import DistributedContext, SavedCheckpoint, TrainConfig, TrainedRun
-from .objective import MicroBatch, micro_batch_generator, sample_sigmas, validation_loss
+from .objective import MicroBatch, micro_batch_generator, sample_sigmas, validation_loss, validation_subset
 from .planner import Plan
 from .preflight import MANIFEST_FILE, STATE_FILE, Preflight, regularization_repeats
 
@@ -126,6 +127,13 @@ def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, device
     return optimizer, scheduler
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """One update: step, advance the LR schedule, free the gradients (``set_to_none``: no zeroed copies kept)."""
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 @dataclass
 class Progress:
     """Where the loop is: the training steps done and the losses not yet read back from the device."""
@@ -220,14 +228,14 @@ class TrainingSession:
         return out
 
     def optimizer_step(self) -> None:
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(self.optimizer, self.scheduler)
 
     # --- checkpoints ---------------------------------------------------------------------------------------------
     def checkpoint_losses(self) -> tuple[float, float | None]:
-        """The fixed-noise validation loss on the training images, and on the held-out images when there are some."""
-        trained = validation_loss(self.transformer, self.data.latents, _caption_embeds(self.data))
+        """The fixed-noise validation loss on a fixed subset of the training images (the same at every checkpoint),
+        and on all held-out images when there are some."""
+        subset = validation_subset(len(self.data.latents), self.config.validation_images)
+        trained = validation_loss(self.transformer, self.data.latents, _caption_embeds(self.data), subset)
         if self.held_data is None:
             return trained, None
         return trained, validation_loss(self.transformer, self.held_data.latents, _caption_embeds(self.held_data))
@@ -361,7 +369,7 @@ def _health_preview(transformer, vae, data: EncodedDataset, prompts: tuple[str, 
     """The first preview prompt rendered Base-correctly with the current adapter (for preview stats and likeness)."""
     from ..preview.sampling import sample_base
 
-    size = spec.resolutions[0]
+    size = health_preview_size(spec.resolutions[0], config)
 
     def render() -> torch.Tensor:
         was_training = transformer.training
@@ -374,6 +382,13 @@ def _health_preview(transformer, vae, data: EncodedDataset, prompts: tuple[str, 
         return images.permute(0, 2, 3, 1)  # (B, H, W, 3)
 
     return render
+
+
+def health_preview_size(resolution: int, config: TrainConfig) -> int:
+    """The health preview's side: the training resolution, capped at ``health_preview_resolution`` (a multiple of
+    16, as every Klein image side)."""
+    capped = min(resolution, config.health_preview_resolution)
+    return max(PIXEL_MULTIPLE, capped - capped % PIXEL_MULTIPLE)
 
 
 def _prune(history: TrainingHistory, keep_last: int) -> None:
