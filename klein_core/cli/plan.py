@@ -57,6 +57,9 @@ def run(args) -> int:
         print(report["summary"])
         if report["warning"]:
             print(f"warning: {report['warning']}")
+        card = f" --gpu-memory {report['gpu_memory_gib']:g}" if report["gpu_memory_gib"] else " --gpu-memory GIB"
+        print(f"every phase of this run, audited at full size: klein-lora fit-check --variant {args.variant} "
+              f"--resolution {args.resolution} --rank {args.rank}{card}")
     return 0
 
 
