@@ -33,7 +33,8 @@ from ..train.estimate import (
     ASSUMED_MFU,
     CONTEXT_GIB,
     REFERENCE_DEVICE,
-    decide_gradient_checkpointing,
+    Mode,
+    decide_memory_mode,
     peak_tflops,
     usable_gib,
 )
@@ -86,10 +87,10 @@ class FitCheckRequest:
     def shape(self) -> KleinShape:
         return released_shape(self.variant)
 
-    def train_config(self, gradient_checkpointing: bool) -> TrainConfig:
+    def train_config(self, mode: Mode) -> TrainConfig:
         return TrainConfig(rank=self.rank, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                           base_8bit=self.base_8bit, gradient_checkpointing=gradient_checkpointing,
-                           save_every=self.save_every)
+                           base_8bit=self.base_8bit, gradient_checkpointing=mode.gradient_checkpointing,
+                           checkpointed_blocks=mode.checkpointed_blocks, save_every=self.save_every)
 
 
 @dataclass
@@ -111,7 +112,7 @@ class FitReport:
     """The audit of one run: every phase, the verdict, and the checkpoint work against the training work."""
 
     request: FitCheckRequest
-    gradient_checkpointing: bool
+    mode: Mode  # the memory mode the trainer would choose (or the one asked for)
     phases: list[Phase] = field(default_factory=list)
     training_step_flops: float = 0.0
     checkpoint_flops: float = 0.0  # the whole validation pass + the whole health preview of one checkpoint
@@ -151,7 +152,9 @@ class FitReport:
         return {
             "variant": request.variant, "resolution": request.resolution, "rank": request.rank,
             "batch_size": request.batch_size, "base_8bit": request.base_8bit,
-            "gradient_checkpointing": self.gradient_checkpointing, "gpu_memory_gib": request.gpu_memory_gib,
+            "gradient_checkpointing": self.mode.gradient_checkpointing, "mode": self.mode.label,
+            "checkpointed_blocks": self.mode.checkpointed(request.shape.num_layers + request.shape.num_single_layers),
+            "gpu_memory_gib": request.gpu_memory_gib,
             "usable_gib": usable_gib(request.gpu_memory_gib), "fits": self.fits, "peak_gib": self.peak_gib,
             "phases": [phase.as_dict() for phase in self.phases],
             "training_step_tflop": self.training_step_flops / 1e12, "checkpoint_tflop": self.checkpoint_flops / 1e12,
@@ -186,14 +189,14 @@ def released_shape(variant: str) -> KleinShape:
     return known[0]
 
 
-def decide_checkpointing(request: FitCheckRequest) -> bool:
-    """Gradient checkpointing as the trainer decides it for this card (automatic unless the request says)."""
-    checkpointing, _lines = decide_gradient_checkpointing(
+def decide_mode(request: FitCheckRequest) -> Mode:
+    """The memory mode as the trainer decides it for this card (automatic unless the request says)."""
+    mode, _lines = decide_memory_mode(
         _transformer_config(request.shape), request.resolution, request.rank, request.gradient_checkpointing,
         request.base_8bit, gpu_memory_gib=request.gpu_memory_gib, batch_size=request.batch_size,
         grad_accum=request.grad_accum, images=request.images,
     )
-    return checkpointing
+    return mode
 
 
 def _transformer_config(shape: KleinShape) -> dict:
@@ -254,8 +257,8 @@ class _FakeTokenizer:
 
 def fit_check(request: FitCheckRequest) -> FitReport:
     """Audit every phase of the run ``request`` describes (minutes on two CPU cores for the 9B)."""
-    checkpointing = decide_checkpointing(request)
-    report, meter = FitReport(request, checkpointing), _Meter()
+    mode = decide_mode(request)
+    report, meter = FitReport(request, mode), _Meter()
     from ..model.loading import text_encoder_layers_needed
 
     # Built on meta before the fake mode starts (a dtype change inside it would swap fake tensors into meta modules).
@@ -263,7 +266,7 @@ def fit_check(request: FitCheckRequest) -> FitReport:
     vae, transformer = meta_vae(), meta_transformer(request.shape)
     with fake_tensors():
         embeds = _cache_phases(request, materialise(text_encoder), materialise(vae), meter)
-        _training_phases(request, checkpointing, materialise(transformer), vae, embeds, meter, report)
+        _training_phases(request, mode, materialise(transformer), vae, embeds, meter, report)
     report.phases = meter.phases
     report.judge()
     return report
@@ -281,11 +284,11 @@ def _cache_phases(request: FitCheckRequest, text_encoder, vae, meter: _Meter) ->
     return embeds
 
 
-def _training_phases(request: FitCheckRequest, checkpointing: bool, transformer, vae, embeds: list[torch.Tensor],
+def _training_phases(request: FitCheckRequest, mode: Mode, transformer, vae, embeds: list[torch.Tensor],
                      meter: _Meter, report: FitReport) -> None:
     """A training step, one image of the validation pass and one sample step of the health preview, each with
     what training keeps on the device: weights, LoRA, AdamW moments, the cached dataset and the VAE."""
-    config = request.train_config(checkpointing)
+    config = request.train_config(mode)
     if request.base_8bit:
         from ..model.lowvram import quantize_base_8bit
 
@@ -352,8 +355,7 @@ def _preview_phases(request: FitCheckRequest, transformer, vae, embeds: list[tor
 def render_table(report: FitReport) -> str:
     """The audit for people: one row per phase, the verdict, and the time of a training step and a checkpoint."""
     request, limit = report.request, usable_gib(report.request.gpu_memory_gib)
-    mode = ("8-bit base" if request.base_8bit else "bf16 base") + (
-        " + gradient checkpointing" if report.gradient_checkpointing else "")
+    mode = report.mode.label
     lines = [f"fit-check: Klein Base {request.variant} at {request.resolution} px, batch {request.batch_size}, "
              f"rank {request.rank}, {mode}, on a {request.gpu_memory_gib:g} GiB card "
              f"(a phase may peak at {limit:.1f} GiB: 5% allocator slack and {CONTEXT_GIB:g} GiB CUDA context)",

@@ -32,7 +32,8 @@ the same FLOPs (weight-only int8 dequantises per layer), so its time here is opt
 * LoRA + AdamW: LoRA parameters × 16 bytes (fp32 weight, gradient and two Adam moments);
 * activations, calibrated to the per-block figures of the published Klein per-block figures (to be re-checked by a GPU measurement):
   without GC ``ACTIVATION_BYTES × T × d × n`` (≈ 29 bf16 values per token per hidden unit per block; 9B: 10.8 / 19.8 /
-  32.4 GiB at 512 / 768 / 1024 px); with per-block GC only each block's bf16 input is kept (2 bytes × T × d × n)
+  32.4 GiB at 512 / 768 / 1024 px); with per-block GC only each block's inputs are kept (3.2 bytes × T × d per block: the streams, modulation and
+  rope, as the fit-check audit counts them)
   plus one block's full activations while it is recomputed (9B: 0.7 / 1.3 / 2.1 GiB). Fused attention (SDPA
   flash / memory-efficient) is assumed: the math kernel would add the T² score matrices (~162 GiB at 1024 for 9B);
 * the cached dataset on the device: latents (fp32) for every image at every resolution, and one (512, joint dim)
@@ -59,7 +60,7 @@ from ..preset import PRESET
 
 GIB = 2**30
 ACTIVATION_BYTES = 57.6  # bytes per token per hidden unit per block without GC (calibrated to the published per-block figures)
-CHECKPOINT_BYTES = 2.0  # bf16 block input kept per token per hidden unit per block with GC
+CHECKPOINT_BYTES = 3.2  # what a checkpointed block keeps per token per hidden unit: its inputs, modulation and rope (fit-check audit)
 CONTEXT_GIB = 1.0
 USABLE_FRACTION = 0.95  # of the card: the caching allocator's fragmentation needs the rest
 VAE_GIB = 84.05e6 * 4 / 2**30  # FLUX.2's VAE in fp32, resident through training for the health previews
@@ -203,13 +204,21 @@ class Mode:
 
     gradient_checkpointing: bool = False
     base_8bit: bool = False
+    checkpointed_blocks: int | None = None  # with checkpointing: the first K blocks only (None: every block)
 
     @property
     def label(self) -> str:
         parts = ["8-bit base" if self.base_8bit else "bf16 base"]
         if self.gradient_checkpointing:
-            parts.append("gradient checkpointing")
+            blocks = f" of {self.checkpointed_blocks} blocks" if self.checkpointed_blocks is not None else ""
+            parts.append(f"gradient checkpointing{blocks}")
         return " + ".join(parts)
+
+    def checkpointed(self, blocks: int) -> int:
+        """How many of a model's ``blocks`` this mode checkpoints."""
+        if not self.gradient_checkpointing:
+            return 0
+        return blocks if self.checkpointed_blocks is None else min(blocks, self.checkpointed_blocks)
 
     @property
     def flags(self) -> str:
@@ -241,13 +250,11 @@ class Flops:
         """Inference forward of the base (a merged LoRA costs nothing extra)."""
         return self.linear + self.attention
 
-    def training_step(self, gradient_checkpointing: bool) -> float:
+    def training_step(self, recomputed: float = 0.0) -> float:
+        """Forward, input gradients and LoRA gradients; ``recomputed``: the share of blocks checkpointing runs twice."""
         base = 2 * self.linear + (1 + ATTENTION_BACKWARD_FACTOR) * self.attention
         lora = 3 * self.lora_forward
-        if gradient_checkpointing:
-            base += self.forward
-            lora += self.lora_forward
-        return base + lora
+        return base + lora + recomputed * (self.forward + self.lora_forward)
 
 
 def flops(variant: "str | ModelShape | dict", resolution: int, rank: int = PRESET.rank, batch_size: int = 1) -> Flops:
@@ -316,10 +323,10 @@ def memory(
     else:
         weights = shape.params * 2
     tokens = (image_tokens(resolution) + TEXT_TOKENS) * batch_size
-    if mode.gradient_checkpointing:
-        activations = CHECKPOINT_BYTES * tokens * d * n + ACTIVATION_BYTES * tokens * d
-    else:
-        activations = ACTIVATION_BYTES * tokens * d * n
+    checkpointed = mode.checkpointed(n)  # each keeps its bf16 input; one at a time is recomputed in full
+    activations = (CHECKPOINT_BYTES * checkpointed + ACTIVATION_BYTES * (n - checkpointed)) * tokens * d
+    if checkpointed:
+        activations += ACTIVATION_BYTES * tokens * d
     latents = images * resolutions * 128 * image_tokens(resolution) * 4
     embeds = (images + 2) * TEXT_TOKENS * shape.joint_attention_dim * 2  # captions + dropped caption + ""
     return Memory(
@@ -435,7 +442,8 @@ def estimate(
     if not 0 < mfu <= 1:
         raise PlanError(f"mfu must be in (0, 1], got {mfu!r}")
     micro = flops(shape, resolution, rank, batch_size)
-    step = micro.training_step(mode.gradient_checkpointing) * grad_accum
+    blocks = model_shape(variant).blocks
+    step = micro.training_step(mode.checkpointed(blocks) / blocks) * grad_accum
     preview = micro.forward / batch_size * preview_sample_steps * (2 if preview_cfg > 1 else 1)
     notes = []
     time_device, peak_value = None, peak
@@ -541,7 +549,19 @@ def recommend_mode(
     return Recommendation(asked, None, None, gpu_memory_gib)
 
 
-def decide_gradient_checkpointing(
+def fewest_checkpointed_blocks(variant: "str | ModelShape | dict", resolution: int, rank: int, gpu_memory_gib: float,
+                               base_8bit: bool = False, **estimate_kwargs) -> int | None:
+    """The fewest blocks to checkpoint for the training step to fit (every block not checkpointed saves a block's
+    recompute, ~1/n of a forward per training step); None when even checkpointing every block does not fit."""
+    blocks = model_shape(variant).blocks
+    for count in range(1, blocks + 1):
+        mode = Mode(True, base_8bit, count)
+        if fits(estimate(variant, resolution, rank, mode, **estimate_kwargs), gpu_memory_gib):
+            return count
+    return None
+
+
+def decide_memory_mode(
     variant: "str | ModelShape | dict",
     resolution: int,
     rank: int,
@@ -549,27 +569,30 @@ def decide_gradient_checkpointing(
     base_8bit: bool = False,
     gpu_memory_gib: float | None = None,
     **estimate_kwargs,
-) -> tuple[bool, list[str]]:
-    """The trainer's pre-flight: whether to checkpoint, and the lines to log before step 1.
+) -> tuple[Mode, list[str]]:
+    """The trainer's pre-flight: what to checkpoint, and the lines to log before step 1.
 
-    ``gradient_checkpointing=None`` means automatic: on only when a GPU size is known and the run would not fit it
-    without. An explicit True/False is kept; if the run will not fit, a warning names the mode that would.
+    ``gradient_checkpointing=None`` means automatic: with a known GPU size, no checkpointing when the run fits
+    without, else the fewest blocks that make it fit (all of them when nothing smaller does); the 8-bit base always
+    checkpoints (every block). An explicit True (every block) or False is kept; if the run will not fit, a warning
+    names the mode that would.
     """
-    checkpointing = bool(gradient_checkpointing)
-    lines = []
-    if base_8bit and gradient_checkpointing is None:
-        checkpointing = True  # without it the backward keeps a bf16 copy of every int8 weight (see TrainConfig)
-        lines.append("gradient checkpointing: on (automatic: the 8-bit base needs it)")
+    mode = Mode(bool(gradient_checkpointing) or (base_8bit and gradient_checkpointing is None), base_8bit)
+    lines = ["gradient checkpointing: on (automatic: the 8-bit base needs it)"] if mode.gradient_checkpointing and \
+        gradient_checkpointing is None else []
     if gpu_memory_gib is not None:
-        advice = recommend_mode(variant, resolution, rank, gpu_memory_gib, Mode(checkpointing, base_8bit), **estimate_kwargs)
-        if gradient_checkpointing is None and not advice.requested_fits:
-            checkpointing = True
-            lines.append(f"gradient checkpointing: on (automatic: the run {advice.warning})")
-            advice = recommend_mode(variant, resolution, rank, gpu_memory_gib, Mode(True, base_8bit), **estimate_kwargs)
+        advice = recommend_mode(variant, resolution, rank, gpu_memory_gib, mode, **estimate_kwargs)
+        if gradient_checkpointing is None and not base_8bit and not advice.requested_fits:
+            count = fewest_checkpointed_blocks(variant, resolution, rank, gpu_memory_gib, **estimate_kwargs)
+            blocks = model_shape(variant).blocks
+            mode = Mode(True, False, count if count is not None and count < blocks else None)
+            shown = f"{count} of {blocks} blocks" if mode.checkpointed_blocks is not None else "every block"
+            lines.append(f"gradient checkpointing: {shown} (automatic: the run {advice.warning})")
+            advice = recommend_mode(variant, resolution, rank, gpu_memory_gib, mode, **estimate_kwargs)
         if advice.warning:
             lines.append(f"warning: this run {advice.warning}")
-    lines.append(estimate(variant, resolution, rank, Mode(checkpointing, base_8bit), **estimate_kwargs).summary())
-    return checkpointing, lines
+    lines.append(estimate(variant, resolution, rank, mode, **estimate_kwargs).summary())
+    return mode, lines
 
 
 def detect_gpu_memory() -> float | None:

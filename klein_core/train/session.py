@@ -107,7 +107,9 @@ def adapt_transformer(transformer: torch.nn.Module, config: TrainConfig) -> list
     return the trainable parameters. The fit-check audit runs this same function on a fake 9B."""
     transformer.requires_grad_(False)
     if config.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        from ..model.lowvram import enable_block_checkpointing
+
+        enable_block_checkpointing(transformer, config.checkpointed_blocks)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         lora_io.add_lora(transformer, config.rank, config.alpha)
