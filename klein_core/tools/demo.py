@@ -179,7 +179,7 @@ def run_demo(
     from ..train.config import TrainCallbacks, TrainConfig
     from ..train.loop import train
     from ..train.preflight import MANIFEST_FILE
-    from ..train.session import default_device
+    from ..model.loading import default_device
     from ..train.planner import plan
 
     out = Path(out_dir).expanduser()

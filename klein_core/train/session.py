@@ -25,7 +25,7 @@ from ..health.history import TrainingHistory
 from ..health.monitor import HealthMonitor
 from ..model import lora as lora_io
 from ..model.latents import encode_images
-from ..model.loading import ResolvedModel, load_text_encoder, load_transformer, load_vae
+from ..model.loading import ResolvedModel, load_text_encoder, load_transformer, load_vae, model_dtype
 from ..model.text import encode_prompts
 from ..facts import PIXEL_MULTIPLE
 from ..preset import PRESET
@@ -87,15 +87,6 @@ def encode_datasets(
             vae_encoder_calls=cache.stats.latent_misses,
         ))
     return encoded, vae
-
-
-def model_dtype(device) -> torch.dtype:
-    """bf16 on CUDA (Klein's own dtype), fp32 on the CPU (where bf16 matmuls are slow and the tests need exactness)."""
-    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def checkpoint_name(output_name: str, training_step: int) -> str:
