@@ -12,12 +12,12 @@ from klein_core.cli import main
 from klein_core.errors import PlanError
 from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
 from klein_core.train import estimate as estimate_module
+from klein_core.train.gpu import detect_gpu_memory
 from klein_core.train.estimate import (
     KLEIN_4B,
     KLEIN_9B,
     Mode,
     ModelShape,
-    detect_gpu_memory,
     estimate,
     fits,
     peak_tflops,

@@ -7,7 +7,8 @@ from pathlib import Path
 from ..data.images import is_image_file
 from ..errors import PlanError
 from ..preset import PRESET
-from ..train.estimate import VARIANTS, Mode, detect_gpu_memory, detect_gpu_name, estimate, recommend_mode
+from ..train.estimate import VARIANTS, Mode, estimate, recommend_mode
+from ..train.gpu import detect_gpu_memory, detect_gpu_name
 from ..train.planner import plan
 from ._common import print_json
 

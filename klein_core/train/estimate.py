@@ -1,6 +1,6 @@
 """VRAM and time estimate of a Klein LoRA run, before anything loads: "does it fit my card, how long will it take?"
 
-Pure arithmetic on the model's shape (no torch needed, except :func:`detect_gpu_memory`). Batch 1 unless given.
+Pure arithmetic on the model's shape (no torch needed; ``train.gpu`` says which card is there). Batch 1 unless given.
 
 **Compute** (T = image tokens + 512 text tokens, d = hidden size, n = double + single blocks). Every token passes
 every block through 13·d² weights (double block: q, k, v, out = 4d² plus the SwiGLU feed-forward d→6d, 3d→d = 9d²,
@@ -593,23 +593,3 @@ def decide_memory_mode(
             lines.append(f"warning: this run {advice.warning}")
     lines.append(estimate(variant, resolution, rank, mode, **estimate_kwargs).summary())
     return mode, lines
-
-
-def detect_gpu_memory() -> float | None:
-    """Total memory of CUDA device 0 in GiB, or None when there is no CUDA GPU (or no torch)."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_properties(0).total_memory / GIB
-
-
-def detect_gpu_name() -> str | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-

@@ -134,7 +134,8 @@ def _held_out_overlap(scan: DatasetScan, held_scan: DatasetScan) -> list[str]:
 
 def _estimate_memory_mode(resolved: ResolvedModel, spec: DatasetSpec, scan: DatasetScan, config: TrainConfig, device, log):
     """Log the VRAM/time estimate before step 1 and decide what to checkpoint (automatic when ``None``)."""
-    from .estimate import decide_memory_mode, detect_gpu_memory, detect_gpu_name
+    from .estimate import decide_memory_mode
+    from .gpu import detect_gpu_memory, detect_gpu_name
 
     mode, lines = decide_memory_mode(
         resolved.transformer_config, max(spec.resolutions), config.rank, config.gradient_checkpointing, config.base_8bit,
