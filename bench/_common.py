@@ -4,6 +4,7 @@ the figures file a time-limited run appends to."""
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import math
 import os
@@ -58,6 +59,24 @@ def today() -> str:
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def reset_memory(device: str) -> None:
+    """Free what is unreferenced and start a new peak: each figure's peak is its own."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(device: str) -> dict:
+    """Peak GiB allocated (live tensors) and reserved (the caching allocator's hold) since the last reset."""
+    if not device.startswith("cuda"):
+        return {"peak_allocated_gib": None, "peak_reserved_gib": None}
+    return {
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+    }
 
 
 def time_call(fn, device: str, repeats: int = 1) -> float:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import sys
 import time
@@ -40,14 +39,15 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from _common import REPO_ROOT, FigureLog, device_info, random_transformer, synchronize, time_call, today, versions
+from _common import (REPO_ROOT, FigureLog, device_info, peak_memory, random_transformer, reset_memory, synchronize, time_call,
+                     today, versions)
 
 from klein_core.model import lora as lora_io
 from klein_core.model.lowvram import BACKENDS, backend_available, quantize_base_8bit
+from klein_core.preset import PRESET
 from klein_core.preview.sampling import denoise_base
 from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
 from klein_core.train import estimate as est
-from klein_core.preset import PRESET
 from klein_core.train.objective import VALIDATION_SIGMAS, MicroBatch, accumulate_gradients, validation_loss
 
 RESULTS_MD = REPO_ROOT / "bench" / "RESULTS.md"
@@ -83,22 +83,6 @@ def micro_batch(shape: est.ModelShape, resolution: int, device: str, dtype: torc
     latents = torch.randn(1, 128, side, side, generator=g).to(device, dtype)
     embeds = torch.randn(1, est.TEXT_TOKENS, shape.joint_attention_dim, generator=g).to(device, dtype)
     return MicroBatch(latents, embeds, torch.randn(latents.shape, generator=g).to(device, dtype), torch.tensor([0.6], device=device))
-
-
-def reset_memory(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory(device: str) -> dict:
-    if not device.startswith("cuda"):
-        return {"peak_allocated_gib": None, "peak_reserved_gib": None}
-    return {
-        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-    }
 
 
 def failure(exc: BaseException) -> dict:
@@ -233,15 +217,15 @@ def measure_checkpoint_health(transformer, shape, resolution, device, args, run:
 
 def measure_validation(transformer, shape, resolution, images, device, args) -> dict:
     side = resolution // est.PATCH_PIXELS
-    g = torch.Generator().manual_seed(5)
-    latents = [torch.randn(128, side, side, generator=g).to(device) for _ in range(images)]  # cached latents are fp32
-    embeds = random_embeds(shape, device, args.dtype, seed=2, count=images)
     forwards = images * len(VALIDATION_SIGMAS)
     per_forward = est.flops(shape, resolution, args.rank)
     timing = est.estimate(shape, resolution, args.rank, device_name=args.device_name)  # its peak and MFU, as the previews'
     rate = timing.peak_tflops * 1e12 * timing.mfu if timing.peak_tflops else None
     reset_memory(device)
     try:
+        g = torch.Generator().manual_seed(5)
+        latents = [torch.randn(128, side, side, generator=g).to(device) for _ in range(images)]  # cached latents are fp32
+        embeds = random_embeds(shape, device, args.dtype, seed=2, count=images)
         with fused_attention_only(device):
             seconds = time_call(lambda: validation_loss(transformer, latents, embeds), device)
     except Exception as exc:  # noqa: BLE001 - record it, measure the next figure
@@ -252,15 +236,18 @@ def measure_validation(transformer, shape, resolution, images, device, args) -> 
 
 
 def measure_health_preview(transformer, shape, side, device, args) -> dict:
-    prompt, negative = random_embeds(shape, device, args.dtype, seed=3, count=2)
     prediction = est.estimate(shape, side, args.rank, device_name=args.device_name,
                               preview_sample_steps=args.sample_steps, preview_cfg=args.cfg)
     reset_memory(device)
+    transformer.eval()  # as the trainer's health preview renders
     try:
+        prompt, negative = random_embeds(shape, device, args.dtype, seed=3, count=2)
         with fused_attention_only(device):
             seconds = time_call(lambda: denoise_base(transformer, prompt, negative, side, side, sample_steps=args.sample_steps, cfg=args.cfg), device)
     except Exception as exc:  # noqa: BLE001 - record it, measure the next figure
         return {**failure(exc), "side": side, **peak_memory(device)}
+    finally:
+        transformer.train()
     return {"status": "ok", "side": side, "sample_steps": args.sample_steps, "cfg": args.cfg, "lora": "unmerged (training adapter)",
             "seconds": seconds, "predicted_seconds": prediction.preview_seconds, **peak_memory(device)}
 
@@ -326,6 +313,7 @@ def bench_one(variant: str, resolution: int, args) -> dict:
     health = partial(measure_checkpoint_health, transformer, shape, resolution, args.device, args, run) if args.health else None
     weights = measure_training(transformer, shape, resolution, args.device, args, partial(run.keep_training, "gc"),
                                checkpointing=True, then=health) or weights
+    del health  # it holds the bf16 model, which must be gone before the 8-bit one is measured
     if weights is not None and args.sample_steps > 0:
         run.out["preview"] = run.keep("preview", measure_preview(transformer, shape, resolution, weights, args.device, args))
     for backend in BACKENDS:
