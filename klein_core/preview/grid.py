@@ -23,7 +23,7 @@ from safetensors import safe_open
 from ..atomic import atomic_write, atomic_write_json
 from ..data.captions import substitute_trigger
 from ..health.advice import diagnose_weak_lora
-from ..model.loading import load_text_encoder, load_transformer, load_vae
+from ..model.loading import default_device, load_text_encoder, load_transformer, load_vae, model_dtype
 from ..model.lora import LoraPatcher, LoraWeights, read_lora_file
 from ..model.text import encode_prompts
 from ..preset import PRESET
@@ -397,17 +397,13 @@ class LoadedForPreview:
     negative_embeds: torch.Tensor
 
 
-def preview_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_for_preview(resolved, prompts: Sequence[str], device: str | torch.device | None = None) -> LoadedForPreview:
     """Encode ``prompts`` and ``""`` with the text encoder, free it, then load the transformer and the VAE.
 
     The text encoder (Qwen3-8B for 9B, ~15 GiB) and the transformer are never resident together.
     """
-    device = str(device or preview_device())
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    device = str(device or default_device())
+    dtype = model_dtype(device)
     text_encoder, tokenizer = load_text_encoder(resolved, dtype=dtype, device=device)
     prompt_embeds = list(encode_prompts(text_encoder, tokenizer, list(prompts)))
     negative = encode_prompts(text_encoder, tokenizer, [""])[0]
