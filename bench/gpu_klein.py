@@ -52,9 +52,9 @@ from klein_core.train.objective import VALIDATION_SIGMAS, MicroBatch, accumulate
 
 RESULTS_MD = REPO_ROOT / "bench" / "RESULTS.md"
 BEGIN, END = "<!-- gpu_klein:begin -->", "<!-- gpu_klein:end -->"
+REPORT_NAME = "gpu_report.json"  # --out: the whole report, written once the run ends
 QUICK_BUDGET_S = 330  # --quick: the optional figures start only while the run is inside 5.5 min
 RATIOS_RESERVE_S = 30  # the preview ratios at 10 sample steps: a fresh model + ~70 forwards (~15 s on an H100 for 9B)
-REPORT_NAME = "gpu_report.json"  # --out: the whole report, written once the run ends
 COMPILE_RESERVE_S = 150  # torch.compile of both block kinds, forward and backward (1-2 min), then the timed steps
 
 
