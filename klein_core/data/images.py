@@ -98,7 +98,9 @@ def decode_reduced_rgb(data: bytes, name: str, width: int, height: int) -> Image
     reported the same way.
     """
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the scan applied our own limit
+            image = Image.open(io.BytesIO(data))
         orientation = image.getexif().get(0x0112, 1)
         swapped = orientation in (5, 6, 7, 8)  # EXIF rotations by 90 degrees: the stored size is the upright one turned
         image.draft("RGB", (height, width) if swapped else (width, height))
