@@ -426,12 +426,13 @@ def results_table(runs: list[dict]) -> str:
     ]
     for run in runs:
         for r in run["results"]:
+            prefix = f"| {run['device']['name']} | {run['date']} | {r['variant']} | {r['resolution']} |"
             for mode, m in r["training"].items():
                 if m.get("status") != "ok":
-                    lines.append(f"| {run['device']['name']} | {run['date']} | {r['variant']} | {r['resolution']} | {mode} | {m.get('status')} | | | |")
+                    lines.append(f"{prefix} {mode} | {m.get('status')} | | | |")
                     continue
                 lines.append(
-                    f"| {run['device']['name']} | {run['date']} | {r['variant']} | {r['resolution']} | {mode} | "
+                    f"{prefix} {mode} | "
                     f"{_fmt(m['s_per_training_step'])} ({_fmt(m['predicted_s_per_training_step'])}) | "
                     f"{_fmt(m['achieved_tflops'], '{:.0f}')} | {_fmt(m['mfu'], '{:.0%}')} | "
                     f"{_fmt(m['peak_reserved_gib'], '{:.1f}')} ({_fmt(m['predicted_peak_gib'], '{:.1f}')}) |"
@@ -439,18 +440,18 @@ def results_table(runs: list[dict]) -> str:
             p = r.get("preview")
             if p and p.get("status") == "ok":
                 lines.append(
-                    f"| {run['device']['name']} | {run['date']} | {r['variant']} | {r['resolution']} | preview {p['sample_steps']} "
+                    f"{prefix} preview {p['sample_steps']} "
                     f"sample steps, CFG {p['cfg']:g}, merged LoRA | {p['seconds']:.2f} s ({_fmt(p['predicted_seconds'], '{:.2f}')} s) | "
                     f"{p['achieved_tflops']:.0f} | | |"
                 )
                 q = p.get("ratios")
                 if q and q.get("status") == "ok":
                     lines.append(
-                        f"| {run['device']['name']} | {run['date']} | {r['variant']} | {r['resolution']} | preview ratios at "
+                        f"{prefix} preview ratios at "
                         f"{q['sample_steps']} sample steps | batched/two-pass CFG {q['batched_vs_two_pass']:.2f}, "
                         f"merged/unmerged LoRA {q['merged_vs_unmerged']:.2f} | | | |"
                     )
-            lines += health_rows(f"| {run['device']['name']} | {run['date']} | {r['variant']} | {r['resolution']} |", r.get("checkpoint_health") or {})
+            lines += health_rows(prefix, r.get("checkpoint_health") or {})
     versions_seen = {json.dumps(run["versions"], sort_keys=True) for run in runs}
     lines.append("")
     lines += [f"Versions: `{v}`" for v in sorted(versions_seen)]
