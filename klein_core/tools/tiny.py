@@ -16,6 +16,7 @@ import torch
 
 from ..atomic import atomic_save_safetensors, atomic_write_json
 from ..model.keymap import diffusers_to_bfl_transformer, diffusers_to_ldm_vae
+from ..model.loading import VAE_GROUPS_METADATA
 
 TINY_TRANSFORMER_CONFIG = dict(
     patch_size=1,
@@ -177,7 +178,8 @@ def write_comfy(root: Path, components, distilled: bool) -> tuple[Path, Path, Pa
     te_state = {k: v for k, v in text_encoder.state_dict().items() if k != "lm_head.weight"}
     atomic_save_safetensors(te_state, te_path)
     vae_path = root / COMFY_FILES["vae"]
-    atomic_save_safetensors(diffusers_to_ldm_vae(vae.state_dict()), vae_path)
+    groups = {VAE_GROUPS_METADATA: str(vae.config.norm_num_groups)}  # not readable from any tensor's shape
+    atomic_save_safetensors(diffusers_to_ldm_vae(vae.state_dict()), vae_path, metadata=groups)
     tokenizer_path = root / COMFY_FILES["tokenizer"]
     tokenizer.save_pretrained(tokenizer_path)
     return transformer_path, te_path, vae_path, tokenizer_path
