@@ -55,6 +55,7 @@ from klein_core.model import lora as lora_io
 from klein_core.model.loading import load_transformer, resolve_model
 from klein_core.preview.sampling import denoise_base
 from klein_core.train import loop as training
+from klein_core.train import session
 from klein_core.train.config import TrainCallbacks, TrainConfig
 from klein_core.train.objective import flow_matching_loss
 
@@ -88,7 +89,7 @@ def check(name: str, value: float) -> dict:
 
 
 class Probe:
-    """Wraps functions of ``klein_core.train.loop`` for one run: counts text-encoder use, times the encode phase,
+    """Wraps functions of ``klein_core.train.loop`` and ``.session`` for one run: counts text-encoder use, times the encode phase,
     records the micro-batches of each training step. Restores the originals on exit."""
 
     def __init__(self) -> None:
@@ -103,9 +104,10 @@ class Probe:
 
     @contextlib.contextmanager
     def installed(self):
-        originals = {name: getattr(training, name) for name in ("load_text_encoder", "encode_prompts", "accumulate_gradients")}
-        encode_name = "encode_datasets" if hasattr(training, "encode_datasets") else "encode_dataset"
-        originals[encode_name] = getattr(training, encode_name)
+        homes = {"load_text_encoder": session, "encode_prompts": session, "encode_datasets": session,
+                 "accumulate_gradients": training}
+        originals = {name: getattr(module, name) for name, module in homes.items()}
+        encode_name = "encode_datasets"
 
         def load_text_encoder(*a, **k):
             self.text_encoder_loads += 1
@@ -134,12 +136,12 @@ class Probe:
         replacements = {"load_text_encoder": load_text_encoder, "encode_prompts": encode_prompts,
                         "accumulate_gradients": accumulate_gradients, encode_name: encode}
         for name, fn in replacements.items():
-            setattr(training, name, fn)
+            setattr(homes[name], name, fn)
         try:
             yield self
         finally:
             for name, fn in originals.items():
-                setattr(training, name, fn)
+                setattr(homes[name], name, fn)
 
 
 def run_training(model_dir: Path, dataset: Path, out: Path, cache: Path, training_steps: int, probe: Probe) -> dict:

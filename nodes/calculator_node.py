@@ -26,6 +26,58 @@ def _tooltip(what: str) -> str:
     return f"{what}\n{FORMULA}\n(N images, R target repeats, B batch size, G grad accum, S training steps)"
 
 
+def _count_input(name: str, display_name: str, default: int, maximum: int, what: str) -> io.Int.Input:
+    """One of the formula's whole-number inputs (N, B, G): at least 1, its tooltip ending in the formula."""
+    return io.Int.Input(name, display_name=display_name, default=default, min=1, max=maximum, tooltip=_tooltip(what))
+
+
+def _dose_inputs() -> list:
+    """N, R, B and G: what the training steps are derived from."""
+    return [
+        _count_input("images", "image count", EXAMPLE_IMAGE_COUNT, MAX_IMAGES,
+                     "N: number of training images (link the dataset's image count here)."),
+        io.Float.Input(
+            "target_repeats",
+            display_name="target repeats",
+            default=PRESET.target_repeats,
+            min=0.01,
+            max=MAX_TARGET_REPEATS,
+            step=1.0,
+            tooltip=_tooltip(
+                f"R: how many times each image should be seen (dose); {PRESET.target_repeats:g} is the "
+                "starter value for a high-likeness identity LoRA."
+            ),
+        ),
+        _count_input("batch_size", "batch size", PRESET.batch_size, MAX_BATCH_SIZE, "B: images per micro-batch."),
+        _count_input("grad_accum", "grad accum", PRESET.grad_accum, MAX_GRAD_ACCUM,
+                     "G: micro-batches accumulated per training step (saves memory; the training steps drop "
+                     "in proportion, the dose stays)."),
+    ]
+
+
+def _estimate_inputs() -> list:
+    """Optional: what the VRAM and time estimate in the summary needs beyond the dose."""
+    return [
+        io.Combo.Input(
+            "variant",
+            options=list(VARIANTS),
+            default="9B",
+            optional=True,
+            tooltip="Klein Base size, for the VRAM and time estimate added to the summary (a prediction: "
+            "weights + LoRA/AdamW + activations + cached data, checked against this GPU's memory).",
+        ),
+        io.Int.Input(
+            "resolution",
+            default=PRESET.resolution,
+            min=256,
+            max=MAX_RESOLUTION,
+            step=16,
+            optional=True,
+            tooltip="Largest training resolution in px, for the VRAM and time estimate.",
+        ),
+    ]
+
+
 class KleinRepeatsCalculator(io.ComfyNode):
     """Plans the dose of a LoRA run: how many training steps give each image R repeats."""
 
@@ -41,64 +93,7 @@ class KleinRepeatsCalculator(io.ComfyNode):
                 "stays the same. Bands: below 50 under-trained, 50-90 normal identity, 90-120 high likeness, "
                 "above 120 over-training risk."
             ),
-            inputs=[
-                io.Int.Input(
-                    "images",
-                    display_name="image count",
-                    default=EXAMPLE_IMAGE_COUNT,
-                    min=1,
-                    max=MAX_IMAGES,
-                    tooltip=_tooltip("N: number of training images (link the dataset's image count here)."),
-                ),
-                io.Float.Input(
-                    "target_repeats",
-                    display_name="target repeats",
-                    default=PRESET.target_repeats,
-                    min=0.01,
-                    max=MAX_TARGET_REPEATS,
-                    step=1.0,
-                    tooltip=_tooltip(
-                        f"R: how many times each image should be seen (dose); {PRESET.target_repeats:g} is the "
-                        "starter value for a high-likeness identity LoRA."
-                    ),
-                ),
-                io.Int.Input(
-                    "batch_size",
-                    display_name="batch size",
-                    default=PRESET.batch_size,
-                    min=1,
-                    max=MAX_BATCH_SIZE,
-                    tooltip=_tooltip("B: images per micro-batch."),
-                ),
-                io.Int.Input(
-                    "grad_accum",
-                    display_name="grad accum",
-                    default=PRESET.grad_accum,
-                    min=1,
-                    max=MAX_GRAD_ACCUM,
-                    tooltip=_tooltip(
-                        "G: micro-batches accumulated per training step (saves memory; the training steps drop "
-                        "in proportion, the dose stays)."
-                    ),
-                ),
-                io.Combo.Input(
-                    "variant",
-                    options=list(VARIANTS),
-                    default="9B",
-                    optional=True,
-                    tooltip="Klein Base size, for the VRAM and time estimate added to the summary (a prediction: "
-                    "weights + LoRA/AdamW + activations + cached data, checked against this GPU's memory).",
-                ),
-                io.Int.Input(
-                    "resolution",
-                    default=PRESET.resolution,
-                    min=256,
-                    max=MAX_RESOLUTION,
-                    step=16,
-                    optional=True,
-                    tooltip="Largest training resolution in px, for the VRAM and time estimate.",
-                ),
-            ],
+            inputs=[*_dose_inputs(), *_estimate_inputs()],
             outputs=[
                 io.Int.Output(
                     "training_steps",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import folder_paths
 
+from ..klein_core.errors import ModelError
 from ..klein_core.model.loading import ResolvedModel, find_tokenizer, resolve_model
 
 NONE = "(none)"  # Combo entry: no file chosen (also keeps the lists non-empty)
@@ -43,8 +44,6 @@ def comfy_tokenizer(text_encoder: Path) -> Path | None:
 
 def resolve_choice(diffusers_model: str, diffusion_model: str, text_encoder: str, vae: str) -> ResolvedModel:
     """The chosen Klein Base, guard-checked (headers only). A diffusers folder wins over the three files."""
-    from ..klein_core.errors import ModelError
-
     if diffusers_model and diffusers_model != NONE:
         for root in folder_paths.get_folder_paths("diffusers"):
             folder = Path(root) / diffusers_model

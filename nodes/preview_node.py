@@ -56,6 +56,88 @@ def _output_dir(run) -> Path:
     return out
 
 
+def _side_input(side: str) -> io.Int.Input:
+    return io.Int.Input(
+        side, default=0, min=0, max=MAX_SIDE, step=PIXEL_MULTIPLE,
+        tooltip=f"Image {side}, a multiple of {PIXEL_MULTIPLE}; 0 = the run's training resolution "
+        f"({PRESET.resolution} without a run).",
+    )
+
+
+def _source_inputs() -> list:
+    """Where the model and LoRA come from: the trainer's run, or files from ComfyUI's model folders."""
+    return [
+        KleinLoraRun.Input(
+            "run", optional=True,
+            tooltip="The Klein LoRA Trainer's run: its model, checkpoints and cached prompt embeddings are "
+            "used directly (no second model load). When linked, the model and LoRA lists are ignored.",
+        ),
+        io.Combo.Input(
+            "diffusion_model", options=choices("diffusion_models"), default=NONE,
+            tooltip="Without a run: the FLUX.2 [klein] Base diffusion model (e.g. "
+            "flux-2-klein-base-9b.safetensors) from models/diffusion_models.",
+        ),
+        io.Combo.Input(
+            "text_encoder", options=choices("text_encoders"), default=NONE,
+            tooltip="Without a run: the matching Qwen3 text encoder (Qwen3-8B for 9B, Qwen3-4B for 4B) from "
+            "models/text_encoders. It is freed before the diffusion model loads.",
+        ),
+        io.Combo.Input(
+            "vae", options=choices("vae"), default=NONE,
+            tooltip="Without a run: the FLUX.2 VAE (flux2-vae.safetensors) from models/vae.",
+        ),
+        io.Combo.Input(
+            "lora", options=choices("loras"), default=NONE,
+            tooltip="Without a run: a Klein LoRA from models/loras (ours, diffusers/peft, ai-toolkit or "
+            f"kohya keys). '{NONE}' renders the base model alone.",
+        ),
+    ]
+
+
+def _grid_inputs() -> list:
+    """What the grid shows: prompts (columns), sampling settings shared by every cell, and which rows."""
+    return [
+        io.String.Input(
+            "prompts", multiline=True, default=PRESET.default_caption,
+            tooltip="One prompt per line, one grid column each. [trigger] becomes the trigger word. With a "
+            "run, the prompts must be among the trainer's preview prompts (empty: all of them).",
+        ),
+        io.String.Input(
+            "trigger", default="",
+            tooltip="Without a run: the word that replaces [trigger] (empty: the word the LoRA file "
+            "records). With a run, the run's trigger word is used.",
+        ),
+        io.Int.Input(
+            "sample_steps", default=PRESET.sample_steps, min=1, max=MAX_SAMPLE_STEPS,
+            tooltip=f"Denoising steps per image (not training steps). Base needs about {PRESET.sample_steps}; "
+            f"below {PRESET.min_base_sample_steps} a LoRA looks weak or noisy.",
+        ),
+        io.Float.Input(
+            "cfg", default=PRESET.cfg, min=0.0, max=30.0, step=0.1,
+            tooltip=f"True classifier-free guidance against the empty prompt, pred = neg + cfg*(cond - neg). "
+            f"Base needs about {PRESET.cfg:g}; at {PRESET.min_base_cfg:g} or below there is no real guidance.",
+        ),
+        io.Int.Input(
+            "seed", default=PRESET.preview_seed, min=0, max=0xFFFFFFFFFFFFFFFF,
+            control_after_generate=False,  # fixed: grids of successive runs stay comparable
+            tooltip="One seed for every cell, so cells differ only by checkpoint, strength and prompt. Noise "
+            "is drawn on the CPU like diffusers and ComfyUI, so the same seed gives the same image.",
+        ),
+        _side_input("width"),
+        _side_input("height"),
+        io.String.Input(
+            "checkpoints", default="all",
+            tooltip="Which of the run's checkpoints get a row: 'all', 'last', 'last N', 'none' (control "
+            "only) or training steps such as '500, 1000'. The control row is always there.",
+        ),
+        io.String.Input(
+            "strengths", default="",
+            tooltip="Optional LoRA strength sweep of the last chosen checkpoint, e.g. "
+            f"'{', '.join(f'{s:g}' for s in DEFAULT_STRENGTH_SWEEP)}'. Empty: every checkpoint at strength 1.",
+        ),
+    ]
+
+
 class KleinBasePreviewSampler(io.ComfyNode):
     """Previews LoRA checkpoints the way Klein Base must be sampled, side by side at one seed."""
 
@@ -70,78 +152,7 @@ class KleinBasePreviewSampler(io.ComfyNode):
                 "strength sweep of the last checkpoint), columns are prompts, one seed for every cell. "
                 f"{BASE_ADVICE} The output equals diffusers' Flux2KleinPipeline for the same seed."
             ),
-            inputs=[
-                KleinLoraRun.Input(
-                    "run", optional=True,
-                    tooltip="The Klein LoRA Trainer's run: its model, checkpoints and cached prompt embeddings are "
-                    "used directly (no second model load). When linked, the model and LoRA lists are ignored.",
-                ),
-                io.Combo.Input(
-                    "diffusion_model", options=choices("diffusion_models"), default=NONE,
-                    tooltip="Without a run: the FLUX.2 [klein] Base diffusion model (e.g. "
-                    "flux-2-klein-base-9b.safetensors) from models/diffusion_models.",
-                ),
-                io.Combo.Input(
-                    "text_encoder", options=choices("text_encoders"), default=NONE,
-                    tooltip="Without a run: the matching Qwen3 text encoder (Qwen3-8B for 9B, Qwen3-4B for 4B) from "
-                    "models/text_encoders. It is freed before the diffusion model loads.",
-                ),
-                io.Combo.Input(
-                    "vae", options=choices("vae"), default=NONE,
-                    tooltip="Without a run: the FLUX.2 VAE (flux2-vae.safetensors) from models/vae.",
-                ),
-                io.Combo.Input(
-                    "lora", options=choices("loras"), default=NONE,
-                    tooltip="Without a run: a Klein LoRA from models/loras (ours, diffusers/peft, ai-toolkit or "
-                    f"kohya keys). '{NONE}' renders the base model alone.",
-                ),
-                io.String.Input(
-                    "prompts", multiline=True, default=PRESET.default_caption,
-                    tooltip="One prompt per line, one grid column each. [trigger] becomes the trigger word. With a "
-                    "run, the prompts must be among the trainer's preview prompts (empty: all of them).",
-                ),
-                io.String.Input(
-                    "trigger", default="",
-                    tooltip="Without a run: the word that replaces [trigger] (empty: the word the LoRA file "
-                    "records). With a run, the run's trigger word is used.",
-                ),
-                io.Int.Input(
-                    "sample_steps", default=PRESET.sample_steps, min=1, max=MAX_SAMPLE_STEPS,
-                    tooltip=f"Denoising steps per image (not training steps). Base needs about {PRESET.sample_steps}; "
-                    f"below {PRESET.min_base_sample_steps} a LoRA looks weak or noisy.",
-                ),
-                io.Float.Input(
-                    "cfg", default=PRESET.cfg, min=0.0, max=30.0, step=0.1,
-                    tooltip=f"True classifier-free guidance against the empty prompt, pred = neg + cfg*(cond - neg). "
-                    f"Base needs about {PRESET.cfg:g}; at {PRESET.min_base_cfg:g} or below there is no real guidance.",
-                ),
-                io.Int.Input(
-                    "seed", default=PRESET.preview_seed, min=0, max=0xFFFFFFFFFFFFFFFF,
-                    control_after_generate=False,  # fixed: grids of successive runs stay comparable
-                    tooltip="One seed for every cell, so cells differ only by checkpoint, strength and prompt. Noise "
-                    "is drawn on the CPU like diffusers and ComfyUI, so the same seed gives the same image.",
-                ),
-                io.Int.Input(
-                    "width", default=0, min=0, max=MAX_SIDE, step=16,
-                    tooltip=f"Image width, a multiple of 16; 0 = the run's training resolution ({PRESET.resolution} "
-                    "without a run).",
-                ),
-                io.Int.Input(
-                    "height", default=0, min=0, max=MAX_SIDE, step=16,
-                    tooltip=f"Image height, a multiple of 16; 0 = the run's training resolution ({PRESET.resolution} "
-                    "without a run).",
-                ),
-                io.String.Input(
-                    "checkpoints", default="all",
-                    tooltip="Which of the run's checkpoints get a row: 'all', 'last', 'last N', 'none' (control "
-                    "only) or training steps such as '500, 1000'. The control row is always there.",
-                ),
-                io.String.Input(
-                    "strengths", default="",
-                    tooltip="Optional LoRA strength sweep of the last chosen checkpoint, e.g. "
-                    f"'{', '.join(f'{s:g}' for s in DEFAULT_STRENGTH_SWEEP)}'. Empty: every checkpoint at strength 1.",
-                ),
-            ],
+            inputs=[*_source_inputs(), *_grid_inputs()],
             outputs=[
                 io.Image.Output(
                     "grid", display_name="grid",

@@ -17,7 +17,8 @@ from ..klein_core.data.cache import default_cache_dir
 from ..klein_core.data.captions import REGULARIZATION_CAPTION
 from ..klein_core.preset import PRESET
 from ..klein_core.train.config import TrainCallbacks, TrainConfig
-from ..klein_core.train.loop import regularization_summary, train
+from ..klein_core.train.loop import train
+from ..klein_core.train.preflight import regularization_summary
 from . import memory
 from .model_inputs import NONE, choices, diffusers_choices, resolve_choice
 from .types import KleinDataset, KleinLoraRun
@@ -67,6 +68,73 @@ class _ComfyProgress:
         print(f"[Klein LoRA] {message}", flush=True)  # ComfyUI wraps stdout in a block-buffered writer
 
 
+def _inputs() -> list:
+    """The node's inputs, in widget order (saved workflows store widget values by position)."""
+    return [
+        KleinDataset.Input("dataset", tooltip="The Klein Caption Dataset: images, captions, trigger word, resolutions."),
+        io.Int.Input(
+            "training_steps", default=1000, min=1, max=1_000_000,
+            tooltip="Optimizer updates S (not sample steps). Link it from the Repeats Calculator: "
+            "S = ceil(N*R/(B*G)) gives every image R repeats.",
+        ),
+        io.Combo.Input("diffusers_model", options=diffusers_choices(), default=NONE,
+                       tooltip="A Klein Base diffusers folder under models/diffusers (wins over the three files below)."),
+        io.Combo.Input("diffusion_model", options=choices("diffusion_models"), default=NONE,
+                       tooltip="FLUX.2 [klein] Base diffusion model (flux-2-klein-base-9b.safetensors or -4b). "
+                       "Distilled klein files are refused: LoRAs trained on them collapse."),
+        io.Combo.Input("text_encoder", options=choices("text_encoders"), default=NONE,
+                       tooltip="The matching Qwen3 text encoder (Qwen3-8B for 9B, Qwen3-4B for 4B); used only "
+                       "to encode captions, then freed."),
+        io.Combo.Input("vae", options=choices("vae"), default=NONE, tooltip="The FLUX.2 VAE (flux2-vae.safetensors)."),
+        io.Int.Input("batch_size", default=PRESET.batch_size, min=1, max=64,
+                     tooltip="B: images per micro-batch. Must match the Repeats Calculator's B."),
+        io.Int.Input("grad_accum", default=PRESET.grad_accum, min=1, max=1024,
+                     tooltip="G: micro-batches per training step (2-4 only to save VRAM). Must match the "
+                     "Repeats Calculator's G, which lowers the training steps in proportion."),
+        io.Float.Input("learning_rate", default=PRESET.learning_rate, min=1e-7, max=1.0, step=1e-5,
+                       tooltip=f"AdamW learning rate: {PRESET.learning_rate:g} for Klein 9B Base; "
+                       f"{PRESET.unstable_learning_rate:g} when the run collapses."),
+        io.Int.Input("rank", default=PRESET.rank, min=1, max=256,
+                     tooltip=f"LoRA rank (alpha = rank): {PRESET.rank}; {PRESET.stable_underfit_rank} only "
+                     "when stable and underfitting."),
+        io.Int.Input("save_every", default=PRESET.save_every, min=0, max=100_000,
+                     tooltip="Training steps between LoRA checkpoints (0: only the final LoRA). Each checkpoint "
+                     "gets a fixed-noise validation loss for the health report."),
+        # control_after_generate=False: the frontend would otherwise add "randomize" to any input named
+        # seed, and every queue would silently retrain.
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                     tooltip="Seed of noise, timesteps and batch order. Same inputs are cached by ComfyUI; "
+                     "change the seed to train again."),
+        io.String.Input("preview_prompts", multiline=True, default=f"{PRESET.default_caption}",
+                        tooltip="One prompt per line for the preview node, encoded now while the text encoder "
+                        "is loaded. [trigger] becomes the trigger word. The first also renders a health "
+                        "preview at each checkpoint (likeness, preview statistics)."),
+        io.String.Input("output_name", default=PRESET.output_name,
+                        tooltip="LoRA file name stem: <name>_step000500.safetensors, <name>.safetensors, "
+                        "<name>_best.safetensors."),
+        io.Boolean.Input("gradient_checkpointing", default=False,
+                         tooltip="Ticked: always recompute activations per block (~1.45x compute, far less VRAM). "
+                         "Unticked: automatic, on only when the memory estimate says the card needs it "
+                         "(Klein 9B at 1024 px on a 24 GB card)."),
+        io.Boolean.Input("stop_on_collapse", default=False,
+                         tooltip="Stop as soon as a collapse is detected (better, then chaos); the best "
+                         "checkpoint before it is kept."),
+        KleinDataset.Input("regularization", optional=True,
+                           tooltip="Optional: a second Klein Caption Dataset of class images (photos of other "
+                           f"people, captioned like '{REGULARIZATION_CAPTION}'; none may contain the trigger "
+                           "word). The third fix for a collapse. Not counted in the repeats per image."),
+        KleinDataset.Input("held_out", optional=True,
+                           tooltip="Optional: a Klein Caption Dataset of a few more photos of the same person, "
+                           "kept out of training. Their fixed-noise validation loss is recorded at every "
+                           "checkpoint (run.json, the report chart) and picks the best checkpoint when there "
+                           "is no likeness score."),
+        io.Float.Input("regularization_weight", default=PRESET.regularization_weight, min=0.0, max=1.0,
+                       step=0.01, optional=True, tooltip="Loss weight of the regularization images against the identity "
+                       f"images (default {PRESET.regularization_weight:g}: low, so they steady the run "
+                       "without diluting the likeness). Used only with a regularization dataset."),
+    ]
+
+
 class KleinLoRATrainer(io.ComfyNode):
     """Trains a character LoRA on FLUX.2 [klein] Base; re-queue with a new seed to train again."""
 
@@ -83,69 +151,7 @@ class KleinLoRATrainer(io.ComfyNode):
                 "text encoder is freed before the transformer loads. Checkpoints, run.json and a health report go "
                 "to output/klein_lora/<output_name>/; the final and best LoRA are copied to models/loras/klein/."
             ),
-            inputs=[
-                KleinDataset.Input("dataset", tooltip="The Klein Caption Dataset: images, captions, trigger word, resolutions."),
-                io.Int.Input(
-                    "training_steps", default=1000, min=1, max=1_000_000,
-                    tooltip="Optimizer updates S (not sample steps). Link it from the Repeats Calculator: "
-                    "S = ceil(N*R/(B*G)) gives every image R repeats.",
-                ),
-                io.Combo.Input("diffusers_model", options=diffusers_choices(), default=NONE,
-                               tooltip="A Klein Base diffusers folder under models/diffusers (wins over the three files below)."),
-                io.Combo.Input("diffusion_model", options=choices("diffusion_models"), default=NONE,
-                               tooltip="FLUX.2 [klein] Base diffusion model (flux-2-klein-base-9b.safetensors or -4b). "
-                               "Distilled klein files are refused: LoRAs trained on them collapse."),
-                io.Combo.Input("text_encoder", options=choices("text_encoders"), default=NONE,
-                               tooltip="The matching Qwen3 text encoder (Qwen3-8B for 9B, Qwen3-4B for 4B); used only "
-                               "to encode captions, then freed."),
-                io.Combo.Input("vae", options=choices("vae"), default=NONE, tooltip="The FLUX.2 VAE (flux2-vae.safetensors)."),
-                io.Int.Input("batch_size", default=PRESET.batch_size, min=1, max=64,
-                             tooltip="B: images per micro-batch. Must match the Repeats Calculator's B."),
-                io.Int.Input("grad_accum", default=PRESET.grad_accum, min=1, max=1024,
-                             tooltip="G: micro-batches per training step (2-4 only to save VRAM). Must match the "
-                             "Repeats Calculator's G, which lowers the training steps in proportion."),
-                io.Float.Input("learning_rate", default=PRESET.learning_rate, min=1e-7, max=1.0, step=1e-5,
-                               tooltip=f"AdamW learning rate: {PRESET.learning_rate:g} for Klein 9B Base; "
-                               f"{PRESET.unstable_learning_rate:g} when the run collapses."),
-                io.Int.Input("rank", default=PRESET.rank, min=1, max=256,
-                             tooltip=f"LoRA rank (alpha = rank): {PRESET.rank}; {PRESET.stable_underfit_rank} only "
-                             "when stable and underfitting."),
-                io.Int.Input("save_every", default=PRESET.save_every, min=0, max=100_000,
-                             tooltip="Training steps between LoRA checkpoints (0: only the final LoRA). Each checkpoint "
-                             "gets a fixed-noise validation loss for the health report."),
-                # control_after_generate=False: the frontend would otherwise add "randomize" to any input named
-                # seed, and every queue would silently retrain.
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
-                             tooltip="Seed of noise, timesteps and batch order. Same inputs are cached by ComfyUI; "
-                             "change the seed to train again."),
-                io.String.Input("preview_prompts", multiline=True, default=f"{PRESET.default_caption}",
-                                tooltip="One prompt per line for the preview node, encoded now while the text encoder "
-                                "is loaded. [trigger] becomes the trigger word. The first also renders a health "
-                                "preview at each checkpoint (likeness, preview statistics)."),
-                io.String.Input("output_name", default=PRESET.output_name,
-                                tooltip="LoRA file name stem: <name>_step000500.safetensors, <name>.safetensors, "
-                                "<name>_best.safetensors."),
-                io.Boolean.Input("gradient_checkpointing", default=False,
-                                 tooltip="Ticked: always recompute activations per block (~1.45x compute, far less VRAM). "
-                                 "Unticked: automatic, on only when the memory estimate says the card needs it "
-                                 "(Klein 9B at 1024 px on a 24 GB card)."),
-                io.Boolean.Input("stop_on_collapse", default=False,
-                                 tooltip="Stop as soon as a collapse is detected (better, then chaos); the best "
-                                 "checkpoint before it is kept."),
-                KleinDataset.Input("regularization", optional=True,
-                                   tooltip="Optional: a second Klein Caption Dataset of class images (photos of other "
-                                   f"people, captioned like '{REGULARIZATION_CAPTION}'; none may contain the trigger "
-                                   "word). The third fix for a collapse. Not counted in the repeats per image."),
-                KleinDataset.Input("held_out", optional=True,
-                                   tooltip="Optional: a Klein Caption Dataset of a few more photos of the same person, "
-                                   "kept out of training. Their fixed-noise validation loss is recorded at every "
-                                   "checkpoint (run.json, the report chart) and picks the best checkpoint when there "
-                                   "is no likeness score."),
-                io.Float.Input("regularization_weight", default=PRESET.regularization_weight, min=0.0, max=1.0,
-                               step=0.01, optional=True, tooltip="Loss weight of the regularization images against the identity "
-                               f"images (default {PRESET.regularization_weight:g}: low, so they steady the run "
-                               "without diluting the likeness). Used only with a regularization dataset."),
-            ],
+            inputs=_inputs(),
             outputs=[
                 KleinLoraRun.Output("run", tooltip="The trained run in memory (model, checkpoints, cached prompt "
                                     "embeddings) for the Klein Base Preview Sampler: no second model load."),

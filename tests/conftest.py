@@ -60,8 +60,8 @@ def tiny_comfy_files(tiny_model) -> dict[str, Path]:
     return {name: root / rel for name, rel in COMFY_FILES.items() if (root / rel).exists()}
 
 
-# ---- real ComfyUI server (tests marked comfy_server); see tests/comfy_harness.py ---------------------------------------
-from comfy_harness import comfy_assets, comfy_env, comfy_server, pytest_terminal_summary  # noqa: E402,F401  (fixtures, hook)
+# ---- real ComfyUI server (tests marked comfy_server); see tests/harness/comfyui.py -----------------------------
+from harness.comfyui import comfy_assets, comfy_env, comfy_server, pytest_terminal_summary  # noqa: E402,F401  (fixtures, hook)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

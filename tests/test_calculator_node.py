@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from comfy_harness import import_pack, import_pack_module, require_comfy_api
+from harness.comfyui import import_pack, import_pack_module, require_comfy_api
 
 
 @pytest.fixture(scope="module")

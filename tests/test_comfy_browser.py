@@ -2,7 +2,7 @@
 shown on the preview node and the live training chart. Saves a screenshot to artifacts/ (git-ignored).
 
 Needs Debian's chromium (.ci/run installs it); skips, saying so, where there is none. Runs against the session server
-(tests/comfy_harness.py): ComfyUI 0.3.75 with frontend 1.32 from PyPI, or the tree in $COMFYUI_DIR.
+(tests/harness/comfyui.py): ComfyUI 0.3.75 with frontend 1.32 from PyPI, or the tree in $COMFYUI_DIR.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from browser_harness import ARTIFACTS_DIR, Browser, find_chromium
-from comfy_harness import PACK_DIR_NAME, REPO_ROOT
+from harness.browser import ARTIFACTS_DIR, Browser, find_chromium
+from harness.comfyui import PACK_DIR_NAME, REPO_ROOT
 from PIL import Image
 
 pytestmark = pytest.mark.browser

@@ -20,7 +20,7 @@ import subprocess
 
 import pytest
 import torch
-from comfy_harness import REPO_ROOT, TESTS_DIR
+from harness.comfyui import REPO_ROOT, TESTS_DIR
 from safetensors.torch import load_file
 
 from klein_core.model.keymap import diffusers_to_bfl_transformer
@@ -139,7 +139,7 @@ def test_comfyui_stock_lora_loader_loads_every_key_and_patches_exactly_our_delta
     deltas_path = tmp_path / "comfy_deltas.safetensors"
     env = dict(os.environ, PYTHONPATH=comfy_env.server_pythonpath(), PYTHONDONTWRITEBYTECODE="1")
     completed = subprocess.run(
-        [str(comfy_env.python), str(TESTS_DIR / "comfy_lora_check.py"),
+        [str(comfy_env.python), str(TESTS_DIR / "harness" / "lora_check.py"),
          str(tiny_model / "comfyui" / COMFY_FILES["transformer"]), str(lora_path), str(deltas_path)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
     )

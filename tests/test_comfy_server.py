@@ -1,4 +1,4 @@
-"""The pack inside a REAL ComfyUI server on loopback (see tests/comfy_harness.py and shared/comfyui-ci.md).
+"""The pack inside a REAL ComfyUI server on loopback (see tests/harness/comfyui.py and shared/comfyui-ci.md).
 
 One server serves the whole session. Against the PyPI tree (ComfyUI 0.3.75) only pack plumbing is checked; set
 COMFYUI_DIR to run the same tests against a current ComfyUI.
@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from comfy_harness import PACK_DIR_NAME, REPO_ROOT, TESTS_DIR
+from harness.comfyui import PACK_DIR_NAME, REPO_ROOT, TESTS_DIR
 
 pytestmark = pytest.mark.comfy_server
 

@@ -1,5 +1,5 @@
 """The example workflows, queued on a REAL ComfyUI server: train then preview, preview a LoRA, plan only; cancel, cache
-and memory behaviour of the trainer. Uses the session server of tests/comfy_harness.py with the tiny Klein.
+and memory behaviour of the trainer. Uses the session server of tests/harness/comfyui.py with the tiny Klein.
 
 Each test POSTs the API-format copy of an example (tests/workflows/<name>.api.json, built from the UI workflow by the
 real frontend: tests/workflows/build_examples.py) with only what a tiny CPU run needs changed: the tiny model files, the
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfy_harness import REPO_ROOT
+from harness.comfyui import REPO_ROOT
 from safetensors import safe_open
 
 pytestmark = pytest.mark.comfy_server

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from comfy_harness import import_pack_module, require_comfy_api
+from harness.comfyui import import_pack_module, require_comfy_api
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,26 @@ def test_execute_scans_the_chosen_input_subfolder(node, core, input_dir):
     assert Path(spec.folder) == input_dir / "kleinchar" and spec.trigger == "kleinchar"
     assert spec.resolutions == (128,) and spec.caption_dropout == 0.05
     assert count == 4 and "4 images, trigger 'kleinchar'" in summary
-    assert output.ui.as_dict() == {"text": (summary,)}
+    assert output.ui["text"] == (summary,)
+    assert "identity check (" in summary and "0 of 4 images flagged" in summary
+
+
+def test_the_preview_image_is_the_identity_contact_sheet_and_the_summary_lists_the_flags(node, input_dir):
+    import folder_paths
+    from PIL import Image
+
+    folder = input_dir / "kleinchar"
+    with Image.open(folder / "sample_02.png") as shot:
+        shot.resize((shot.width - 8, shot.height - 8)).save(folder / "sample_02_again.png")
+    output = node.KleinCaptionDataset.execute(**widgets())
+    _, count, summary = output.result
+    assert count == 5
+    assert "- sample_02_again.png: [near_duplicate] near-duplicate of sample_02.png" in summary
+    (shown,) = output.ui["images"]
+    sheet = Path(folder_paths.get_temp_directory(), shown["subfolder"], shown["filename"])
+    with Image.open(sheet) as image:
+        assert image.width > 2 * 192 and image.height > 2 * 192  # five cells of 192 px, three a row
+    assert not any(p.name == shown["filename"] for p in folder.iterdir())
 
 
 def test_a_path_overrides_the_list(node, input_dir, tmp_path: Path):

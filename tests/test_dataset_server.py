@@ -53,6 +53,10 @@ def test_queued_scan_reports_the_image_count_and_summary_then_reruns_only_when_t
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert entry["outputs"]["2"]["text"] == ["4"]
     assert "4 images, trigger 'kleinchar'" in entry["outputs"]["1"]["text"][0]
+    assert "identity check (" in entry["outputs"]["1"]["text"][0]
+    (sheet,) = entry["outputs"]["1"]["images"]  # the identity contact sheet is the node's preview image
+    assert sheet["type"] == "temp" and sheet["filename"].endswith(".png")
+    assert not (dataset_folder / sheet["filename"]).exists()
 
     with comfy_server.events() as events:
         prompt_id = comfy_server.queue(dataset_prompt(), client_id=events.client_id)

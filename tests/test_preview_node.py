@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from comfy_harness import import_pack_module, require_comfy_api
+from harness.comfyui import import_pack_module, require_comfy_api
 
 SIZE = 32
 COMMON = dict(prompts="photo of [trigger]", trigger="", sample_steps=1, cfg=4.0, seed=5, width=SIZE, height=SIZE,

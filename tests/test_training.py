@@ -14,7 +14,8 @@ from klein_core.errors import NonFiniteLoss, ResumeError, TrainingInterrupted
 from klein_core.model import lora as lora_io
 from klein_core.model.loading import load_transformer, resolve_model
 from klein_core.train.config import TrainCallbacks
-from klein_core.train.loop import checkpoint_name, train
+from klein_core.train.loop import train
+from klein_core.train.session import checkpoint_name
 from klein_core.train.objective import MicroBatch, accumulate_gradients
 
 quiet = TrainCallbacks(log=lambda _m: None)
@@ -318,7 +319,7 @@ def test_a_stop_after_an_unread_non_finite_loss_saves_nothing(tiny_diffusers, sa
 
 # --- memory and data hygiene ---------------------------------------------------------------------------------------------
 def test_second_run_on_an_unchanged_dataset_never_loads_the_text_encoder(tiny_diffusers, sample_dataset, tmp_path, monkeypatch):
-    import klein_core.train.loop as training
+    import klein_core.train.session as training
 
     loads = {"n": 0}
     real = training.load_text_encoder
@@ -339,7 +340,7 @@ def test_text_encoder_is_released_before_training(tiny_diffusers, sample_dataset
     import gc
     import weakref
 
-    import klein_core.train.loop as training
+    import klein_core.train.session as training
 
     refs = []
     real = training.load_text_encoder

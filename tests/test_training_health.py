@@ -146,7 +146,7 @@ def test_held_out_images_get_their_validation_loss_at_every_checkpoint_and_are_n
 
 
 def test_a_regularization_set_whose_captions_carry_the_trigger_is_refused_before_any_model_loads(tiny_diffusers, sample_dataset, tmp_path, monkeypatch):
-    import klein_core.train.loop as training
+    import klein_core.train.session as training
     from klein_core.data.spec import DatasetSpec
     from klein_core.errors import DatasetError
 

@@ -1,7 +1,8 @@
 """``klein-lora dataset check`` (summary and every problem of a dataset folder) and ``klein-lora make-sample-dataset``.
 
-``dataset check`` exits 0 when the folder can be trained on (warnings allowed), 1 when it has errors, and 2 when the
-folder or an option is unusable (folder not found, no trigger word).
+``dataset check`` exits 0 when the folder can be trained on (warnings allowed), 1 when it has errors or the identity
+check calls it NOT READY (most images flagged), and 2 when the folder or an option is unusable (folder not found,
+no trigger word, a contact sheet path inside the dataset folder).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from pathlib import Path
 from ..data.buckets import parse_resolutions
 from ..data.captions import TRIGGER_POLICIES
 from ..data.scan import inspect_dataset
+from ..errors import DatasetError
+from ..health.contact_sheet import write_contact_sheet
+from ..health.identity import check_identity
 from ..preset import PRESET
 from ._common import print_json
 
@@ -43,6 +47,17 @@ def register(sub) -> None:
     check.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images with a warning")
     check.add_argument("--captions", type=int, default=5, help="how many captions to show (default 5)")
     check.add_argument("--json", action="store_true", help="print one JSON object")
+    check.add_argument(
+        "--sheet",
+        metavar="PATH",
+        help="write a contact sheet PNG: every image with its face box and flags, the odd ones first (not inside "
+        "the dataset folder)",
+    )
+    check.add_argument(
+        "--no-identity",
+        action="store_true",
+        help="skip the identity check (faces, same person, face size and sharpness, near-duplicates)",
+    )
     check.set_defaults(func=run_check)
 
     sample = sub.add_parser(
@@ -60,6 +75,7 @@ def register(sub) -> None:
 
 def run_check(args) -> int:
     resolutions = parse_resolutions(",".join(args.resolution) if args.resolution else PRESET.resolution)
+    sheet = _sheet_path(args.sheet, args.folder)
     scan = inspect_dataset(
         args.folder,
         args.trigger,
@@ -68,13 +84,46 @@ def run_check(args) -> int:
         skip_corrupt=args.skip_corrupt,
         resolutions=resolutions,
     )
+    identity = None
+    if not args.no_identity or sheet is not None:
+        identity = check_identity(scan, face=not args.no_identity)
+    if sheet is not None:
+        write_contact_sheet(identity, sheet, title=f"{scan.folder.name}: {len(scan.items)} images")
+    ready = scan.ok and (identity is None or identity.ready)
     if args.json:
-        print_json(scan.as_dict())
+        report = scan.as_dict()
+        report["identity"] = None if identity is None else identity.as_dict()
+        report["ready"] = ready
+        report["sheet"] = None if sheet is None else str(sheet)
+        print_json(report)
+        return 0 if ready else 1
+    print(scan.summary(max_captions=args.captions))
+    if identity is not None:
+        print("\n".join(identity.summary_lines()))
+    if sheet is not None:
+        print(f"contact sheet: {sheet}")
+    counts = f"{len(scan.warnings)} warning(s)"
+    if identity is not None and identity.flagged:
+        counts += f", {len(identity.flagged)} image(s) flagged by the identity check"
+    if not scan.ok:
+        print(f"NOT READY: {len(scan.errors)} error(s) to fix ({counts})")
+    elif not ready:
+        print(f"{identity.verdict()} ({counts})")
     else:
-        print(scan.summary(max_captions=args.captions))
-        verdict = "OK: ready to train" if scan.ok else f"NOT READY: {len(scan.errors)} error(s) to fix"
-        print(f"{verdict} ({len(scan.warnings)} warning(s))")
-    return 0 if scan.ok else 1
+        print(f"OK: ready to train ({counts})")
+    return 0 if ready else 1
+
+
+def _sheet_path(sheet: str | None, folder: str) -> Path | None:
+    """The contact sheet's path, refused before any work when it would land inside the dataset folder."""
+    if sheet is None:
+        return None
+    path = Path(sheet).expanduser().resolve()
+    dataset = Path(folder).expanduser().resolve()
+    if path == dataset or dataset in path.parents:
+        raise DatasetError(f"--sheet {sheet} is inside the dataset folder {dataset}, which is never written to: "
+                           "write the sheet elsewhere")
+    return path
 
 
 def run_make_sample(args) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..data.images import is_image_file
 from ..errors import PlanError
 from ..preset import PRESET
 from ..train.estimate import VARIANTS, Mode, detect_gpu_memory, detect_gpu_name, estimate, recommend_mode
@@ -36,8 +37,6 @@ def count_images_arg(value: str) -> int:
     folder = Path(value)
     if not folder.is_dir():
         raise PlanError(f"--images must be a number or a dataset folder; {value!r} is neither")
-    from ..data.images import is_image_file
-
     return sum(1 for f in folder.iterdir() if f.is_file() and is_image_file(f))
 
 

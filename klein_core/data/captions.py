@@ -46,10 +46,16 @@ def contains_trigger(caption: str, trigger: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption) is not None
 
 
-def apply_trigger_policy(caption: str, trigger: str, policy: str = "prepend") -> str:
-    """Give a caption that lacks the trigger word the word, as ``policy`` says (see the module docstring)."""
+def validate_trigger_policy(policy: object) -> str:
+    """A trigger policy must be one of ``TRIGGER_POLICIES``; the one check the scan, the spec and captions share."""
     if policy not in TRIGGER_POLICIES:
         raise DatasetError(f"trigger_policy must be one of {', '.join(TRIGGER_POLICIES)}; got {policy!r}")
+    return policy  # type: ignore[return-value]
+
+
+def apply_trigger_policy(caption: str, trigger: str, policy: str = "prepend") -> str:
+    """Give a caption that lacks the trigger word the word, as ``policy`` says (see the module docstring)."""
+    validate_trigger_policy(policy)
     if contains_trigger(caption, trigger) or policy in ("keep", "exclude"):
         return caption
     if not caption:

@@ -89,6 +89,27 @@ def decode_image_rgb(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_IMAGE
         ) from None
 
 
+def decode_reduced_rgb(data: bytes, name: str, width: int, height: int) -> Image.Image:
+    """Decode image bytes to upright 8-bit RGB of exactly ``width`` x ``height`` (the upright size wanted), cheaply.
+
+    For checks that look at an image at training scale, not at its full size: a JPEG is decoded at the smallest
+    DCT scale (1/2, 1/4 or 1/8) that still covers the wanted size, so a 4000-px photo costs about as much as a
+    1000-px one. The file must already have passed ``decode_image_rgb`` (the scan does that); any failure here is
+    reported the same way.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the scan applied our own limit
+            image = Image.open(io.BytesIO(data))
+        orientation = image.getexif().get(0x0112, 1)
+        swapped = orientation in (5, 6, 7, 8)  # EXIF rotations by 90 degrees: the stored size is the upright one turned
+        image.draft("RGB", (height, width) if swapped else (width, height))
+        image = to_rgb(ImageOps.exif_transpose(image))
+        return image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    except Exception as exc:  # noqa: BLE001 - anything Pillow raises means this file is unusable now
+        raise DatasetError(f"{name}: cannot be decoded any more ({exc}); scan the folder again") from None
+
+
 def load_image_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Read and decode an image file (see ``decode_image_rgb``)."""
     path = Path(path)

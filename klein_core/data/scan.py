@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple, Sequence
 
@@ -39,13 +39,13 @@ from .buckets import Bucket, bucket_for, buckets_for, fit_to_bucket, parse_resol
 from .captions import (
     CAPTION_EXTENSION,
     REGULARIZATION_CAPTION,
-    TRIGGER_POLICIES,
     apply_trigger_policy,
     contains_trigger,
     normalise_caption,
     read_caption_file,
     substitute_trigger,
     validate_trigger,
+    validate_trigger_policy,
 )
 from .images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, decode_image_rgb, is_image_file, pixels_from_image
 
@@ -263,17 +263,59 @@ def inspect_dataset(
     """Scan a folder and collect every problem without raising for per-file ones (``dataset check`` uses this).
 
     Raises DatasetError only when there is nothing to scan: folder not found, or an unusable trigger or setting.
+    The steps: list the folder, read each image with its caption, then the checks that need the whole set
+    (captions, folder-level problems, duplicates, sizes).
     """
     trigger = validate_trigger(trigger)
     resolutions = parse_resolutions(resolutions)
-    if trigger_policy not in TRIGGER_POLICIES:
-        raise DatasetError(f"trigger_policy must be one of {', '.join(TRIGGER_POLICIES)}; got {trigger_policy!r}")
+    trigger_policy = validate_trigger_policy(trigger_policy)
+    root = _dataset_root(folder)
+    listing = _list_folder(root)
+    state = _ScanState()
+    for path in listing.images:
+        _read_item(path, listing, state, trigger, default_caption, trigger_policy, skip_corrupt, resolutions,
+                   max_image_pixels)
+    _check_caption_files(listing, state)
+    _check_folder(root, listing, state, trigger, default_caption)
+    _check_duplicates(state)
+    _check_sizes(state)
+    return DatasetScan(
+        folder=root,
+        trigger=trigger,
+        resolutions=resolutions,
+        trigger_policy=trigger_policy,
+        items=tuple(state.items),
+        ignored=tuple(sorted(listing.ignored)),
+        skipped=tuple(state.skipped),
+        problems=tuple(state.problems),
+    )
+
+
+def scan_dataset(folder: str | Path, trigger: str, **options) -> DatasetScan:
+    """Scan a folder for training (``options`` as ``inspect_dataset``); raise one DatasetError naming every bad
+    file if any. Reads only."""
+    return inspect_dataset(folder, trigger, **options).raise_for_errors()
+
+
+def _dataset_root(folder: str | Path) -> Path:
     root = Path(folder).expanduser()
     if not root.exists():
         raise DatasetError(f"dataset folder not found: {root}")
     if not root.is_dir():
         raise DatasetError(f"dataset path is not a folder: {root}")
+    return root
 
+
+@dataclass
+class _FolderListing:
+    """A folder's entries sorted by name: images, captions by stem, and everything else (ignored)."""
+
+    images: list[Path]
+    captions: dict[str, Path]
+    ignored: list[str]
+
+
+def _list_folder(root: Path) -> _FolderListing:
     entries = sorted(root.iterdir(), key=lambda p: p.name)
     images = [p for p in entries if p.is_file() and is_image_file(p)]
     captions = {
@@ -282,110 +324,133 @@ def inspect_dataset(
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() == CAPTION_EXTENSION
     }
     ignored = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in images and p not in captions.values()]
-    problems: list[Problem] = []
-    items: list[ScanItem] = []
-    skipped: list[str] = []
-    used_captions: dict[str, list[str]] = defaultdict(list)
-    without_trigger: list[str] = []
-    with_trigger: list[str] = []  # trigger_policy "exclude": class images whose caption carries the trigger
-    decoded: list[tuple[str, str]] = []  # (name, sha256) of every readable image, for the duplicate check
+    return _FolderListing(images, captions, ignored)
 
-    for path in images:
+
+@dataclass
+class _ScanState:
+    """What the per-image step collects for the whole-set checks."""
+
+    problems: list[Problem] = field(default_factory=list)
+    items: list[ScanItem] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    used_captions: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    without_trigger: list[str] = field(default_factory=list)  # trigger_policy "keep": captions left without it
+    with_trigger: list[str] = field(default_factory=list)  # trigger_policy "exclude": class captions carrying it
+    decoded: list[tuple[str, str]] = field(default_factory=list)  # (name, sha256) of every readable image
+
+
+def _read_item(
+    path: Path,
+    listing: _FolderListing,
+    state: _ScanState,
+    trigger: str,
+    default_caption: str,
+    trigger_policy: str,
+    skip_corrupt: bool,
+    resolutions: tuple[int, ...],
+    max_image_pixels: int,
+) -> None:
+    """Decode one image and resolve its caption; add a ScanItem, or the problem that stops this image."""
+    try:
+        data = path.read_bytes()
+        image = decode_image_rgb(data, path.name, max_image_pixels)
+    except DatasetError as exc:
+        message = str(exc).removeprefix(f"{path.name}: ")
+        if skip_corrupt:
+            state.skipped.append(path.name)
+            state.problems.append(Problem("warning", path.name, f"skipped: {message}"))
+        else:
+            state.problems.append(Problem("error", path.name, message))
+        return
+    except OSError as exc:
+        state.problems.append(Problem("error", path.name, f"cannot be read ({exc.strerror or exc})"))
+        return
+    sha256 = hashlib.sha256(data).hexdigest()
+    state.decoded.append((path.name, sha256))
+
+    caption_file = listing.captions.get(path.stem)
+    caption, source = default_caption, "default"
+    if caption_file is not None:
+        state.used_captions[caption_file.name].append(path.name)
         try:
-            data = path.read_bytes()
-            image = decode_image_rgb(data, path.name, max_image_pixels)
+            text = read_caption_file(caption_file)
         except DatasetError as exc:
-            message = str(exc).removeprefix(f"{path.name}: ")
-            if skip_corrupt:
-                skipped.append(path.name)
-                problems.append(Problem("warning", path.name, f"skipped: {message}"))
-            else:
-                problems.append(Problem("error", path.name, message))
-            continue
-        except OSError as exc:
-            problems.append(Problem("error", path.name, f"cannot be read ({exc.strerror or exc})"))
-            continue
-        sha256 = hashlib.sha256(data).hexdigest()
-        decoded.append((path.name, sha256))
-
-        caption_file = captions.get(path.stem)
-        caption, source = default_caption, "default"
-        if caption_file is not None:
-            used_captions[caption_file.name].append(path.name)
-            try:
-                text = read_caption_file(caption_file)
-            except DatasetError as exc:
-                problems.append(Problem("error", caption_file.name, str(exc).removeprefix(f"{caption_file.name}: ")))
-                continue
-            if text:
-                caption, source = text, "file"
-            else:
-                problems.append(Problem("warning", caption_file.name, "empty caption: the default caption is used"))
-        caption = substitute_trigger(normalise_caption(caption), trigger)
-        if not contains_trigger(caption, trigger) and trigger_policy == "keep":
-            without_trigger.append(path.name)
-        if contains_trigger(caption, trigger) and trigger_policy == "exclude":
-            with_trigger.append(path.name)
-        caption = apply_trigger_policy(caption, trigger, trigger_policy)
-
-        width, height = image.size
-        items.append(
-            ScanItem(
-                path=path,
-                caption=caption,
-                caption_source=source,  # type: ignore[arg-type]
-                width=width,
-                height=height,
-                sha256=sha256,
-                buckets=tuple((res, bucket_for(width, height, res)) for res in resolutions),
-            )
+            state.problems.append(Problem("error", caption_file.name, str(exc).removeprefix(f"{caption_file.name}: ")))
+            return
+        if text:
+            caption, source = text, "file"
+        else:
+            state.problems.append(Problem("warning", caption_file.name, "empty caption: the default caption is used"))
+    caption = substitute_trigger(normalise_caption(caption), trigger)
+    if not contains_trigger(caption, trigger) and trigger_policy == "keep":
+        state.without_trigger.append(path.name)
+    if contains_trigger(caption, trigger) and trigger_policy == "exclude":
+        state.with_trigger.append(path.name)
+    width, height = image.size
+    state.items.append(
+        ScanItem(
+            path=path,
+            caption=apply_trigger_policy(caption, trigger, trigger_policy),
+            caption_source=source,  # type: ignore[arg-type]
+            width=width,
+            height=height,
+            sha256=sha256,
+            buckets=tuple((res, bucket_for(width, height, res)) for res in resolutions),
         )
+    )
 
-    for name, users in used_captions.items():
+
+def _check_caption_files(listing: _FolderListing, state: _ScanState) -> None:
+    """A caption shared by several images (same stem, other extensions), and captions with no image."""
+    for name, users in state.used_captions.items():
         if len(users) > 1:
-            problems.append(Problem("warning", name, f"captions several images: {', '.join(users)}"))
-    skipped_stems = {Path(n).stem for n in skipped}
-    for stem, path in captions.items():
-        if path.name not in used_captions and stem not in skipped_stems:
-            ignored.append(path.name)
-            problems.append(Problem("warning", path.name, "orphan caption: no image with this name; it is ignored"))
-    ignored.sort()
-
-    if not images:
-        what = f"only non-image files ({len(ignored)})" if ignored else "no files"
-        problems.append(
-            Problem(
-                "error",
-                None,
-                f"no images in {root}: it has {what}. Supported: {', '.join(sorted(IMAGE_EXTENSIONS))}",
+            state.problems.append(Problem("warning", name, f"captions several images: {', '.join(users)}"))
+    skipped_stems = {Path(n).stem for n in state.skipped}
+    for stem, path in listing.captions.items():
+        if path.name not in state.used_captions and stem not in skipped_stems:
+            listing.ignored.append(path.name)
+            state.problems.append(
+                Problem("warning", path.name, "orphan caption: no image with this name; it is ignored")
             )
-        )
-    elif not items and not any(p.level == "error" for p in problems):
-        problems.append(Problem("error", None, f"no usable images in {root}: every image was skipped"))
 
-    if without_trigger:
-        problems.append(
+
+def _check_folder(root: Path, listing: _FolderListing, state: _ScanState, trigger: str, default_caption: str) -> None:
+    """Problems of the folder as a whole: nothing usable, captions left without the trigger, class captions with it."""
+    if not listing.images:
+        what = f"only non-image files ({len(listing.ignored)})" if listing.ignored else "no files"
+        supported = ", ".join(sorted(IMAGE_EXTENSIONS))
+        state.problems.append(Problem("error", None, f"no images in {root}: it has {what}. Supported: {supported}"))
+    elif not state.items and not any(p.level == "error" for p in state.problems):
+        state.problems.append(Problem("error", None, f"no usable images in {root}: every image was skipped"))
+    if state.without_trigger:
+        state.problems.append(
             Problem(
                 "warning",
                 None,
-                f"{len(without_trigger)} captions lack the trigger '{trigger}' and are kept as written "
-                f"(trigger_policy 'keep'): {', '.join(without_trigger)}",
+                f"{len(state.without_trigger)} captions lack the trigger '{trigger}' and are kept as written "
+                f"(trigger_policy 'keep'): {', '.join(state.without_trigger)}",
             )
         )
-    if with_trigger:
-        problems.append(
+    if state.with_trigger:
+        state.problems.append(
             Problem(
                 "error",
                 None,
-                f"{len(with_trigger)} regularization captions contain the trigger '{trigger}': {', '.join(with_trigger)}."
-                f" Class images must not carry it (the word would learn 'any person'): caption them like "
-                f"'{REGULARIZATION_CAPTION}' (the default caption here is {default_caption!r})",
+                f"{len(state.with_trigger)} regularization captions contain the trigger '{trigger}': "
+                f"{', '.join(state.with_trigger)}. Class images must not carry it (the word would learn 'any "
+                f"person'): caption them like '{REGULARIZATION_CAPTION}' (the default caption here is "
+                f"{default_caption!r})",
             )
         )
+
+
+def _check_duplicates(state: _ScanState) -> None:
+    """Byte-identical images: each copy after the first trains the same picture again."""
     first_of_hash: dict[str, str] = {}
-    for name, sha256 in decoded:
+    for name, sha256 in state.decoded:
         if sha256 in first_of_hash:
-            problems.append(
+            state.problems.append(
                 Problem(
                     "warning",
                     name,
@@ -394,9 +459,13 @@ def inspect_dataset(
             )
         else:
             first_of_hash[sha256] = name
-    for item in items:
+
+
+def _check_sizes(state: _ScanState) -> None:
+    """Images too small to carry identity detail, and images that training must upscale."""
+    for item in state.items:
         if min(item.width, item.height) < TINY_IMAGE_SIDE:
-            problems.append(
+            state.problems.append(
                 Problem(
                     "warning",
                     item.name,
@@ -410,7 +479,7 @@ def inspect_dataset(
             if upscale_factor(item.width, item.height, bucket) > 1
         ]
         if upscaled:
-            problems.append(
+            state.problems.append(
                 Problem(
                     "warning",
                     item.name,
@@ -418,32 +487,6 @@ def inspect_dataset(
                     "upscaled (softer detail)",
                 )
             )
-
-    return DatasetScan(
-        folder=root,
-        trigger=trigger,
-        resolutions=resolutions,
-        trigger_policy=trigger_policy,
-        items=tuple(items),
-        ignored=tuple(ignored),
-        skipped=tuple(skipped),
-        problems=tuple(problems),
-    )
-
-
-def scan_dataset(
-    folder: str | Path,
-    trigger: str,
-    default_caption: str = PRESET.default_caption,
-    trigger_policy: str = "prepend",
-    skip_corrupt: bool = False,
-    resolutions: Sequence[int] | int | str = (PRESET.resolution,),
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-) -> DatasetScan:
-    """Scan a folder for training; raise one DatasetError naming every bad file if any. Reads only."""
-    return inspect_dataset(
-        folder, trigger, default_caption, trigger_policy, skip_corrupt, resolutions, max_image_pixels
-    ).raise_for_errors()
 
 
 def bucket_pixels(item: ScanItem, bucket: Bucket, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> "torch.Tensor":

@@ -6,16 +6,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from ..errors import DatasetError
 from ..preset import PRESET
 from .buckets import parse_resolutions
 from .captions import (
-    TRIGGER_POLICIES,
     CaptionDropout,
     DropoutCaption,
     TriggerPolicy,
     validate_dropout,
     validate_trigger,
+    validate_trigger_policy,
 )
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .scan import DatasetScan, inspect_dataset, rows_digest
@@ -43,10 +42,7 @@ class DatasetSpec:
         object.__setattr__(self, "trigger", validate_trigger(self.trigger))
         object.__setattr__(self, "resolutions", parse_resolutions(self.resolutions))
         validate_dropout(self.caption_dropout, self.dropout_caption)
-        if self.trigger_policy not in TRIGGER_POLICIES:
-            raise DatasetError(
-                f"trigger_policy must be one of {', '.join(TRIGGER_POLICIES)}; got {self.trigger_policy!r}"
-            )
+        validate_trigger_policy(self.trigger_policy)
 
     def inspect(self) -> DatasetScan:
         """Scan without raising for per-file problems (for reports)."""

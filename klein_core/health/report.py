@@ -22,19 +22,13 @@ from .advice import BestChoice
 from .collapse import SIGNAL_DESCRIPTIONS, CollapseReport
 from .history import TrainingHistory
 
-BACKGROUND = (255, 255, 255)
-AXIS_COLOUR = (60, 60, 60)
-GRID_COLOUR = (228, 228, 228)
-TEXT_COLOUR = (30, 30, 30)
-RAW_LOSS_COLOUR = (190, 208, 232)
-SMOOTH_LOSS_COLOUR = (31, 119, 180)
-VALIDATION_COLOUR = (255, 127, 14)
-HELD_OUT_COLOUR = (23, 190, 207)
-LIKENESS_COLOUR = (148, 103, 189)
-NON_FINITE_COLOUR = (140, 86, 75)
-COLLAPSE_COLOUR = (214, 39, 40)
-COLLAPSE_SHADE = (253, 236, 236)
-BEST_COLOUR = (44, 160, 44)
+Colour = tuple[int, int, int]
+
+# Colours by role (the series use matplotlib's category-10 hues, so the chart reads like a familiar plot).
+BACKGROUND, TEXT_COLOUR, AXIS_COLOUR, GRID_COLOUR = (255, 255, 255), (30, 30, 30), (60, 60, 60), (228, 228, 228)
+RAW_LOSS_COLOUR, SMOOTH_LOSS_COLOUR, NON_FINITE_COLOUR = (190, 208, 232), (31, 119, 180), (140, 86, 75)
+VALIDATION_COLOUR, HELD_OUT_COLOUR, LIKENESS_COLOUR = (255, 127, 14), (23, 190, 207), (148, 103, 189)
+COLLAPSE_COLOUR, COLLAPSE_SHADE, BEST_COLOUR = (214, 39, 40), (253, 236, 236), (44, 160, 44)
 
 X_END_PADDING = 12  # pixels between the last training step and the right edge of the frame
 LOSS_EMA_ALPHA = 0.1  # smoothing of the training-loss line (per reading); the raw readings are drawn faint beneath
@@ -160,39 +154,36 @@ def _draw_axes(draw, geo: ChartGeometry, top: int, bottom: int, lo: float, hi: f
     draw.text((geo.left, top - 20), title, fill=TEXT_COLOUR, font=font)
 
 
-def _legend(draw, x: int, y: int, items: list[tuple[str, tuple[int, int, int]]], font) -> None:
+def _legend(draw, x: int, y: int, items: list[tuple[str, Colour]], font) -> None:
     for name, colour in items:
         draw.rectangle([x, y + 4, x + 14, y + 12], fill=colour)
         draw.text((x + 20, y), name, fill=TEXT_COLOUR, font=font)
         x += 28 + int(draw.textlength(name, font=font))
 
 
-def render_training_report(
-    history: TrainingHistory,
-    collapse: CollapseReport | None,
-    best: BestChoice | None,
-    title: str = "Klein LoRA training health",
-    width: int = 1000,
-    height: int = 640,
-) -> Image.Image:
-    """Draw the health chart. Pure: no file is written (see :func:`save_training_report`)."""
-    geo = chart_geometry(history, width, height)
-    image = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    font = _font(13)
-    title_font = _font(17)
+def _draw_series(draw, points: list[tuple[int, float]], colour: Colour) -> None:
+    """A per-checkpoint series: a line through its points (when there are two or more) and a dot on each."""
+    if len(points) > 1:
+        draw.line(points, fill=colour, width=2)
+    for x, y in points:
+        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
 
+
+def _draw_headline(draw, geo: ChartGeometry, title: str, collapse: CollapseReport | None) -> None:
     headline = title + (f": collapse began at step {collapse.began_step}" if collapse else ": no collapse detected")
-    draw.text((geo.left, 12), headline, fill=COLLAPSE_COLOUR if collapse else TEXT_COLOUR, font=title_font)
+    draw.text((geo.left, 12), headline, fill=COLLAPSE_COLOUR if collapse else TEXT_COLOUR, font=_font(17))
 
-    panels = [(geo.loss_top, geo.loss_bottom), (geo.likeness_top, geo.likeness_bottom)]
-    if collapse is not None:  # shade the collapsed region first, so every line is drawn over it
-        x0 = geo.x_of(collapse.began_step)
-        for top, bottom in panels:
-            if x0 < geo.right:
-                draw.rectangle([x0, top, geo.right, bottom], fill=COLLAPSE_SHADE)
 
-    # --- loss panel ---
+def _shade_collapse(draw, geo: ChartGeometry, panels, collapse: CollapseReport) -> None:
+    """Shade the collapsed region of both panels; drawn first, so every line is drawn over it."""
+    x0 = geo.x_of(collapse.began_step)
+    for top, bottom in panels:
+        if x0 < geo.right:
+            draw.rectangle([x0, top, geo.right, bottom], fill=COLLAPSE_SHADE)
+
+
+def _draw_loss_panel(draw, geo: ChartGeometry, history: TrainingHistory, font) -> None:
+    """Training loss (raw faint, EMA bold, non-finite readings as marks on the top edge) and the checkpoint losses."""
     lo, hi = _loss_range(history)
     _draw_axes(draw, geo, geo.loss_top, geo.loss_bottom, lo, hi, font, "loss")
 
@@ -217,17 +208,16 @@ def render_training_report(
                                 ("held_out_loss", "held-out validation loss", HELD_OUT_COLOUR)):
         points = [(geo.x_of(c.step), y_loss(getattr(c, attr))) for c in history.checkpoints
                   if getattr(c, attr) is not None and math.isfinite(getattr(c, attr))]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for x, y in points:
-            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+        _draw_series(draw, points, colour)
         if points or attr == "validation_loss":
             legend.append((label, colour))
     if any(not math.isfinite(v) for v in history.losses):
         legend.append(("non-finite loss", NON_FINITE_COLOUR))
     _legend(draw, geo.left + 60, geo.loss_top - 22, legend, font)
 
-    # --- likeness panel ---
+
+def _draw_likeness_panel(draw, geo: ChartGeometry, history: TrainingHistory, font) -> None:
+    """Likeness per checkpoint on an axis that always spans [0, 1], or a note when none was recorded."""
     likeness = [(c.step, c.likeness) for c in history.checkpoints
                 if c.likeness is not None and math.isfinite(c.likeness)]
     if likeness:
@@ -242,36 +232,64 @@ def render_training_report(
     def y_like(v: float) -> float:
         return geo.likeness_bottom - (v - l_lo) / (l_hi - l_lo) * (geo.likeness_bottom - geo.likeness_top)
 
-    like_points = [(geo.x_of(s), y_like(v)) for s, v in likeness]
-    if len(like_points) > 1:
-        draw.line(like_points, fill=LIKENESS_COLOUR, width=2)
-    for x, y in like_points:
-        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=LIKENESS_COLOUR)
+    _draw_series(draw, [(geo.x_of(s), y_like(v)) for s, v in likeness], LIKENESS_COLOUR)
     if not likeness:
         msg = "no likeness score recorded"
         tw = draw.textlength(msg, font=font)
         draw.text(((geo.left + geo.right) / 2 - tw / 2, (geo.likeness_top + geo.likeness_bottom) / 2 - 7), msg,
                   fill=AXIS_COLOUR, font=font)
 
-    # --- markers, drawn last so nothing covers them ---
-    if best is not None:
-        x = geo.x_of(best.step)
-        for top, bottom in panels:
-            _dashed_vline(draw, x, top + 1, bottom - 1, BEST_COLOUR, 2)
-        text = f"best: step {best.step}"
-        tw = draw.textlength(text, font=font)
-        tx = min(x + 5, geo.right - tw - 2)
-        if collapse is not None and tx <= geo.x_of(collapse.began_step) + 3 <= tx + tw + 3:
-            tx = max(geo.left + 2, x - tw - 5)  # keep the label clear of the collapse line
-        draw.text((tx, geo.likeness_top + 4), text, fill=BEST_COLOUR, font=font)
+
+def _mark_best(draw, geo: ChartGeometry, panels, best: BestChoice, collapse: CollapseReport | None, font) -> None:
+    """A green dashed line at the best checkpoint, labelled in the likeness panel clear of the collapse line."""
+    x = geo.x_of(best.step)
+    for top, bottom in panels:
+        _dashed_vline(draw, x, top + 1, bottom - 1, BEST_COLOUR, 2)
+    text = f"best: step {best.step}"
+    tw = draw.textlength(text, font=font)
+    tx = min(x + 5, geo.right - tw - 2)
+    if collapse is not None and tx <= geo.x_of(collapse.began_step) + 3 <= tx + tw + 3:
+        tx = max(geo.left + 2, x - tw - 5)
+    draw.text((tx, geo.likeness_top + 4), text, fill=BEST_COLOUR, font=font)
+
+
+def _mark_collapse(draw, geo: ChartGeometry, panels, collapse: CollapseReport, font) -> None:
+    """A red line where the collapse began, labelled in the loss panel on whichever side has room."""
+    x = geo.x_of(collapse.began_step)
+    for top, bottom in panels:
+        draw.line([(x, top + 1), (x, bottom - 1)], fill=COLLAPSE_COLOUR, width=3)
+    text = f"collapse began: step {collapse.began_step}"
+    tw = draw.textlength(text, font=font)
+    tx = x + 6 if x + 6 + tw < geo.right - 2 else max(geo.left + 2, x - tw - 6)
+    draw.text((tx, geo.loss_top + 12), text, fill=COLLAPSE_COLOUR, font=font)
+
+
+def render_training_report(
+    history: TrainingHistory,
+    collapse: CollapseReport | None,
+    best: BestChoice | None,
+    title: str = "Klein LoRA training health",
+    width: int = 1000,
+    height: int = 640,
+) -> Image.Image:
+    """Draw the health chart. Pure: no file is written (see :func:`save_training_report`).
+
+    Layers from the back: the collapse shade, the two panels, then the markers, so nothing covers them.
+    """
+    geo = chart_geometry(history, width, height)
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    font = _font(13)
+    panels = [(geo.loss_top, geo.loss_bottom), (geo.likeness_top, geo.likeness_bottom)]
+    _draw_headline(draw, geo, title, collapse)
     if collapse is not None:
-        x = geo.x_of(collapse.began_step)
-        for top, bottom in panels:
-            draw.line([(x, top + 1), (x, bottom - 1)], fill=COLLAPSE_COLOUR, width=3)
-        text = f"collapse began: step {collapse.began_step}"
-        tw = draw.textlength(text, font=font)
-        tx = x + 6 if x + 6 + tw < geo.right - 2 else max(geo.left + 2, x - tw - 6)
-        draw.text((tx, geo.loss_top + 12), text, fill=COLLAPSE_COLOUR, font=font)
+        _shade_collapse(draw, geo, panels, collapse)
+    _draw_loss_panel(draw, geo, history, font)
+    _draw_likeness_panel(draw, geo, history, font)
+    if best is not None:
+        _mark_best(draw, geo, panels, best, collapse, font)
+    if collapse is not None:
+        _mark_collapse(draw, geo, panels, collapse, font)
     return image
 
 

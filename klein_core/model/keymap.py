@@ -65,17 +65,28 @@ def strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, 
     return dict(state_dict)
 
 
+def _move_global_weights(sd: dict[str, torch.Tensor], to_diffusers: bool) -> dict[str, torch.Tensor]:
+    """Pop the weights outside the blocks (embedders, final layer) from ``sd``, renamed to the other layout.
+
+    The final modulation's halves swap places between the layouts (shift/scale order).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for bfl, dif in _TRANSFORMER_GLOBAL:
+        source, target = (bfl, dif) if to_diffusers else (dif, bfl)
+        for suffix in ("weight", "bias"):
+            if f"{source}.{suffix}" in sd:
+                out[f"{target}.{suffix}"] = sd.pop(f"{source}.{suffix}")
+    bfl, dif = _FINAL_MODULATION
+    source, target = (bfl, dif) if to_diffusers else (dif, bfl)
+    if f"{source}.weight" in sd:
+        out[f"{target}.weight"] = _swap_halves(sd.pop(f"{source}.weight"))
+    return out
+
+
 def bfl_to_diffusers_transformer(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Convert a BFL/ComfyUI Flux2 transformer state dict (optionally ``model.diffusion_model.``-prefixed)."""
     sd = strip_prefix(state_dict, COMFY_TRANSFORMER_PREFIX)
-    out: dict[str, torch.Tensor] = {}
-    for bfl, dif in _TRANSFORMER_GLOBAL:
-        for suffix in ("weight", "bias"):
-            if f"{bfl}.{suffix}" in sd:
-                out[f"{dif}.{suffix}"] = sd.pop(f"{bfl}.{suffix}")
-    bfl, dif = _FINAL_MODULATION
-    if f"{bfl}.weight" in sd:
-        out[f"{dif}.weight"] = _swap_halves(sd.pop(f"{bfl}.weight"))
+    out = _move_global_weights(sd, to_diffusers=True)
     for key in sorted(sd):
         match = re.match(r"(double_blocks|single_blocks)\.(\d+)\.(.+)\.(weight|bias|scale)$", key)
         if not match:
@@ -106,14 +117,7 @@ def bfl_to_diffusers_transformer(state_dict: dict[str, torch.Tensor]) -> dict[st
 def diffusers_to_bfl_transformer(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`bfl_to_diffusers_transformer` (without the ComfyUI prefix)."""
     sd = dict(state_dict)
-    out: dict[str, torch.Tensor] = {}
-    for bfl, dif in _TRANSFORMER_GLOBAL:
-        for suffix in ("weight", "bias"):
-            if f"{dif}.{suffix}" in sd:
-                out[f"{bfl}.{suffix}"] = sd.pop(f"{dif}.{suffix}")
-    bfl, dif = _FINAL_MODULATION
-    if f"{dif}.weight" in sd:
-        out[f"{bfl}.weight"] = _swap_halves(sd.pop(f"{dif}.weight"))
+    out = _move_global_weights(sd, to_diffusers=False)
     blocks = sorted({int(m.group(1)) for k in sd if (m := re.match(r"transformer_blocks\.(\d+)\.", k))})
     for i in blocks:
         src, dst = f"transformer_blocks.{i}.", f"double_blocks.{i}."
@@ -160,26 +164,24 @@ def _vae_renames(num_levels: int) -> list[tuple[str, str]]:
     return pairs
 
 
+# A resnet block's module path per side: (LDM, diffusers), with {i} the level and {j} the block within it.
+_VAE_BLOCKS = {
+    "encoder": ("encoder.down.{i}.block.{j}", "encoder.down_blocks.{i}.resnets.{j}"),
+    "decoder": ("decoder.up.{i}.block.{j}", "decoder.up_blocks.{i}.resnets.{j}"),
+}
+
+
 def _vae_block_renames(key: str, to_diffusers: bool, num_levels: int) -> str | None:
-    if to_diffusers:
-        m = re.match(r"encoder\.down\.(\d+)\.block\.(\d+)\.(\w+)\.(weight|bias)$", key)
-        if m:
-            i, j, name, suffix = m.groups()
-            return f"encoder.down_blocks.{i}.resnets.{j}.{dict(_RESNET)[name]}.{suffix}"
-        m = re.match(r"decoder\.up\.(\d+)\.block\.(\d+)\.(\w+)\.(weight|bias)$", key)
-        if m:
-            i, j, name, suffix = m.groups()
-            return f"decoder.up_blocks.{num_levels - 1 - int(i)}.resnets.{j}.{dict(_RESNET)[name]}.{suffix}"
-        return None
-    back = {b: a for a, b in _RESNET}
-    m = re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(weight|bias)$", key)
-    if m:
-        i, j, name, suffix = m.groups()
-        return f"encoder.down.{i}.block.{j}.{back[name]}.{suffix}"
-    m = re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(weight|bias)$", key)
-    if m:
-        i, j, name, suffix = m.groups()
-        return f"decoder.up.{num_levels - 1 - int(i)}.block.{j}.{back[name]}.{suffix}"
+    """A resnet block parameter's key in the other layout; None when ``key`` is not one."""
+    names = dict(_RESNET) if to_diffusers else {b: a for a, b in _RESNET}
+    for part, (ldm, diffusers) in _VAE_BLOCKS.items():
+        source, target = (ldm, diffusers) if to_diffusers else (diffusers, ldm)
+        pattern = source.replace(".", r"\.").format(i=r"(\d+)", j=r"(\d+)") + r"\.(\w+)\.(weight|bias)$"
+        if m := re.match(pattern, key):
+            level, block, name, suffix = m.groups()
+            if part == "decoder":
+                level = num_levels - 1 - int(level)  # LDM counts decoder levels from the bottom
+            return f"{target.format(i=level, j=block)}.{names[name]}.{suffix}"
     return None
 
 
@@ -199,40 +201,32 @@ def vae_levels(state_dict: dict[str, torch.Tensor], ldm: bool) -> int:
     return 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(pattern, k)))
 
 
-def ldm_to_diffusers_vae(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Convert an LDM/BFL Flux2 VAE state dict (with ``bn.running_*``) to ``AutoencoderKLFlux2`` keys."""
-    levels = vae_levels(state_dict, ldm=True)
-    table = _vae_renames(levels)
+def _convert_vae(state_dict: dict[str, torch.Tensor], to_diffusers: bool) -> dict[str, torch.Tensor]:
+    """One key walk for both directions: resnet blocks by pattern, every other module by the rename table."""
+    levels = vae_levels(state_dict, ldm=to_diffusers)
+    pairs = _vae_renames(levels)
+    renames = dict(pairs) if to_diffusers else {diffusers: ldm for ldm, diffusers in pairs}
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
-        if key.startswith("bn."):
-            out[key] = tensor
+        if key.startswith("bn."):  # the batch-norm statistics keep their names; the LDM side has no batch counter
+            if to_diffusers or key != "bn.num_batches_tracked":
+                out[key] = tensor
             continue
-        new = _vae_block_renames(key, True, levels)
+        new = _vae_block_renames(key, to_diffusers, levels)
         if new is None:
             module, _, suffix = key.rpartition(".")
-            new = next((f"{diffusers}.{suffix}" for bfl, diffusers in table if bfl == module), None)
+            new = f"{renames[module]}.{suffix}" if module in renames else None
         if new is None:
-            raise KeyError(f"unrecognised Flux2 VAE key: {key}")
-        out[new] = _attention_shape(key, tensor, to_diffusers=True)
+            raise KeyError(f"unrecognised {'' if to_diffusers else 'diffusers '}Flux2 VAE key: {key}")
+        out[new] = _attention_shape(key, tensor, to_diffusers)
     return out
+
+
+def ldm_to_diffusers_vae(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert an LDM/BFL Flux2 VAE state dict (with ``bn.running_*``) to ``AutoencoderKLFlux2`` keys."""
+    return _convert_vae(state_dict, to_diffusers=True)
 
 
 def diffusers_to_ldm_vae(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`ldm_to_diffusers_vae`."""
-    levels = vae_levels(state_dict, ldm=False)
-    table = _vae_renames(levels)
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state_dict.items():
-        if key.startswith("bn."):
-            if key != "bn.num_batches_tracked":
-                out[key] = tensor
-            continue
-        new = _vae_block_renames(key, False, levels)
-        if new is None:
-            module, _, suffix = key.rpartition(".")
-            new = next((f"{bfl}.{suffix}" for bfl, diffusers in table if diffusers == module), None)
-        if new is None:
-            raise KeyError(f"unrecognised diffusers Flux2 VAE key: {key}")
-        out[new] = _attention_shape(key, tensor, to_diffusers=False)
-    return out
+    return _convert_vae(state_dict, to_diffusers=False)

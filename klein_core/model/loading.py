@@ -394,6 +394,16 @@ def _instantiate(cls, config: dict, state: dict[str, torch.Tensor], what: Path, 
     return module.to(device=device, dtype=dtype).eval()
 
 
+def default_device() -> str:
+    """Where training and previews run unless told otherwise: the CUDA GPU when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_dtype(device) -> torch.dtype:
+    """The dtype the transformer and text encoder load in on ``device``: bf16 on CUDA, fp32 elsewhere."""
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
 def load_transformer(resolved: ResolvedModel, dtype: torch.dtype = torch.float32, device="cpu"):
     from diffusers import Flux2Transformer2DModel
 

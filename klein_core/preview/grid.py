@@ -8,6 +8,7 @@ error or cancel), so one loaded transformer serves every row, including the trai
 
 from __future__ import annotations
 
+import gc
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -17,11 +18,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from safetensors import safe_open
 
 from ..atomic import atomic_write, atomic_write_json
 from ..data.captions import substitute_trigger
 from ..health.advice import diagnose_weak_lora
+from ..model.loading import default_device, load_text_encoder, load_transformer, load_vae, model_dtype
 from ..model.lora import LoraPatcher, LoraWeights, read_lora_file
+from ..model.text import encode_prompts
 from ..preset import PRESET
 from .sampling import PreviewError, check_size, sample_base, sample_warnings
 
@@ -152,8 +156,6 @@ def checkpoint_from_file(path: str | Path) -> PreviewCheckpoint:
 
 
 def _training_step_of(path: Path) -> int | None:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as fh:
             value = (fh.metadata() or {}).get("training_steps")
@@ -167,8 +169,6 @@ def _training_step_of(path: Path) -> int | None:
 
 def lora_trigger_word(path: str | Path) -> str | None:
     """The trigger word a LoRA file records in its metadata (ours does), else None."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as fh:
             return (fh.metadata() or {}).get("trigger_word") or None
@@ -397,22 +397,13 @@ class LoadedForPreview:
     negative_embeds: torch.Tensor
 
 
-def preview_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_for_preview(resolved, prompts: Sequence[str], device: str | torch.device | None = None) -> LoadedForPreview:
     """Encode ``prompts`` and ``""`` with the text encoder, free it, then load the transformer and the VAE.
 
     The text encoder (Qwen3-8B for 9B, ~15 GiB) and the transformer are never resident together.
     """
-    import gc
-
-    from ..model.loading import load_text_encoder, load_transformer, load_vae
-    from ..model.text import encode_prompts
-
-    device = str(device or preview_device())
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    device = str(device or default_device())
+    dtype = model_dtype(device)
     text_encoder, tokenizer = load_text_encoder(resolved, dtype=dtype, device=device)
     prompt_embeds = list(encode_prompts(text_encoder, tokenizer, list(prompts)))
     negative = encode_prompts(text_encoder, tokenizer, [""])[0]

@@ -105,6 +105,10 @@ def denoise_base(
 
     True CFG (``neg + cfg*(cond - neg)``) runs when ``cfg > 1`` on a Base model, as in the pipeline; with
     ``batched_cfg`` cond and uncond share one forward of batch 2B (same math, fewer kernel launches).
+
+    ``prompt_embeds`` is (B,512,3H) or one cached (512,3H); ``negative_embeds`` is the ``""`` prompt's embeddings.
+    ``progress(done, sample_steps)`` runs after each sample step; ``interrupt()`` is checked before each one and
+    stops sampling with :class:`SamplingInterrupted` when it returns True (it may also raise its own exception).
     """
     check_size(width, height)
     prompt_embeds = _as_batch(prompt_embeds)
@@ -170,29 +174,9 @@ def vae_latents(vae, normalised: torch.Tensor) -> torch.Tensor:
     return unpatchify(denormalise(vae, normalised))
 
 
-def sample_base(
-    transformer,
-    vae,
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor | None,
-    width: int,
-    height: int,
-    sample_steps: int = PRESET.sample_steps,
-    cfg: float = PRESET.cfg,
-    seed: int = PRESET.preview_seed,
-    batched_cfg: bool = True,
-    is_distilled: bool = False,
-    progress: ProgressCallback | None = None,
-    interrupt: InterruptCallback | None = None,
-) -> torch.Tensor:
+def sample_base(transformer, vae, *denoise_args, **denoise_options) -> torch.Tensor:
     """Sample Klein Base from prompt embeddings; returns images (B,3,H,W) in [0,1] on the CPU.
 
-    ``prompt_embeds`` is (B,512,3H) or one cached (512,3H); ``negative_embeds`` is the ``""`` prompt's embeddings.
-    ``progress(done, sample_steps)`` runs after each sample step; ``interrupt()`` is checked before each one and
-    stops sampling with :class:`SamplingInterrupted` when it returns True (it may also raise its own exception).
+    Takes :func:`denoise_base`'s arguments after the ``vae`` (same order, same defaults) and decodes its latents.
     """
-    latents = denoise_base(
-        transformer, prompt_embeds, negative_embeds, width, height, sample_steps, cfg, seed,
-        batched_cfg=batched_cfg, is_distilled=is_distilled, progress=progress, interrupt=interrupt,
-    )
-    return latents_to_images(vae, latents)
+    return latents_to_images(vae, denoise_base(transformer, *denoise_args, **denoise_options))

@@ -287,7 +287,8 @@ def run_demo(
     on_sample_step: Callable[[int, int], None] | None = None,
 ) -> DemoResult:
     """Run the demo into ``out_dir`` (created; the identity pictures are reused when already there)."""
-    from ..train.loop import MANIFEST_FILE, default_device
+    from ..model.loading import default_device
+    from ..train.preflight import MANIFEST_FILE
     from .colour_reader import load_reader
     from .pretrain import READER_FILE, shipped_tiny
 

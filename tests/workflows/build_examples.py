@@ -2,7 +2,7 @@
 
     COMFYUI_DIR=~/.cache/klein-lora/comfyui-current python tests/workflows/build_examples.py
 
-Starts a ComfyUI server with the pack (tests/comfy_harness.py) and headless Chromium (tests/browser_harness.py),
+Starts a ComfyUI server with the pack (tests/harness/comfyui.py) and headless Chromium (tests/harness/browser.py),
 creates each graph below with the frontend's own LiteGraph API (nodes, widget values, links, notes, groups), then
 writes:
 
@@ -27,8 +27,8 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
 sys.path[:0] = [str(HERE.parent), str(REPO_ROOT)]
 
-from browser_harness import Browser, find_chromium  # noqa: E402
-from comfy_harness import ComfyServer, prepare_comfy_env  # noqa: E402
+from harness.browser import Browser, find_chromium  # noqa: E402
+from harness.comfyui import ComfyServer, prepare_comfy_env  # noqa: E402
 
 from klein_core.preset import PRESET  # noqa: E402
 

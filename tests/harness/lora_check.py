@@ -1,7 +1,7 @@
 """Run INSIDE a ComfyUI venv (tests/test_comfy_lora_loading.py starts it): load a Klein transformer file with ComfyUI's
 own diffusion-model loader, apply a LoRA file with its stock LoRA loader, and print a JSON report of what happened.
 
-    python tests/comfy_lora_check.py <transformer.safetensors> <lora.safetensors>
+    python tests/harness/lora_check.py <transformer.safetensors> <lora.safetensors>
 
 Reported: the model class ComfyUI detected, every warning it logged (e.g. "lora key not loaded: ..."), and, per
 patched weight, the patched tensor minus the original (saved to an output .safetensors file for the caller to compare

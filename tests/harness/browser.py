@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from comfy_harness import REPO_ROOT, free_port
+from harness.comfyui import REPO_ROOT, free_port
 
 ARTIFACTS_DIR = Path(os.environ.get("KLEIN_ARTIFACTS_DIR", REPO_ROOT / "artifacts"))  # git-ignored
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TESTS_DIR = REPO_ROOT / "tests"
 SETUP_SCRIPT = TESTS_DIR / "setup_comfyui.sh"
 SHIM_DIR = TESTS_DIR / "comfy_shim"  # sitecustomize.py: on the server's PYTHONPATH only

@@ -1,0 +1,149 @@
+"""Everything a user can get wrong is checked before any model loads: the datasets, the plan, the resume state and
+the memory mode. ``preflight`` returns those decisions; the training session only carries them out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..data.captions import substitute_trigger
+from ..data.scan import DatasetScan
+from ..data.spec import DatasetSpec, changed_fingerprint_parts, fingerprint_parts
+from ..errors import DatasetError, ResumeError
+from ..model.loading import ResolvedModel
+from .config import TrainConfig
+from .planner import Plan, plan
+
+STATE_FILE = "training_state.pt"
+MANIFEST_FILE = "run.json"
+
+
+@dataclass
+class Preflight:
+    """The checked inputs of one run: scans of the identity set and the optional regularization and held-out sets,
+    the plan (and the config with its planned training steps and memory mode), the dataset fingerprint, the resume
+    state when resuming, and the preview prompts with the trigger substituted."""
+
+    spec: DatasetSpec
+    scan: DatasetScan
+    config: TrainConfig
+    plan: Plan
+    fingerprint: dict[str, str]
+    prompts: tuple[str, ...]
+    regularization: DatasetSpec | None = None
+    reg_scan: DatasetScan | None = None
+    held_out: DatasetSpec | None = None
+    held_scan: DatasetScan | None = None
+    state: dict | None = None
+
+    def datasets(self) -> list[tuple[DatasetScan, DatasetSpec]]:
+        """The sets to encode, identity first, then regularization and held-out when present."""
+        pairs = ((self.scan, self.spec), (self.reg_scan, self.regularization), (self.held_scan, self.held_out))
+        return [(scan, spec) for scan, spec in pairs if scan is not None]
+
+
+def preflight(
+    resolved: ResolvedModel,
+    spec: DatasetSpec,
+    config: TrainConfig,
+    run_dir: Path,
+    *,
+    preview_prompts: tuple[str, ...],
+    regularization: DatasetSpec | None,
+    held_out: DatasetSpec | None,
+    resume: bool,
+    allow_changes: bool,
+    device,
+    log: Callable[[str], None],
+) -> Preflight:
+    """Scan, plan and check; log the plan, the warnings and the memory estimate. Raises before any model loads."""
+    if spec.trigger_policy == "exclude":
+        raise DatasetError(f"{spec.folder}: trigger_policy 'exclude' is for a regularization set of class images; "
+                           "the identity dataset needs 'prepend', 'append' or 'keep'")
+    scan = spec.scan()
+    if regularization is not None:
+        regularization = regularization.as_regularization(scan.trigger)
+    reg_scan = regularization.scan() if regularization is not None else None
+    held_scan = held_out.scan() if held_out is not None else None
+    the_plan = plan(len(scan.items), config.target_repeats, config.batch_size, config.grad_accum, config.training_steps)
+    config = replace(config, training_steps=the_plan.training_steps)
+    fingerprint = fingerprint_parts(scan, spec)
+    state = _resume_state(run_dir, config, fingerprint, allow_changes) if resume else None
+    for warning in scan.warnings:
+        log(f"warning: {warning}")
+    log(
+        f"plan: N={the_plan.images} images, B={the_plan.batch_size}, G={the_plan.grad_accum}, "
+        f"S={the_plan.training_steps} training steps, {the_plan.repeats_per_image:.1f} repeats per image ({the_plan.band})"
+    )
+    if reg_scan is not None:
+        log(regularization_summary(len(reg_scan.items), config.regularization_weight,
+                                   regularization_repeats(the_plan, config, len(reg_scan.items))))
+    if held_scan is not None:
+        log(f"held out: {len(held_scan.items)} images, never trained on; their validation loss is recorded per checkpoint")
+        for warning in _held_out_overlap(scan, held_scan):
+            log(f"warning: {warning}")
+    if config.base_8bit:
+        from ..model.lowvram import choose_backend
+
+        choose_backend()  # a missing optional backend fails here, before any model loads
+    config = replace(config, gradient_checkpointing=_estimate_memory_mode(resolved, spec, scan, config, device, log))
+    prompts = tuple(dict.fromkeys(substitute_trigger(p, scan.trigger) for p in preview_prompts))
+    return Preflight(spec, scan, config, the_plan, fingerprint, prompts, regularization, reg_scan, held_out, held_scan,
+                     state)
+
+
+def regularization_summary(images: int, weight: float, repeats_per_image: float) -> str:
+    """One line for the log and the node summary: the class images' share, shown apart from the identity dose."""
+    return (f"regularization: {images} class images at weight {weight:g} "
+            f"({repeats_per_image:.1f} repeats each; not counted in the identity dose)")
+
+
+def regularization_repeats(the_plan: Plan, config: TrainConfig, images: int) -> float:
+    """How often each class image is seen: one regularization micro-batch rides along with every identity one."""
+    return the_plan.training_steps * config.batch_size * config.grad_accum / images
+
+
+def _resume_state(run_dir: Path, config: TrainConfig, fingerprint: dict[str, str], allow_changes: bool) -> dict:
+    if not (run_dir / STATE_FILE).exists():
+        raise ResumeError(f"nothing to resume in {run_dir}: no {STATE_FILE}")
+    state = torch.load(run_dir / STATE_FILE, weights_only=False)
+    changed = changed_fingerprint_parts(state["fingerprint"], fingerprint)
+    old_config = state["config"]
+    for key in ("batch_size", "grad_accum", "learning_rate", "rank", "alpha", "seed", "warmup_steps", "training_steps"):
+        if old_config.get(key) != getattr(config, key):
+            changed.append(f"{key} ({old_config.get(key)} -> {getattr(config, key)})")
+    if changed and not allow_changes:
+        raise ResumeError(
+            f"cannot resume: {', '.join(changed)} changed since the run started; restore them, start a new run, "
+            "or override with --allow-changes"
+        )
+    return state
+
+
+def _held_out_overlap(scan: DatasetScan, held_scan: DatasetScan) -> list[str]:
+    """Held-out images that are byte-identical to a training image are not held out at all: say which."""
+    trained = {item.sha256: item.name for item in scan.items}
+    return [f"held-out image {item.name} is the same file as training image {trained[item.sha256]}: its loss is not "
+            "held out" for item in held_scan.items if item.sha256 in trained]
+
+
+def _estimate_memory_mode(resolved: ResolvedModel, spec: DatasetSpec, scan: DatasetScan, config: TrainConfig, device, log) -> bool:
+    """Log the VRAM/time estimate before step 1 and decide gradient checkpointing (automatic when ``None``)."""
+    from .estimate import (
+        decide_gradient_checkpointing,
+        detect_gpu_memory,
+        detect_gpu_name,
+    )
+
+    checkpointing, lines = decide_gradient_checkpointing(
+        resolved.transformer_config, max(spec.resolutions), config.rank, config.gradient_checkpointing, config.base_8bit,
+        gpu_memory_gib=detect_gpu_memory() if str(device).startswith("cuda") else None,
+        batch_size=config.batch_size, grad_accum=config.grad_accum, images=len(scan.items),
+        resolutions=len(spec.resolutions), training_steps=config.training_steps or 0, device_name=detect_gpu_name(),
+    )
+    for line in lines:
+        log(line)
+    return checkpointing
