@@ -59,7 +59,8 @@ WORLD_SEED_OFFSET, HELD_OUT_SEED_OFFSET = 0, 1_000_003  # the held-out pictures 
 
 @dataclass(frozen=True)
 class PretrainBudget:
-    """How much pre-training: the defaults fit about 15 minutes on 2 idle CPU cores."""
+    """How much pre-training. The defaults took 28 minutes on 2 heavily loaded shared cores; the goal is 15 minutes
+    on 2 idle cores."""
 
     resolution: int = 64
     world_images: int = 2400
