@@ -47,6 +47,6 @@ def encode_prompts(
 
 def text_ids(batch: int, length: int = TEXT_TOKENS, device="cpu") -> torch.Tensor:
     """Text position ids (0, 0, 0, l) for l = 0..L-1, shape (B, L, 4)."""
-    ids = torch.zeros(length, 4, dtype=torch.long, device=device)
-    ids[:, 3] = torch.arange(length, device=device)
+    zeros = torch.zeros(length, 3, dtype=torch.long, device=device)  # stacked, not written: runs on fake CUDA too
+    ids = torch.cat([zeros, torch.arange(length, device=device).unsqueeze(1)], dim=1)
     return ids.unsqueeze(0).expand(batch, -1, -1)
