@@ -16,7 +16,7 @@ def text_tokens(tokenizer) -> int:
     """How many text tokens a prompt is padded to: Klein's 512, or fewer when the tokenizer's ``model_max_length``
     says so. Real Qwen3 tokenizers allow far more than 512; only the pre-trained tiny Klein (a model property, saved
     in its tokenizer config) is shorter, so that it trains on a CPU in minutes."""
-    return min(TEXT_TOKENS, int(tokenizer.model_max_length))
+    return min(TEXT_TOKENS, int(getattr(tokenizer, "model_max_length", TEXT_TOKENS)))
 
 
 @torch.no_grad()
