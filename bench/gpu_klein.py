@@ -185,17 +185,12 @@ def random_embeds(shape: est.ModelShape, device: str, dtype: torch.dtype, seed: 
 
 
 def checkpoint_health_settings(resolution: int) -> tuple[int, int]:
-    """(K training images in the validation pass, the health preview's side) as the trainer's defaults set them.
-
-    Before the bounded checkpoint work of issue #13 (2b, 2d) is on main, the trainer validates every image and
-    previews at the training size: the bench then takes K = 8 (the issue's bound) and the training size."""
-    from klein_core.train import session
+    """(K training images in the validation pass, the health preview's side) as the trainer's defaults set them."""
     from klein_core.train.config import TrainConfig
+    from klein_core.train.session import health_preview_size
 
     config = TrainConfig()
-    images = getattr(config, "validation_images", 8)
-    side = session.health_preview_size(resolution, config) if hasattr(session, "health_preview_size") else resolution
-    return images, side
+    return config.validation_images, health_preview_size(resolution, config)
 
 
 def measure_checkpoint_health(transformer, shape, resolution, device, args, run: Recorder, step_seconds: float) -> None:
