@@ -243,7 +243,18 @@ def _strip_te_prefix(state: dict) -> dict:
     return state
 
 
-def vae_config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path) -> dict:
+def read_metadata(path: Path) -> dict[str, str]:
+    """The safetensors header's free-form metadata (empty when there is none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+VAE_GROUPS_METADATA = "norm_num_groups"  # group norms have no shape to read it from: a tiny VAE may record it here
+
+
+def vae_config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path, metadata: dict[str, str] | None = None) -> dict:
     if "bn.running_mean" not in shapes or "encoder.conv_in.weight" not in shapes:
         raise ModelError(
             f"{path} is not a FLUX.2 VAE (flux2-vae.safetensors): it has no batch-norm statistics "
@@ -259,7 +270,7 @@ def vae_config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path) -> di
         block_out_channels=channels,
         layers_per_block=per_block,
         latent_channels=latent,
-        norm_num_groups=32 if min(channels) >= 32 else min(channels),
+        norm_num_groups=int((metadata or {}).get(VAE_GROUPS_METADATA, 32 if min(channels) >= 32 else min(channels))),
         down_block_types=("DownEncoderBlock2D",) * levels,
         up_block_types=("UpDecoderBlock2D",) * levels,
         use_quant_conv="quant_conv.weight" in shapes,
@@ -353,7 +364,7 @@ def _resolve_comfy(
     te_shapes = read_shapes(text_encoder)
     te_config = text_encoder_config_from_shapes(te_shapes, text_encoder)
     _check_text_encoder_matches(variant, te_config, text_encoder, transformer)
-    vae_config = vae_config_from_shapes(read_shapes(vae), vae)
+    vae_config = vae_config_from_shapes(read_shapes(vae), vae, read_metadata(vae))
     tok = Path(tokenizer) if tokenizer else find_tokenizer(text_encoder)
     return ResolvedModel(
         "comfyui", transformer, text_encoder, vae, tok, variant, tr_config, te_config, vae_config, warnings
