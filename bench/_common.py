@@ -1,8 +1,11 @@
-"""Shared pieces of the benchmarks: versions, device description, random full-size transformers, timing, RSS."""
+"""Shared pieces of the benchmarks: versions, device description, random full-size transformers, timing, RSS, and
+the figures file a time-limited run appends to."""
 
 from __future__ import annotations
 
 import datetime
+import gc
+import json
 import math
 import os
 import platform
@@ -58,6 +61,24 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def reset_memory(device: str) -> None:
+    """Free what is unreferenced and start a new peak: each figure's peak is its own."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(device: str) -> dict:
+    """Peak GiB allocated (live tensors) and reserved (the caching allocator's hold) since the last reset."""
+    if not device.startswith("cuda"):
+        return {"peak_allocated_gib": None, "peak_reserved_gib": None}
+    return {
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+    }
+
+
 def time_call(fn, device: str, repeats: int = 1) -> float:
     """Mean wall seconds of ``fn()`` over ``repeats`` calls, with the device synchronised around them."""
     synchronize(device)
@@ -89,3 +110,30 @@ def random_transformer(config: dict, device: str, dtype: torch.dtype, seed: int 
 def peak_rss_mib() -> float:
     """This process's peak resident set size in MiB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class FigureLog:
+    """Appends each figure as one JSON line to ``folder/gpu_figures.jsonl`` the moment it is measured (flushed and
+    fsync'd), so a run stopped by a time-out keeps everything it had measured. Without a folder it writes nothing."""
+
+    FILE_NAME = "gpu_figures.jsonl"
+
+    def __init__(self, folder: Path | None):
+        self.path = None
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.path = folder / self.FILE_NAME
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds since the log was opened (the run's start, for its time budget)."""
+        return time.perf_counter() - self.started
+
+    def add(self, row: dict) -> None:
+        if self.path is None:
+            return
+        line = json.dumps({**row, "elapsed_s": round(self.elapsed(), 1)}, default=str)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())

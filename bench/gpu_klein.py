@@ -1,49 +1,61 @@
 """Klein LoRA training and preview speed/VRAM on a GPU: the full-size 9B and 4B with random bf16 weights.
 
+    python bench/gpu_klein.py --quick --out DIR        # the one short run (9B, 1024 px; bench/device_run.sh runs it)
     python bench/gpu_klein.py --variant 9B --resolution 1024 512 [--json] [--write-results]
-    python bench/gpu_klein.py --variant tiny --device cpu --resolution 64 --json     # the end-to-end check on CPU
+    python bench/gpu_klein.py --variant tiny --device cpu --resolution 64 --quick --out /tmp/x   # the CPU check
 
 No downloads: each transformer is built on the meta device and materialised on the GPU with random weights (speed
 and memory do not depend on the values). Batch 1, the trainer's own loss and gradient code
-(``training.accumulate_gradients``) and fused AdamW on CUDA. For each variant x resolution it reports:
+(``objective.accumulate_gradients``) and fused AdamW on CUDA. Per variant x resolution, most valuable first:
 
 * s/training step (warm-up excluded, device synchronised), achieved TFLOP/s and MFU against the exact FLOP count of
-  ``klein_core.train.estimate`` (MFU counts model FLOPs, without the recompute of checkpointing; HFU counts it too);
-* peak VRAM (allocated and reserved; the CUDA context, ~0.5 GiB, comes on top) in each mode: ``no_gc``, ``gc``
-  (per-block gradient checkpointing), ``compiled`` (each block through ``torch.compile``, CUDA only) and
-  ``8bit_<backend>_gc`` (an int8 base with checkpointing, per installed backend: torchao / optimum-quanto;
-  "not installed" otherwise). bf16 weights on CUDA, fp32 on the CPU;
-* preview seconds for 50 sample steps at CFG 4 with the LoRA merged (transformer only; the VAE decode is extra),
-  and, at 10 sample steps, batched CFG vs two passes and the LoRA merged vs a peft adapter (before/after ratios);
-* the estimate's prediction beside each measurement.
+  ``klein_core.train.estimate`` (MFU counts model FLOPs, without the recompute of checkpointing; HFU counts it too)
+  and peak VRAM (allocated and reserved; the CUDA context, ~0.5 GiB, comes on top) in the modes ``no_gc`` and ``gc``
+  (per-block gradient checkpointing); bf16 weights on CUDA, fp32 on the CPU;
+* one checkpoint's health work with the training state resident (after ``gc``): the validation pass on K images and
+  one health preview, and their share of ``save_every`` training steps (``checkpoint_work_fraction``);
+* preview seconds for 50 sample steps at CFG 4 with the LoRA merged (transformer only; the VAE decode is extra);
+* ``8bit_<backend>_gc`` (an int8 base with checkpointing, per installed backend: torchao / optimum-quanto);
+* while ``--budget-s`` allows: at 10 sample steps, batched CFG vs two passes and the LoRA merged vs a peft adapter,
+  then ``compiled`` (each block through ``torch.compile``, CUDA only);
+* the estimate's prediction beside each measurement (the fit-check audit's: ``klein-lora fit-check --json``).
 
-On CUDA the training steps run with SDPA restricted to the fused kernels (flash / memory-efficient / cuDNN), so a
-silent fall-back to the math kernel (T² memory) fails loudly instead of skewing the figures.
-``--write-results`` merges the figures into ``bench/gpu_results.json`` and regenerates the measured table in
-``bench/RESULTS.md``.
+``--out DIR`` appends each figure to ``DIR/gpu_figures.jsonl`` the moment it is measured (a time-out keeps them) and
+the whole report to ``DIR/gpu_report.json`` at the end. A failed figure (out of memory, a backend error) is recorded
+with its reason and the run goes on. On CUDA SDPA is restricted to the fused kernels (flash / memory-efficient /
+cuDNN), so a silent fall-back to the math kernel (T² memory) fails loudly instead of skewing the figures.
+``--write-results`` merges the figures into ``bench/gpu_results.json`` and regenerates the table in RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import sys
+import time
+import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
-from _common import REPO_ROOT, device_info, random_transformer, time_call, today, versions
+from _common import (REPO_ROOT, FigureLog, device_info, peak_memory, random_transformer, reset_memory, synchronize, time_call,
+                     today, versions)
 
 from klein_core.model import lora as lora_io
 from klein_core.model.lowvram import BACKENDS, backend_available, quantize_base_8bit
+from klein_core.preset import PRESET
 from klein_core.preview.sampling import denoise_base
 from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
 from klein_core.train import estimate as est
-from klein_core.train.objective import MicroBatch, accumulate_gradients
+from klein_core.train.objective import VALIDATION_SIGMAS, MicroBatch, accumulate_gradients, validation_loss
 
 RESULTS_MD = REPO_ROOT / "bench" / "RESULTS.md"
 BEGIN, END = "<!-- gpu_klein:begin -->", "<!-- gpu_klein:end -->"
+REPORT_NAME = "gpu_report.json"  # --out: the whole report, written once the run ends
+QUICK_BUDGET_S = 330  # --quick: the optional figures start only while the run is inside 5.5 min
+RATIOS_RESERVE_S = 30  # the preview ratios at 10 sample steps: a fresh model + ~70 forwards (~15 s on an H100 for 9B)
+COMPILE_RESERVE_S = 150  # torch.compile of both block kinds, forward and backward (1-2 min), then the timed steps
 
 
 def transformer_config(variant: str) -> dict:
@@ -73,38 +85,55 @@ def micro_batch(shape: est.ModelShape, resolution: int, device: str, dtype: torc
     return MicroBatch(latents, embeds, torch.randn(latents.shape, generator=g).to(device, dtype), torch.tensor([0.6], device=device))
 
 
-def reset_memory(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+def failure(exc: BaseException) -> dict:
+    """The status of a measurement that failed: a one-shot GPU run records it and goes on to the next figure."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return {"status": f"out of memory: {str(exc).splitlines()[0]}"}
+    traceback.print_exc()
+    return {"status": f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
 
 
-def peak_memory(device: str) -> dict:
-    if not device.startswith("cuda"):
-        return {"peak_allocated_gib": None, "peak_reserved_gib": None}
-    return {
-        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-    }
+class Recorder:
+    """Where one variant x resolution's figures go: the report (``out``), the figures file (at once) and the console."""
+
+    def __init__(self, args, variant: str, resolution: int, shape: est.ModelShape):
+        self.args, self.variant, self.resolution = args, variant, resolution
+        self.out = {"variant": variant, "resolution": resolution, "rank": args.rank, "batch_size": 1,
+                    "image_tokens": est.image_tokens(resolution), "params": shape.params, "training": {},
+                    "checkpoint_health": {}, "preview": None}
+
+    def keep(self, phase: str, result: dict) -> dict:
+        self.args.figures.add({"variant": self.variant, "resolution": self.resolution, "phase": phase, **result})
+        log(self.args, f"{self.variant} {self.resolution}px {phase}: {summary(result)}")
+        return result
+
+    def keep_training(self, name: str, result: dict) -> None:
+        self.out["training"][name] = self.keep(name, result)
+
+    def time_left(self) -> float:
+        budget = self.args.budget_s
+        return float("inf") if budget is None else budget - self.args.figures.elapsed()
 
 
-def measure_training(transformer, shape, resolution, rank, device, args, *, checkpointing: bool, compiled: bool = False, base_8bit: bool = False) -> dict:
-    """s/training step and peak memory of one mode; the adapter is removed again afterwards."""
+def measure_training(transformer, shape, resolution, device, args, keep, *, checkpointing: bool, compiled: bool = False,
+                     base_8bit: bool = False, then=None):
+    """s/training step and peak memory of one mode, handed to ``keep`` as soon as measured; then ``then()`` runs with
+    the adapter and optimizer state still resident (a checkpoint's work happens there). Returns the adapter's
+    weights (None if it failed); the adapter is removed again afterwards."""
     mode = est.Mode(checkpointing, base_8bit)
-    prediction = est.estimate(shape, resolution, rank, mode, device_name=args.device_name)
-    model_flops = est.estimate(shape, resolution, rank, est.Mode(False, base_8bit)).training_step_tflop * 1e12
+    prediction = est.estimate(shape, resolution, args.rank, mode, device_name=args.device_name)
+    model_flops = est.estimate(shape, resolution, args.rank, est.Mode(False, base_8bit)).training_step_tflop * 1e12
     executed_flops = prediction.training_step_tflop * 1e12
     if checkpointing:
         transformer.enable_gradient_checkpointing()
     else:
         transformer.disable_gradient_checkpointing()
-    compiled_blocks = []
+    compiled_blocks, weights = [], None
     try:
         reset_memory(device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            lora_io.add_lora(transformer, rank)
+            lora_io.add_lora(transformer, args.rank)
         if compiled:
             for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
                 block.compile()  # in place, as TrainConfig.compile_blocks does
@@ -121,7 +150,7 @@ def measure_training(transformer, shape, resolution, rank, device, args, *, chec
         with fused_attention_only(device):
             warmup = time_call(step, device, args.warmup + (2 if compiled else 0))
             seconds = time_call(step, device, args.steps)
-        result = {
+        keep({
             "status": "ok",
             "s_per_training_step": seconds,
             "warmup_s_per_training_step": warmup,
@@ -132,10 +161,12 @@ def measure_training(transformer, shape, resolution, rank, device, args, *, chec
             **peak_memory(device),
             "predicted_s_per_training_step": prediction.seconds_per_training_step,
             "predicted_peak_gib": round(prediction.memory.total, 2),
-        }
+        })
         weights = lora_io.adapter_weights(transformer)
-    except torch.OutOfMemoryError as exc:
-        result, weights = {"status": f"out of memory: {str(exc).splitlines()[0]}", **peak_memory(device)}, None
+        if then is not None:
+            then(seconds)
+    except Exception as exc:  # noqa: BLE001 - record it, measure the next mode
+        keep({**failure(exc), **peak_memory(device)})
     finally:
         optimizer = batch = None  # noqa: F841 - free before the next mode
         transformer.eval()
@@ -144,38 +175,102 @@ def measure_training(transformer, shape, resolution, rank, device, args, *, chec
         for block in compiled_blocks:
             block._compiled_call_impl = None  # back to eager for the next mode
         reset_memory(device)
-    result["_weights"] = weights
-    return result
+    return weights
+
+
+def random_embeds(shape: est.ModelShape, device: str, dtype: torch.dtype, seed: int, count: int = 1) -> list[torch.Tensor]:
+    """``count`` stand-ins for cached prompt embeddings, (1, 512, joint dim) each."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, est.TEXT_TOKENS, shape.joint_attention_dim, generator=g).to(device, dtype) for _ in range(count)]
+
+
+def checkpoint_health_settings(resolution: int) -> tuple[int, int]:
+    """(K training images in the validation pass, the health preview's side) as the trainer's defaults set them."""
+    from klein_core.train.config import TrainConfig
+    from klein_core.train.session import health_preview_size
+
+    config = TrainConfig()
+    return config.validation_images, health_preview_size(resolution, config)
+
+
+def measure_checkpoint_health(transformer, shape, resolution, device, args, run: Recorder, step_seconds: float) -> None:
+    """One checkpoint's health work as the trainer does it, with the training's adapter (unmerged) and optimizer
+    state resident: the fixed-noise validation pass on K images (``objective.validation_loss``: K x 4 sigma forwards)
+    and one health preview (``denoise_base`` at the health preview size, ``--sample-steps`` at ``--cfg``). Its share
+    of the training: health seconds / (``save_every`` x this mode's s/training step)."""
+    images, side = checkpoint_health_settings(resolution)
+    health = run.out["checkpoint_health"]
+    health["validation"] = run.keep("checkpoint_validation", measure_validation(transformer, shape, resolution, images, device, args))
+    health["health_preview"] = run.keep("checkpoint_health_preview", measure_health_preview(transformer, shape, side, device, args))
+    parts = [health[k].get("seconds") for k in ("validation", "health_preview")]
+    if None not in parts:
+        health.update(seconds=sum(parts), checkpoint_work_fraction=sum(parts) / (PRESET.save_every * step_seconds))
+        run.keep("checkpoint_health", {"status": "ok", "seconds": health["seconds"], "save_every": PRESET.save_every,
+                                       "s_per_training_step": step_seconds,
+                                       "checkpoint_work_fraction": health["checkpoint_work_fraction"]})
+
+
+def measure_validation(transformer, shape, resolution, images, device, args) -> dict:
+    side = resolution // est.PATCH_PIXELS
+    forwards = images * len(VALIDATION_SIGMAS)
+    per_forward = est.flops(shape, resolution, args.rank)
+    timing = est.estimate(shape, resolution, args.rank, device_name=args.device_name)  # its peak and MFU, as the previews'
+    rate = timing.peak_tflops * 1e12 * timing.mfu if timing.peak_tflops else None
+    reset_memory(device)
+    try:
+        g = torch.Generator().manual_seed(5)
+        latents = [torch.randn(128, side, side, generator=g).to(device) for _ in range(images)]  # cached latents are fp32
+        embeds = random_embeds(shape, device, args.dtype, seed=2, count=images)
+        with fused_attention_only(device):
+            seconds = time_call(lambda: validation_loss(transformer, latents, embeds), device)
+    except Exception as exc:  # noqa: BLE001 - record it, measure the next figure
+        return {**failure(exc), "images": images, **peak_memory(device)}
+    return {"status": "ok", "images": images, "forwards": forwards, "seconds": seconds,
+            "predicted_seconds": forwards * (per_forward.forward + per_forward.lora_forward) / rate if rate else None,
+            **peak_memory(device)}
+
+
+def measure_health_preview(transformer, shape, side, device, args) -> dict:
+    prediction = est.estimate(shape, side, args.rank, device_name=args.device_name,
+                              preview_sample_steps=args.sample_steps, preview_cfg=args.cfg)
+    reset_memory(device)
+    transformer.eval()  # as the trainer's health preview renders
+    try:
+        prompt, negative = random_embeds(shape, device, args.dtype, seed=3, count=2)
+        with fused_attention_only(device):
+            seconds = time_call(lambda: denoise_base(transformer, prompt, negative, side, side, sample_steps=args.sample_steps, cfg=args.cfg), device)
+    except Exception as exc:  # noqa: BLE001 - record it, measure the next figure
+        return {**failure(exc), "side": side, **peak_memory(device)}
+    finally:
+        transformer.train()
+    return {"status": "ok", "side": side, "sample_steps": args.sample_steps, "cfg": args.cfg, "lora": "unmerged (training adapter)",
+            "seconds": seconds, "predicted_seconds": prediction.preview_seconds, **peak_memory(device)}
 
 
 def measure_preview(transformer, shape, resolution, weights, device, args) -> dict:
     """Seconds of the Base sampling loop (batched CFG) with the trained LoRA merged, as previews run it."""
-    g = torch.Generator().manual_seed(1)
-    embeds = torch.randn(1, est.TEXT_TOKENS, shape.joint_attention_dim, generator=g).to(device, args.dtype)
-    negative = torch.randn(1, est.TEXT_TOKENS, shape.joint_attention_dim, generator=g).to(device, args.dtype)
+    embeds, negative = random_embeds(shape, device, args.dtype, seed=1, count=2)
     prediction = est.estimate(shape, resolution, device_name=args.device_name, preview_sample_steps=args.sample_steps, preview_cfg=args.cfg)
     reset_memory(device)
     try:
         with lora_io.LoraPatcher(transformer).applied(weights), fused_attention_only(device):
             denoise_base(transformer, embeds, negative, resolution, resolution, sample_steps=1, cfg=args.cfg)  # warm-up
             seconds = time_call(lambda: denoise_base(transformer, embeds, negative, resolution, resolution, sample_steps=args.sample_steps, cfg=args.cfg), device)
-    except torch.OutOfMemoryError as exc:
-        return {"status": f"out of memory: {str(exc).splitlines()[0]}"}
-    result = {
+    except Exception as exc:  # noqa: BLE001 - record it, measure the next figure
+        return {**failure(exc), **peak_memory(device)}
+    return {
         "status": "ok", "sample_steps": args.sample_steps, "cfg": args.cfg, "lora": "merged", "batched_cfg": True,
         "seconds": seconds, "tflop": prediction.preview_tflop,
         "achieved_tflops": prediction.preview_tflop / seconds,
         "predicted_seconds": prediction.preview_seconds, **peak_memory(device),
     }
-    if args.ratio_sample_steps > 0:
-        result["ratios"] = preview_speed_ratios(transformer, embeds, negative, resolution, weights, device, args)
-    return result
 
 
-def preview_speed_ratios(transformer, embeds, negative, resolution, weights, device, args) -> dict:
+def preview_speed_ratios(transformer, shape, resolution, weights, device, args) -> dict:
     """Before/after of two preview speed-ups, at ``--ratio-sample-steps``: batched CFG vs two passes (LoRA merged),
     and LoRA merged vs a peft adapter (both batched)."""
     steps = args.ratio_sample_steps
+    embeds, negative = random_embeds(shape, device, args.dtype, seed=1, count=2)
 
     def sample(batched: bool) -> None:
         denoise_base(transformer, embeds, negative, resolution, resolution, sample_steps=steps, cfg=args.cfg, batched_cfg=batched)
@@ -194,57 +289,109 @@ def preview_speed_ratios(transformer, embeds, negative, resolution, weights, dev
             unmerged = time_call(lambda: sample(True), device)
     finally:
         lora_io.remove_lora(transformer)
-    return {"sample_steps": steps, "batched_cfg_s": batched, "two_pass_cfg_s": two_pass, "batched_vs_two_pass": batched / two_pass,
+    return {"status": "ok", "sample_steps": steps, "batched_cfg_s": batched, "two_pass_cfg_s": two_pass, "batched_vs_two_pass": batched / two_pass,
             "merged_s": batched, "unmerged_s": unmerged, "merged_vs_unmerged": batched / unmerged}
 
 
 def bench_one(variant: str, resolution: int, args) -> dict:
+    """The figures of one variant x resolution, most valuable first (a time-out keeps the earlier ones): the bf16
+    model's training modes, one checkpoint's health work and the merged preview on the same model, then the 8-bit
+    base (a fresh model, quantised in place), then, while the time budget allows, the preview ratios and compiled
+    blocks (a fresh bf16 model)."""
     config = transformer_config(variant)
     shape = est.model_shape(config) if variant == "tiny" else est.VARIANTS[variant]
     if resolution % est.PATCH_PIXELS:
         raise SystemExit(f"--resolution {resolution} is not a multiple of {est.PATCH_PIXELS}")
-    out = {"variant": variant, "resolution": resolution, "rank": args.rank, "batch_size": 1,
-           "image_tokens": est.image_tokens(resolution), "params": shape.params, "training": {}, "preview": None}
-    transformer = random_transformer(config, args.device, args.dtype)
-    modes = [("no_gc", dict(checkpointing=False)), ("gc", dict(checkpointing=True))]
-    if args.compile:
-        modes.append(("compiled", dict(checkpointing=False, compiled=True)))
-    weights = None
-    for name, kw in modes:
-        result = measure_training(transformer, shape, resolution, args.rank, args.device, args, **kw)
-        weights = weights or result.pop("_weights")
-        result.pop("_weights", None)
-        out["training"][name] = result
-        log(args, f"{variant} {resolution}px {name}: {summary(result)}")
-    if not args.compile:
-        out["training"]["compiled"] = {"status": "skipped: CUDA only (pass --compile to force)"}
+    run = Recorder(args, variant, resolution, shape)
+    transformer = materialise(config, args, run)
+    weights = measure_training(transformer, shape, resolution, args.device, args, partial(run.keep_training, "no_gc"), checkpointing=False)
+    health = partial(measure_checkpoint_health, transformer, shape, resolution, args.device, args, run) if args.health else None
+    weights = measure_training(transformer, shape, resolution, args.device, args, partial(run.keep_training, "gc"),
+                               checkpointing=True, then=health) or weights
+    del health  # it holds the bf16 model, which must be gone before the 8-bit one is measured
     if weights is not None and args.sample_steps > 0:
-        out["preview"] = measure_preview(transformer, shape, resolution, weights, args.device, args)
-        log(args, f"{variant} {resolution}px preview {args.sample_steps} sample steps CFG {args.cfg:g}: {out['preview'].get('seconds', out['preview']['status'])}")
+        run.out["preview"] = run.keep("preview", measure_preview(transformer, shape, resolution, weights, args.device, args))
     for backend in BACKENDS:
-        name = f"8bit_{backend}_gc"
-        if not backend_available(backend):
-            out["training"][name] = {"status": "not installed"}
-            continue
         del transformer
-        reset_memory(args.device)
-        transformer = random_transformer(config, args.device, args.dtype)
+        transformer = bench_8bit(config, shape, resolution, backend, args, run)
+    del transformer
+    bench_extras(config, shape, resolution, weights, args, run)
+    return run.out
+
+
+def materialise(config: dict, args, run: Recorder):
+    """A fresh random bf16 transformer on the device; its time and memory are a figure too (a budget's fixed cost)."""
+    reset_memory(args.device)
+    start = time.perf_counter()
+    transformer = random_transformer(config, args.device, args.dtype)
+    synchronize(args.device)
+    run.keep("materialise", {"status": "ok", "seconds": time.perf_counter() - start, **peak_memory(args.device)})
+    return transformer
+
+
+def bench_8bit(config, shape, resolution, backend, args, run: Recorder):
+    """The int8 base with checkpointing on a fresh model (quantised in place on the device); returns that model."""
+    name = f"8bit_{backend}_gc"
+    if not backend_available(backend):
+        run.keep_training(name, {"status": "not installed"})
+        return None
+    reset_memory(args.device)
+    transformer = random_transformer(config, args.device, args.dtype)
+    start = time.perf_counter()
+    try:
         quantize_base_8bit(transformer, None, backend)  # in place on the device; the bf16 copies are freed
-        result = measure_training(transformer, shape, resolution, args.rank, args.device, args, checkpointing=True, base_8bit=True)
-        result.pop("_weights", None)
-        out["training"][name] = result
-        log(args, f"{variant} {resolution}px {name}: {summary(result)}")
+    except Exception as exc:  # noqa: BLE001 - record it, measure the next figure
+        run.keep_training(name, failure(exc))
+        return transformer
+    synchronize(args.device)
+    run.keep(f"8bit_{backend}_quantise", {"status": "ok", "seconds": time.perf_counter() - start, **peak_memory(args.device)})
+    measure_training(transformer, shape, resolution, args.device, args, partial(run.keep_training, name), checkpointing=True, base_8bit=True)
+    return transformer
+
+
+def bench_extras(config, shape, resolution, weights, args, run: Recorder) -> None:
+    """The figures worth having only while the time budget (``--budget-s``) allows: preview ratios, compiled blocks."""
+    with_ratios = weights is not None and run.out["preview"] is not None and args.ratio_sample_steps > 0
+    wanted = [("preview_ratios", RATIOS_RESERVE_S)] if with_ratios else []
+    if args.compile:
+        wanted.append(("compiled", COMPILE_RESERVE_S))
+    else:
+        run.keep_training("compiled", {"status": "skipped: CUDA only (pass --compile to force)"})
+    transformer = None
+    for name, reserve in wanted:
+        if run.time_left() < reserve:
+            skipped = {"status": f"skipped: {max(0, run.time_left()):.0f} s left of the {args.budget_s:.0f} s budget, {name} needs ~{reserve} s"}
+            run.keep(name, skipped) if name == "preview_ratios" else run.keep_training(name, skipped)
+            continue
+        transformer = transformer or materialise(config, args, run)
+        if name == "preview_ratios":
+            try:
+                ratios = preview_speed_ratios(transformer, shape, resolution, weights, args.device, args)
+            except Exception as exc:  # noqa: BLE001 - record it, measure the next figure
+                ratios = failure(exc)
+            run.out["preview"]["ratios"] = run.keep(name, ratios)
+        else:
+            measure_training(transformer, shape, resolution, args.device, args, partial(run.keep_training, "compiled"),
+                             checkpointing=False, compiled=True)
     del transformer
     reset_memory(args.device)
-    return out
 
 
 def summary(result: dict) -> str:
+    """One console line per figure: the measurement, then the estimate's prediction beside it."""
     if result.get("status") != "ok":
         return result.get("status", "?")
-    mfu = f", MFU {result['mfu']:.0%}" if result.get("mfu") is not None else ""
-    memory = f", peak {result['peak_reserved_gib']} GiB reserved" if result.get("peak_reserved_gib") is not None else ""
-    return f"{result['s_per_training_step']:.3f} s/training step, {result['achieved_tflops']:.1f} TFLOP/s{mfu}{memory}"
+    memory = f", peak {result['peak_allocated_gib']} GiB allocated / {result['peak_reserved_gib']} reserved" if result.get("peak_reserved_gib") is not None else ""
+    if "s_per_training_step" in result and "achieved_tflops" in result:
+        mfu = f", MFU {result['mfu']:.0%}" if result.get("mfu") is not None else ""
+        predicted = f" (predicted {_fmt(result['predicted_s_per_training_step'])} s, {_fmt(result['predicted_peak_gib'], '{:.1f}')} GiB)"
+        return f"{result['s_per_training_step']:.3f} s/training step, {result['achieved_tflops']:.1f} TFLOP/s{mfu}{memory}{predicted}"
+    if "checkpoint_work_fraction" in result:
+        return f"{result['seconds']:.2f} s = {result['checkpoint_work_fraction']:.1%} of {result['save_every']} training steps"
+    if "batched_vs_two_pass" in result:
+        return f"batched/two-pass CFG {result['batched_vs_two_pass']:.2f}, merged/unmerged LoRA {result['merged_vs_unmerged']:.2f}"
+    predicted = f" (predicted {result['predicted_seconds']:.2f} s)" if result.get("predicted_seconds") is not None else ""
+    return f"{result['seconds']:.2f} s{predicted}{memory}"
 
 
 def log(args, message: str) -> None:
@@ -279,12 +426,13 @@ def results_table(runs: list[dict]) -> str:
     ]
     for run in runs:
         for r in run["results"]:
+            prefix = f"| {run['device']['name']} | {run['date']} | {r['variant']} | {r['resolution']} |"
             for mode, m in r["training"].items():
                 if m.get("status") != "ok":
-                    lines.append(f"| {run['device']['name']} | {run['date']} | {r['variant']} | {r['resolution']} | {mode} | {m.get('status')} | | | |")
+                    lines.append(f"{prefix} {mode} | {m.get('status')} | | | |")
                     continue
                 lines.append(
-                    f"| {run['device']['name']} | {run['date']} | {r['variant']} | {r['resolution']} | {mode} | "
+                    f"{prefix} {mode} | "
                     f"{_fmt(m['s_per_training_step'])} ({_fmt(m['predicted_s_per_training_step'])}) | "
                     f"{_fmt(m['achieved_tflops'], '{:.0f}')} | {_fmt(m['mfu'], '{:.0%}')} | "
                     f"{_fmt(m['peak_reserved_gib'], '{:.1f}')} ({_fmt(m['predicted_peak_gib'], '{:.1f}')}) |"
@@ -292,21 +440,37 @@ def results_table(runs: list[dict]) -> str:
             p = r.get("preview")
             if p and p.get("status") == "ok":
                 lines.append(
-                    f"| {run['device']['name']} | {run['date']} | {r['variant']} | {r['resolution']} | preview {p['sample_steps']} "
+                    f"{prefix} preview {p['sample_steps']} "
                     f"sample steps, CFG {p['cfg']:g}, merged LoRA | {p['seconds']:.2f} s ({_fmt(p['predicted_seconds'], '{:.2f}')} s) | "
                     f"{p['achieved_tflops']:.0f} | | |"
                 )
                 q = p.get("ratios")
-                if q:
+                if q and q.get("status") == "ok":
                     lines.append(
-                        f"| {run['device']['name']} | {run['date']} | {r['variant']} | {r['resolution']} | preview ratios at "
+                        f"{prefix} preview ratios at "
                         f"{q['sample_steps']} sample steps | batched/two-pass CFG {q['batched_vs_two_pass']:.2f}, "
                         f"merged/unmerged LoRA {q['merged_vs_unmerged']:.2f} | | | |"
                     )
+            lines += health_rows(prefix, r.get("checkpoint_health") or {})
     versions_seen = {json.dumps(run["versions"], sort_keys=True) for run in runs}
     lines.append("")
     lines += [f"Versions: `{v}`" for v in sorted(versions_seen)]
     return "\n".join(lines)
+
+
+def health_rows(prefix: str, health: dict) -> list[str]:
+    """The checkpoint's health work: validation pass, health preview, and their share of the training."""
+    lines = []
+    v, h = health.get("validation") or {}, health.get("health_preview") or {}
+    if v.get("status") == "ok":
+        lines.append(f"{prefix} checkpoint validation, {v['images']} images x 4 sigma | {v['seconds']:.2f} s "
+                     f"({_fmt(v['predicted_seconds'], '{:.2f}')} s) | | | {_fmt(v['peak_reserved_gib'], '{:.1f}')} |")
+    if h.get("status") == "ok":
+        lines.append(f"{prefix} checkpoint health preview {h['side']} px, {h['sample_steps']} sample steps, CFG {h['cfg']:g} | "
+                     f"{h['seconds']:.2f} s ({_fmt(h['predicted_seconds'], '{:.2f}')} s) | | | {_fmt(h['peak_reserved_gib'], '{:.1f}')} |")
+    if "checkpoint_work_fraction" in health:
+        lines.append(f"{prefix} checkpoint work / {PRESET.save_every} GC training steps | {health['checkpoint_work_fraction']:.1%} | | | |")
+    return lines
 
 
 def write_results(report: dict, results_md: Path) -> None:
@@ -333,18 +497,24 @@ def write_results(report: dict, results_md: Path) -> None:
     atomic_write_bytes(results_md, (head + section + tail).encode("utf-8"))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", nargs="+", default=["9B"], type=lambda v: v if v == "tiny" else v.upper(), choices=["9B", "4B", "tiny"])
-    parser.add_argument("--resolution", nargs="+", type=int, default=[1024, 512])
+    parser.add_argument("--resolution", nargs="+", type=int, help="default: 1024 512 (--quick: 1024)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=PRESET.rank)
     parser.add_argument("--warmup", type=int, default=2, help="training steps before timing")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps")
-    parser.add_argument("--sample-steps", type=int, default=50, help="preview sample steps (0: no preview)")
-    parser.add_argument("--cfg", type=float, default=4.0)
+    parser.add_argument("--sample-steps", type=int, default=PRESET.sample_steps, help="preview sample steps (0: no preview)")
+    parser.add_argument("--cfg", type=float, default=PRESET.cfg)
     parser.add_argument("--ratio-sample-steps", type=int, default=10, help="sample steps of the preview before/after ratios (0: skip)")
+    parser.add_argument("--health", action=argparse.BooleanOptionalAction, default=True, help="time one checkpoint's health work")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="also time compiled blocks (default: on CUDA)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the one short run: 1024 px unless --resolution, optional figures only inside a {QUICK_BUDGET_S} s budget")
+    parser.add_argument("--budget-s", type=float, help="start the optional figures (preview ratios, compiled) only inside this many "
+                        f"seconds from the start (default: none; --quick: {QUICK_BUDGET_S})")
+    parser.add_argument("--out", type=Path, help=f"append each figure to OUT/{FigureLog.FILE_NAME} as measured, and the report to OUT/{REPORT_NAME}")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on --device cpu; shared cores make more erratic)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
@@ -353,6 +523,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here (use --device cpu --variant tiny for the CPU check)")
+    args.resolution = args.resolution or ([PRESET.resolution] if args.quick else [1024, 512])
+    if args.quick and args.budget_s is None:
+        args.budget_s = QUICK_BUDGET_S
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.figures = FigureLog(args.out)  # first: the budget counts from here
     on_cuda = args.device.startswith("cuda")
     if args.threads or not on_cuda:
         torch.set_num_threads(args.threads or 1)
@@ -367,19 +546,27 @@ def main(argv: list[str] | None = None) -> int:
         from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
         attention_backend = str(_AttentionBackendRegistry._active_backend.value)
-    results = [bench_one(variant, resolution, args) for variant in args.variant for resolution in args.resolution]
-    report = {
+    header = {
         "date": today(),
         "device": device,
         "peak_tflops": args.peak,
+        "assumed_mfu": est.ASSUMED_MFU,
         "dtype": str(args.dtype).removeprefix("torch."),
         "attention": f"diffusers dispatch backend {attention_backend!r} = torch SDPA"
         + ("; fused kernels only (math excluded)" if on_cuda else " (CPU kernels)"),
         "versions": versions(),
-        "results": results,
-        "goals": goals(results, args.device_name),
-        "note": "MFU counts model FLOPs (no checkpointing recompute) against the peak in klein_core.train.estimate.PEAK_TFLOPS",
+        "note": "MFU counts model FLOPs (no checkpointing recompute) against the peak in klein_core.train.estimate.PEAK_TFLOPS; "
+                "predicted_* come from klein_core.train.estimate; the fit-check audit's per-phase predictions: "
+                "klein-lora fit-check --variant 9B --gpu-memory 80 --json",
     }
+    args.figures.add({"phase": "run", **header, "argv": sys.argv[1:] if argv is None else argv})
+    results = [bench_one(variant, resolution, args) for variant in args.variant for resolution in args.resolution]
+    report = {**header, "results": results, "goals": goals(results, args.device_name)}
+    args.figures.add({"phase": "done", "goals": report["goals"]})
+    if args.out is not None:
+        from klein_core.atomic import atomic_write_json
+
+        atomic_write_json(args.out / REPORT_NAME, report)
     if args.write_results:
         write_results(report, args.results_md)
     if args.json:

@@ -261,7 +261,7 @@ def make_rss_model(folder: Path) -> Path:
     components[0] = Flux2Transformer2DModel(**dict(tiny.TINY_TRANSFORMER_CONFIG, **RSS_TRANSFORMER)).eval()
     te_config = dict(tiny.TINY_TEXT_ENCODER_CONFIG, **RSS_TEXT_ENCODER)
     components[2] = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(components[3]), **te_config)).eval()
-    tiny._write_diffusers(folder, tuple(components), distilled=False)  # the tiny factory's own writer
+    tiny.write_diffusers(folder, tuple(components), distilled=False)  # the tiny factory's own writer
     return folder
 
 

@@ -17,6 +17,18 @@ from .crashpoint import crash_point
 PARTIAL_SUFFIX = ".partial"
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process umask (read once, at import)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+# mkstemp creates its file 0o600; a LoRA, a report or run.json written so would be unreadable to anyone else (another
+# user's ComfyUI, a shared run folder), so the finished file gets the mode a plain write would have given it.
+NEW_FILE_MODE = _new_file_mode()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path``; clean up on any failure."""
     target = Path(path)
@@ -28,6 +40,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         crash_point(f"partial:{target.name}")
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, NEW_FILE_MODE)
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):

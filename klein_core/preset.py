@@ -31,6 +31,12 @@ class StarterPreset:
     preview_seed: int = 0
     min_base_sample_steps: int = 30  # below this a Base preview is under-sampled (warning)
     min_base_cfg: float = 1.5  # at or below this a Base preview has no real guidance (warning)
+    # Checkpoint health work, bounded so it stays under a tenth of the training compute (the fit-check audit counts
+    # it): the fixed-noise validation runs on at most this many training images (x 4 sigma), and the health preview
+    # renders at most this many pixels a side (50 sample steps, CFG 4, Base-correct; at 512 px a preview costs a
+    # third of one at 1024, and the likeness scorer reads faces at 512 px anyway).
+    validation_images: int = 8
+    health_preview_resolution: int = 512
 
     def as_dict(self) -> dict:
         return asdict(self)

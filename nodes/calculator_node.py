@@ -8,7 +8,8 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..klein_core.preset import PRESET
-from ..klein_core.train.estimate import VARIANTS, Mode, detect_gpu_memory, detect_gpu_name, estimate, recommend_mode
+from ..klein_core.train.estimate import VARIANTS, Mode, estimate, recommend_mode
+from ..klein_core.train.gpu import detect_gpu_memory, detect_gpu_name
 from ..klein_core.train.planner import plan
 
 FORMULA = "repeats_per_image = S*B*G/N; S = ceil(N*R/(B*G))"

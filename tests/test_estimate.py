@@ -12,12 +12,12 @@ from klein_core.cli import main
 from klein_core.errors import PlanError
 from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
 from klein_core.train import estimate as estimate_module
+from klein_core.train.gpu import detect_gpu_memory
 from klein_core.train.estimate import (
     KLEIN_4B,
     KLEIN_9B,
     Mode,
     ModelShape,
-    detect_gpu_memory,
     estimate,
     fits,
     peak_tflops,
@@ -81,7 +81,8 @@ def test_checkpointing_costs_about_one_more_forward():
     assert checkpointed.training_step_tflop / checkpointed.forward_tflop == pytest.approx(3.2, abs=0.05)
 
 
-@pytest.mark.parametrize("resolution,no_gc,gc", [(512, 10.8, 0.7), (768, 19.8, 1.3), (1024, 32.4, 2.1)])
+# No GC: the published per-block figures; GC: what the fit-check audit counts (2.83 GiB at 1024, tests/test_fitcheck.py)
+@pytest.mark.parametrize("resolution,no_gc,gc", [(512, 10.8, 0.94), (768, 19.8, 1.72), (1024, 32.4, 2.81)])
 def test_9b_activation_memory_per_resolution(resolution, no_gc, gc):
     assert estimate("9B", resolution).memory.activations == pytest.approx(no_gc, abs=0.1)
     assert estimate("9B", resolution, mode=GC).memory.activations == pytest.approx(gc, abs=0.1)
@@ -189,27 +190,47 @@ def test_plan_rejects_a_non_positive_gpu_memory(capsys):
 
 # --- the trainer's pre-flight ----------------------------------------------------------------------------------------
 def test_automatic_checkpointing_turns_on_only_when_the_gpu_needs_it():
-    on, lines = estimate_module.decide_gradient_checkpointing("9B", 1024, 16, None, gpu_memory_gib=23.6)
-    assert on is True
-    assert lines[0].startswith("gradient checkpointing: on (automatic")
+    mode, lines = estimate_module.decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=23.6)
+    assert mode.gradient_checkpointing
+    assert lines[0].startswith("gradient checkpointing: every block (automatic")
     assert lines[-1].startswith("estimate (9B, 1024 px, rank 16, bf16 base + gradient checkpointing)")
-    off, lines = estimate_module.decide_gradient_checkpointing("9B", 1024, 16, None, gpu_memory_gib=79.1)
-    assert off is False and len(lines) == 1
+    mode, lines = estimate_module.decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=79.1)
+    assert mode == Mode() and len(lines) == 1
     # no GPU detected (CPU): automatic means off, and the estimate is still shown
-    off, lines = estimate_module.decide_gradient_checkpointing("9B", 1024, 16, None, gpu_memory_gib=None)
-    assert off is False and lines[-1].startswith("estimate (9B")
+    mode, lines = estimate_module.decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=None)
+    assert mode == Mode() and lines[-1].startswith("estimate (9B")
+
+
+def test_automatic_checkpointing_on_a_48gib_card_checkpoints_only_the_blocks_it_must():
+    mode, lines = estimate_module.decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=47.5)
+    assert mode.gradient_checkpointing and mode.checkpointed_blocks is not None and mode.checkpointed_blocks <= 10
+    assert lines[0].startswith(f"gradient checkpointing: {mode.checkpointed_blocks} of 32 blocks (automatic")
+    partial = estimate_module.estimate("9B", 1024, 16, mode)
+    every = estimate_module.estimate("9B", 1024, 16, GC)
+    assert partial.training_step_tflop < 0.85 * every.training_step_tflop  # most blocks skip the recompute
+    assert estimate_module.fits(partial, 47.5)
 
 
 def test_an_explicit_choice_is_kept_and_warned_about():
-    off, lines = estimate_module.decide_gradient_checkpointing("9B", 1024, 16, False, gpu_memory_gib=23.6)
-    assert off is False
+    mode, lines = estimate_module.decide_memory_mode("9B", 1024, 16, False, gpu_memory_gib=23.6)
+    assert not mode.gradient_checkpointing
     assert any(line.startswith("warning: this run will not fit your 24 GiB GPU without gradient checkpointing") for line in lines)
 
 
 def test_automatic_checkpointing_still_warns_when_only_an_8bit_base_would_fit():
-    on, lines = estimate_module.decide_gradient_checkpointing("9B", 1024, 16, None, gpu_memory_gib=15.6)
-    assert on is True
+    mode, lines = estimate_module.decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=15.6)
+    assert mode.gradient_checkpointing and mode.checkpointed_blocks is None
     assert any("without an 8-bit base" in line and "--base-8bit" in line for line in lines)
+
+
+def test_the_8bit_base_always_checkpoints_every_block_and_refuses_to_run_without():
+    from klein_core.errors import ConfigError
+    from klein_core.train.config import TrainConfig
+
+    mode, lines = estimate_module.decide_memory_mode("9B", 1024, 16, None, base_8bit=True, gpu_memory_gib=79.1)
+    assert mode == Mode(True, True) and lines[0] == "gradient checkpointing: on (automatic: the 8-bit base needs it)"
+    with pytest.raises(ConfigError, match="the 8-bit base needs gradient checkpointing"):
+        TrainConfig(base_8bit=True, gradient_checkpointing=False)
 
 
 def test_a_config_dict_of_a_known_size_is_named_after_it():

@@ -72,3 +72,49 @@ def test_klein_core_imports_no_comfyui():
             if isinstance(node, ast.ImportFrom) and node.module:
                 names.append(node.module)
             assert not any(n.split(".")[0] in {"comfy", "comfy_api", "comfy_extras", "folder_paths"} for n in names), path
+
+
+
+MAX_FUNCTION_LINES = 80  # the house rule: a function reads on one screen
+MAX_MODULE_LINES = 600
+LIMITED = ("klein_core", "nodes")
+
+
+def _limited_files() -> dict[str, Path]:
+    """Every module the limits hold for, by its path from the repository root."""
+    root = CORE.parent
+    return {str(p.relative_to(root)): p for folder in LIMITED for p in sorted((root / folder).rglob("*.py"))}
+
+
+def _long_functions(source: str, where: str, limit: int) -> list[str]:
+    """``where:line name (N lines)`` of every function in ``source`` over ``limit`` lines, nested ones included."""
+    return [f"{where}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > limit]
+
+
+def test_no_function_in_klein_core_or_nodes_is_longer_than_80_lines():
+    offenders = [line for where, path in _limited_files().items()
+                 for line in _long_functions(path.read_text(), where, MAX_FUNCTION_LINES)]
+    assert not offenders, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(offenders)
+
+
+def test_no_module_in_klein_core_or_nodes_is_longer_than_600_lines():
+    lengths = {where: len(path.read_text().splitlines()) for where, path in _limited_files().items()}
+    offenders = [f"{where} ({n} lines)" for where, n in lengths.items() if n > MAX_MODULE_LINES]
+    assert not offenders, f"modules over {MAX_MODULE_LINES} lines:\n" + "\n".join(offenders)
+
+
+def test_the_length_check_counts_nested_and_async_functions_from_def_to_last_line():
+    source = (
+        "def outer():\n"          # 1: outer spans lines 1-6 (6 lines)
+        "    async def inner():\n"  # 2: inner spans lines 2-5 (4 lines)
+        "        a = 1\n"
+        "        b = 2\n"
+        "        return a + b\n"
+        "    return inner\n"
+        "def short():\n"
+        "    return 1\n"
+    )
+    assert _long_functions(source, "m.py", 4) == ["m.py:1 outer (6 lines)"]
+    assert _long_functions(source, "m.py", 3) == ["m.py:1 outer (6 lines)", "m.py:2 inner (4 lines)"]

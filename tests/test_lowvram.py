@@ -124,3 +124,34 @@ def test_the_trainer_runs_with_an_8bit_base(tiny_diffusers, sample_dataset, tmp_
     assert any(line.startswith("8-bit base: block weights quantised to int8") for line in logs)
     assert result.final_lora.exists()
     assert len(lora_io.read_lora_file(result.final_lora)) == lora_io.expected_target_count(2, 2)
+
+
+def test_checkpointing_the_first_blocks_only_recomputes_them_and_keeps_the_gradients(tiny_diffusers):
+    from klein_core.model.loading import load_transformer, resolve_model
+    from klein_core.train.objective import flow_matching_loss
+
+    def lora_gradients(checkpointed_blocks):
+        transformer = load_transformer(resolve_model(tiny_diffusers)).train()
+        transformer.requires_grad_(False)
+        if checkpointed_blocks is not None:
+            lowvram.enable_block_checkpointing(transformer, checkpointed_blocks)
+        torch.manual_seed(0)
+        lora_io.add_lora(transformer, 4)
+        for name, param in transformer.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+        calls = [0] * len(lowvram.blocks_of(transformer))
+        for index, block in enumerate(lowvram.blocks_of(transformer)):
+            block.register_forward_pre_hook(lambda *_a, i=index: calls.__setitem__(i, calls[i] + 1))
+        generator = torch.Generator().manual_seed(1)
+        latents = torch.randn(1, 128, 4, 4, generator=generator)
+        embeds = torch.randn(1, 512, transformer.config.joint_attention_dim, generator=generator)
+        flow_matching_loss(transformer, latents, embeds, torch.randn(latents.shape, generator=generator),
+                           torch.tensor([0.5])).backward()
+        return [p.grad.clone() for p in lora_io.lora_parameters(transformer)], calls
+
+    plain, plain_calls = lora_gradients(None)
+    partial, partial_calls = lora_gradients(1)
+    assert plain_calls == [1] * len(plain_calls)
+    assert partial_calls == [2] + [1] * (len(plain_calls) - 1), "only the checkpointed block runs twice"
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, partial))

@@ -11,7 +11,7 @@ import sys
 
 from ..errors import KleinError
 
-COMMAND_MODULES = ("plan", "models", "dataset", "train", "preview", "demo")
+COMMAND_MODULES = ("plan", "fitcheck", "models", "dataset", "train", "preview", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

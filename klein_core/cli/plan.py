@@ -7,7 +7,8 @@ from pathlib import Path
 from ..data.images import is_image_file
 from ..errors import PlanError
 from ..preset import PRESET
-from ..train.estimate import VARIANTS, Mode, detect_gpu_memory, detect_gpu_name, estimate, recommend_mode
+from ..train.estimate import VARIANTS, Mode, estimate, recommend_mode
+from ..train.gpu import detect_gpu_memory, detect_gpu_name
 from ..train.planner import plan
 from ._common import print_json
 
@@ -56,6 +57,9 @@ def run(args) -> int:
         print(report["summary"])
         if report["warning"]:
             print(f"warning: {report['warning']}")
+        card = f" --gpu-memory {report['gpu_memory_gib']:g}" if report["gpu_memory_gib"] else " --gpu-memory GIB"
+        print(f"every phase of this run, audited at full size: klein-lora fit-check --variant {args.variant} "
+              f"--resolution {args.resolution} --rank {args.rank}{card}")
     return 0
 
 

@@ -65,9 +65,9 @@ def decode_latents(vae, normalised: torch.Tensor) -> torch.Tensor:
 
 
 def image_ids(batch: int, height: int, width: int, device="cpu") -> torch.Tensor:
-    """Image position ids (0, h, w, 0) in token order h*W+w, shape (B, h*w, 4)."""
+    """Image position ids (0, h, w, 0) in token order h*W+w, shape (B, h*w, 4). Built by stacking, not by writes
+    into a zeros tensor, so it also runs on fake CUDA tensors (the fit-check audit) on a CPU-only torch."""
     hh, ww = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
-    ids = torch.zeros(height * width, 4, dtype=torch.long, device=device)
-    ids[:, 1] = hh.reshape(-1)
-    ids[:, 2] = ww.reshape(-1)
+    zeros = torch.zeros(height * width, dtype=torch.long, device=device)
+    ids = torch.stack([zeros, hh.reshape(-1), ww.reshape(-1), zeros], dim=-1)
     return ids.unsqueeze(0).expand(batch, -1, -1)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
-from ..facts import KLEIN_SHAPES, TEXT_ENCODER_LAYERS
+from ..facts import KLEIN_SHAPES, LATENT_CHANNELS, TEXT_ENCODER_LAYERS, KleinShape
 from .keymap import COMFY_TRANSFORMER_PREFIX, bfl_to_diffusers_transformer, ldm_to_diffusers_vae, strip_prefix
 
 KNOWN_VARIANTS = {shape.hidden_size: shape for shape in KLEIN_SHAPES.values()}  # transformer hidden size -> shape
@@ -167,22 +167,34 @@ def variant_from_bfl_shapes(shapes: dict[str, tuple[int, ...]], path: Path) -> t
     if in_channels != 128 or hidden % 128:
         raise ModelError(f"{path} has {in_channels} input channels / hidden {hidden}: not a FLUX.2 [klein] transformer")
     variant = _name_variant(hidden, doubles, singles, joint)
-    config = dict(
+    config = transformer_config(hidden, doubles, singles, joint, timestep_channels=shapes["time_in.in_layer.weight"][1],
+                                mlp_ratio=shapes["double_blocks.0.img_mlp.2.weight"][1] / hidden)
+    return variant, config
+
+
+def transformer_config(hidden: int, doubles: int, singles: int, joint: int, timestep_channels: int = 256,
+                       mlp_ratio: float = 3.0) -> dict:
+    """The diffusers ``Flux2Transformer2DModel`` config of a Klein transformer of these widths (128-wide heads)."""
+    return dict(
         patch_size=1,
-        in_channels=128,
+        in_channels=LATENT_CHANNELS,
         num_layers=doubles,
         num_single_layers=singles,
         attention_head_dim=128,
         num_attention_heads=hidden // 128,
         joint_attention_dim=joint,
-        timestep_guidance_channels=shapes["time_in.in_layer.weight"][1],
-        mlp_ratio=shapes["double_blocks.0.img_mlp.2.weight"][1] / hidden,
+        timestep_guidance_channels=timestep_channels,
+        mlp_ratio=mlp_ratio,
         axes_dims_rope=(32, 32, 32, 32),
         rope_theta=2000,
         eps=1e-6,
         guidance_embeds=False,
     )
-    return variant, config
+
+
+def released_transformer_config(shape: KleinShape) -> dict:
+    """The config of a released Klein transformer (9B, 4B), for the fit-check audit's fake model."""
+    return transformer_config(shape.hidden_size, shape.num_layers, shape.num_single_layers, shape.joint_attention_dim)
 
 
 def _name_variant(hidden: int, doubles: int, singles: int, joint: int) -> KleinVariant:
@@ -239,7 +251,18 @@ def _strip_te_prefix(state: dict) -> dict:
     return state
 
 
-def vae_config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path) -> dict:
+def read_metadata(path: Path) -> dict[str, str]:
+    """The safetensors header's free-form metadata (empty when there is none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+VAE_GROUPS_METADATA = "norm_num_groups"  # group norms have no shape to read it from: a tiny VAE may record it here
+
+
+def vae_config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path, metadata: dict[str, str] | None = None) -> dict:
     if "bn.running_mean" not in shapes or "encoder.conv_in.weight" not in shapes:
         raise ModelError(
             f"{path} is not a FLUX.2 VAE (flux2-vae.safetensors): it has no batch-norm statistics "
@@ -255,7 +278,7 @@ def vae_config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path) -> di
         block_out_channels=channels,
         layers_per_block=per_block,
         latent_channels=latent,
-        norm_num_groups=32 if min(channels) >= 32 else min(channels),
+        norm_num_groups=int((metadata or {}).get(VAE_GROUPS_METADATA, 32 if min(channels) >= 32 else min(channels))),
         down_block_types=("DownEncoderBlock2D",) * levels,
         up_block_types=("UpDecoderBlock2D",) * levels,
         use_quant_conv="quant_conv.weight" in shapes,
@@ -349,7 +372,7 @@ def _resolve_comfy(
     te_shapes = read_shapes(text_encoder)
     te_config = text_encoder_config_from_shapes(te_shapes, text_encoder)
     _check_text_encoder_matches(variant, te_config, text_encoder, transformer)
-    vae_config = vae_config_from_shapes(read_shapes(vae), vae)
+    vae_config = vae_config_from_shapes(read_shapes(vae), vae, read_metadata(vae))
     tok = Path(tokenizer) if tokenizer else find_tokenizer(text_encoder)
     return ResolvedModel(
         "comfyui", transformer, text_encoder, vae, tok, variant, tr_config, te_config, vae_config, warnings
@@ -432,7 +455,7 @@ def load_text_encoder(resolved: ResolvedModel, dtype: torch.dtype = torch.float3
     tokenizer = load_tokenizer(resolved.tokenizer_path, resolved.text_encoder_path)
     if resolved.format == "diffusers":
         te = Qwen3ForCausalLM.from_pretrained(resolved.text_encoder_path, dtype=dtype, local_files_only=True)
-        return te.to(device).eval(), tokenizer
+        return keep_layers_klein_reads(te).to(device).eval(), tokenizer
     state = _strip_te_prefix(_dequantize_fp8(load_tensors(resolved.text_encoder_path), dtype))
     config = Qwen3Config(**resolved.text_encoder_config)
     with torch.device("meta"):
@@ -444,7 +467,28 @@ def load_text_encoder(resolved: ResolvedModel, dtype: torch.dtype = torch.float3
     if config.tie_word_embeddings:
         te.lm_head.weight = te.model.embed_tokens.weight
     te.model.rotary_emb = type(te.model.rotary_emb)(config=config)  # rebuild rope buffers off the meta device
-    return te.to(device=device, dtype=dtype).eval(), tokenizer
+    return keep_layers_klein_reads(te).to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def text_encoder_layers_needed() -> int:
+    """Decoder layers Klein's embeddings depend on: hidden state i is the input of layer i, so layers past the
+    deepest one read (27) never affect them."""
+    return max(TEXT_ENCODER_LAYERS) + 1
+
+
+def keep_layers_klein_reads(text_encoder):
+    """Drop the decoder layers after the deepest hidden state Klein reads (Qwen3-8B: 36 -> 28 layers, 15.3 -> 12.4
+    GiB in bf16), before the encoder reaches the device. The embeddings are unchanged: a causal decoder's hidden
+    state i does not depend on later layers, and the final norm applies only after the last layer, which is never
+    read. This is what lets the 8-bit mode's cache fill fit a 16 GiB card."""
+    needed = text_encoder_layers_needed()
+    layers = text_encoder.model.layers
+    if len(layers) > needed:
+        text_encoder.model.layers = layers[:needed]
+        text_encoder.config.num_hidden_layers = needed
+        if getattr(text_encoder.config, "layer_types", None):
+            text_encoder.config.layer_types = text_encoder.config.layer_types[:needed]
+    return text_encoder
 
 
 def load_tokenizer(tokenizer_path: Path | None, text_encoder_path: Path):

@@ -215,8 +215,11 @@ class LoraPatcher:
     a forward hook instead (output + x·Aᵀ·Bᵀ·strength), removed again by ``restore``.
     """
 
-    def __init__(self, transformer):
+    def __init__(self, transformer, backup_device="cpu"):
+        """``backup_device`` holds the originals while merged: host memory (the fit-check audit passes a device its
+        tracker reports apart from the GPU's stand-in)."""
         self.transformer = transformer
+        self.backup_device = backup_device
         self.modules = dict(transformer.named_modules())
         self.originals: dict[str, torch.Tensor] = {}
         self.hooks: list = []
@@ -235,7 +238,7 @@ class LoraPatcher:
             if type(weight.data) is not torch.Tensor:  # a quantised tensor subclass: patch the output instead
                 self.hooks.append(module.register_forward_hook(_lora_output_hook(a, b, strength, weight.device)))
                 continue
-            self.originals[name] = _offload_copy(weight.data)  # before the merge: a failure mid-way still restores
+            self.originals[name] = _offload_copy(weight.data, self.backup_device)  # before the merge: a failure mid-way still restores
             _merge_in_place(weight.data, a, b, strength)
 
     def restore(self) -> None:
@@ -271,10 +274,10 @@ def _lora_output_hook(a: torch.Tensor, b: torch.Tensor, strength: float, device)
 MERGE_ROWS = 4096
 
 
-def _offload_copy(weight: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of ``weight``, in pinned memory when CUDA is there (fast copies back, as ComfyUI's ModelPatcher)."""
-    pin = weight.device.type == "cuda" and torch.cuda.is_available()
-    backup = torch.empty(weight.shape, dtype=weight.dtype, device="cpu", pin_memory=pin)
+def _offload_copy(weight: torch.Tensor, device="cpu") -> torch.Tensor:
+    """A host copy of ``weight``, in pinned memory for a CUDA weight (fast copies back, as ComfyUI's ModelPatcher)."""
+    pin = weight.device.type == "cuda" and torch.device(device).type == "cpu" and torch.cuda.is_available()
+    backup = torch.empty(weight.shape, dtype=weight.dtype, device=device, pin_memory=pin)
     return backup.copy_(weight)
 
 

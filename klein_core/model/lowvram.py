@@ -64,6 +64,22 @@ def blocks_of(transformer) -> list[torch.nn.Module]:
     return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
 
+def enable_block_checkpointing(transformer, blocks: int | None = None) -> None:
+    """Gradient checkpointing of the first ``blocks`` transformer blocks (every block when None), through diffusers'
+    ``gradient_checkpointing_func`` hook: a checkpointed block keeps only its input and is recomputed in the backward;
+    the others keep their activations and cost no recompute. The automatic mode picks the fewest that fit the card."""
+    import torch.utils.checkpoint
+
+    chosen = {id(block) for block in (blocks_of(transformer) if blocks is None else blocks_of(transformer)[:blocks])}
+
+    def run(block, *args):
+        if id(block) in chosen:
+            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+        return block(*args)
+
+    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=run)
+
+
 def quantize_base_8bit(transformer, device=None, backend: str = "auto") -> str:
     """Quantise the block Linears of a (frozen, LoRA-free) transformer to int8 in place; returns the backend used.
 

@@ -12,20 +12,27 @@ def klein_chat_text(prompt: str) -> str:
     return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
+def text_tokens(tokenizer) -> int:
+    """How many text tokens a prompt is padded to: Klein's 512, or fewer when the tokenizer's ``model_max_length``
+    says so. Real Qwen3 tokenizers allow far more than 512; only the pre-trained tiny Klein (a model property, saved
+    in its tokenizer config) is shorter, so that it trains on a CPU in minutes."""
+    return min(TEXT_TOKENS, int(getattr(tokenizer, "model_max_length", TEXT_TOKENS)))
+
+
 @torch.no_grad()
 def encode_prompts(
     text_encoder,
     tokenizer,
     prompts: list[str],
     layers: tuple[int, ...] = TEXT_ENCODER_LAYERS,
-    max_tokens: int = TEXT_TOKENS,
 ) -> torch.Tensor:
-    """Return (B, 512, 3*H) embeddings: per token ``[h9 | h18 | h27]``, all 512 padded tokens kept.
+    """Return (B, L, 3*H) embeddings: per token ``[h9 | h18 | h27]``, all L padded tokens kept (L = 512 on Klein,
+    see :func:`text_tokens`).
 
     Runs under ``no_grad``: cached embeddings must not hold a graph (a second backward would fail).
     """
     texts = [klein_chat_text(p) for p in prompts]
-    batch = tokenizer(texts, padding="max_length", truncation=True, max_length=max_tokens, return_tensors="pt")
+    batch = tokenizer(texts, padding="max_length", truncation=True, max_length=text_tokens(tokenizer), return_tensors="pt")
     device = next(text_encoder.parameters()).device
     out = text_encoder(
         input_ids=batch["input_ids"].to(device),
@@ -40,6 +47,6 @@ def encode_prompts(
 
 def text_ids(batch: int, length: int = TEXT_TOKENS, device="cpu") -> torch.Tensor:
     """Text position ids (0, 0, 0, l) for l = 0..L-1, shape (B, L, 4)."""
-    ids = torch.zeros(length, 4, dtype=torch.long, device=device)
-    ids[:, 3] = torch.arange(length, device=device)
+    zeros = torch.zeros(length, 3, dtype=torch.long, device=device)  # stacked, not written: runs on fake CUDA too
+    ids = torch.cat([zeros, torch.arange(length, device=device).unsqueeze(1)], dim=1)
     return ids.unsqueeze(0).expand(batch, -1, -1)

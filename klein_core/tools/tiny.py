@@ -16,6 +16,7 @@ import torch
 
 from ..atomic import atomic_save_safetensors, atomic_write_json
 from ..model.keymap import diffusers_to_bfl_transformer, diffusers_to_ldm_vae
+from ..model.loading import VAE_GROUPS_METADATA
 
 TINY_TRANSFORMER_CONFIG = dict(
     patch_size=1,
@@ -94,8 +95,11 @@ class TinyPaths:
     comfy_tokenizer: Path | None
 
 
-def build_tokenizer():
-    """A byte-level BPE tokenizer in the Qwen2 class, trained offline on a fixed corpus (deterministic)."""
+def build_tokenizer(corpus: str = TOKENIZER_CORPUS, text_tokens: int | None = None):
+    """A byte-level BPE tokenizer in the Qwen2 class, trained offline on a fixed corpus (deterministic).
+
+    ``text_tokens`` (the pre-trained tiny Klein's shorter text) is saved as the tokenizer's ``model_max_length``,
+    which :func:`klein_core.model.text.text_tokens` reads; None keeps Klein's 512."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -104,7 +108,7 @@ def build_tokenizer():
     trainer = trainers.BpeTrainer(
         vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    bpe.train_from_iterator([TOKENIZER_CORPUS] * 4, trainer)
+    bpe.train_from_iterator([corpus] * 4, trainer)
     state = json.loads(bpe.to_str())["model"]
     vocab = dict(state["vocab"])
     for token in SPECIAL_TOKENS:
@@ -117,6 +121,7 @@ def build_tokenizer():
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=list(SPECIAL_TOKENS[1:]),
+        **({} if text_tokens is None else {"model_max_length": text_tokens}),
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
@@ -143,7 +148,7 @@ def build_tiny_components(seed: int = 0):
     return transformer, vae, text_encoder, tokenizer, scheduler
 
 
-def _write_diffusers(folder: Path, components, distilled: bool) -> None:
+def write_diffusers(folder: Path, components, distilled: bool) -> None:
     transformer, vae, text_encoder, tokenizer, scheduler = components
     folder.mkdir(parents=True, exist_ok=True)
     transformer.save_pretrained(folder / "transformer")
@@ -164,7 +169,7 @@ def _write_diffusers(folder: Path, components, distilled: bool) -> None:
     atomic_write_json(folder / "model_index.json", index)
 
 
-def _write_comfy(root: Path, components, distilled: bool) -> tuple[Path, Path, Path, Path]:
+def write_comfy(root: Path, components, distilled: bool) -> tuple[Path, Path, Path, Path]:
     transformer, vae, text_encoder, tokenizer, _ = components
     transformer_path = root / COMFY_FILES["distilled_transformer" if distilled else "transformer"]
     bfl = diffusers_to_bfl_transformer(transformer.state_dict())
@@ -173,7 +178,8 @@ def _write_comfy(root: Path, components, distilled: bool) -> tuple[Path, Path, P
     te_state = {k: v for k, v in text_encoder.state_dict().items() if k != "lm_head.weight"}
     atomic_save_safetensors(te_state, te_path)
     vae_path = root / COMFY_FILES["vae"]
-    atomic_save_safetensors(diffusers_to_ldm_vae(vae.state_dict()), vae_path)
+    groups = {VAE_GROUPS_METADATA: str(vae.config.norm_num_groups)}  # not readable from any tensor's shape
+    atomic_save_safetensors(diffusers_to_ldm_vae(vae.state_dict()), vae_path, metadata=groups)
     tokenizer_path = root / COMFY_FILES["tokenizer"]
     tokenizer.save_pretrained(tokenizer_path)
     return transformer_path, te_path, vae_path, tokenizer_path
@@ -189,7 +195,7 @@ def make_tiny(out: str | Path, fmt: str = "both", distilled: bool = False, seed:
     comfy = (None, None, None, None)
     if fmt in ("diffusers", "both"):
         diffusers_dir = out / "diffusers"
-        _write_diffusers(diffusers_dir, components, distilled)
+        write_diffusers(diffusers_dir, components, distilled)
     if fmt in ("comfyui", "both"):
-        comfy = _write_comfy(out / "comfyui", components, distilled)
+        comfy = write_comfy(out / "comfyui", components, distilled)
     return TinyPaths(diffusers_dir, *comfy)

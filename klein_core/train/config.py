@@ -22,6 +22,13 @@ from ..preset import PRESET
 from .planner import Plan
 
 
+BASE_8BIT_NEEDS_CHECKPOINTING = (
+    "the 8-bit base needs gradient checkpointing: without it autograd keeps a dequantised bf16 copy of every int8 "
+    "block weight for the backward (the fit-check audit counts 16.8 GiB more activations at 9B, 1024 px: 59.5 GiB in all), more than the 8-bit "
+    "base saves; leave gradient checkpointing on or automatic"
+)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train. Defaults are the Klein 9B Base starter preset."""
@@ -38,7 +45,8 @@ class TrainConfig:
     seed: int = 0
     save_every: int = PRESET.save_every  # training steps between LoRA checkpoints (0: only the final LoRA)
     keep_last: int = 0  # keep only the newest N step checkpoints (0: keep all)
-    gradient_checkpointing: bool | None = None  # None: automatic, on when the estimate says the GPU needs it
+    gradient_checkpointing: bool | None = None  # None: automatic (on when the GPU needs it; always with base_8bit)
+    checkpointed_blocks: int | None = None  # with checkpointing, only the first K blocks (None: every block)
     base_8bit: bool = False  # low-VRAM mode: int8 base weights, LoRA on top (the optional [lowvram] extra)
     compile_blocks: bool = False  # torch.compile each transformer block (worth it on CUDA; the first step compiles)
     log_every: int = 10  # training steps between loss reads: the loop's only host-device sync (checkpoints read too)
@@ -46,13 +54,16 @@ class TrainConfig:
     stop_on_collapse: bool = False  # stop training as soon as a collapse is detected (the best checkpoint is kept)
     health_previews: bool = True  # render the first preview prompt at each checkpoint for preview stats and likeness
     health_sample_steps: int = PRESET.sample_steps  # sample steps of those health previews (Base needs ~50)
+    health_preview_resolution: int = PRESET.health_preview_resolution  # their largest side (capped by the training's)
+    validation_images: int = PRESET.validation_images  # training images in each checkpoint's validation pass
     regularization_weight: float = PRESET.regularization_weight  # loss weight of the optional class-image set
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         """Refuse an impossible setting by name before anything runs (the planner checks steps, batch and accum)."""
         at_least = {"rank": 1, "log_every": 1, "health_sample_steps": 1, "save_every": 0, "keep_last": 0,
-                    "warmup_steps": 0, "validation_every": 0}
+                    "warmup_steps": 0, "validation_every": 0,
+                    "validation_images": 1, "health_preview_resolution": 16}
         for name, low in at_least.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -62,6 +73,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not math.isfinite(value) or value < 0 or (positive and value == 0)):
                 raise ConfigError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+        if self.base_8bit and self.gradient_checkpointing is False:
+            raise ConfigError(BASE_8BIT_NEEDS_CHECKPOINTING)
 
     def as_dict(self) -> dict:
         return asdict(self)

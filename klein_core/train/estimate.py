@@ -1,6 +1,6 @@
 """VRAM and time estimate of a Klein LoRA run, before anything loads: "does it fit my card, how long will it take?"
 
-Pure arithmetic on the model's shape (no torch needed, except :func:`detect_gpu_memory`). Batch 1 unless given.
+Pure arithmetic on the model's shape (no torch needed; ``train.gpu`` says which card is there). Batch 1 unless given.
 
 **Compute** (T = image tokens + 512 text tokens, d = hidden size, n = double + single blocks). Every token passes
 every block through 13·d² weights (double block: q, k, v, out = 4d² plus the SwiGLU feed-forward d→6d, 3d→d = 9d²,
@@ -32,16 +32,20 @@ the same FLOPs (weight-only int8 dequantises per layer), so its time here is opt
 * LoRA + AdamW: LoRA parameters × 16 bytes (fp32 weight, gradient and two Adam moments);
 * activations, calibrated to the per-block figures of the published Klein per-block figures (to be re-checked by a GPU measurement):
   without GC ``ACTIVATION_BYTES × T × d × n`` (≈ 29 bf16 values per token per hidden unit per block; 9B: 10.8 / 19.8 /
-  32.4 GiB at 512 / 768 / 1024 px); with per-block GC only each block's bf16 input is kept (2 bytes × T × d × n)
+  32.4 GiB at 512 / 768 / 1024 px); with per-block GC only each block's inputs are kept (3.2 bytes × T × d per block: the streams, modulation and
+  rope, as the fit-check audit counts them)
   plus one block's full activations while it is recomputed (9B: 0.7 / 1.3 / 2.1 GiB). Fused attention (SDPA
   flash / memory-efficient) is assumed: the math kernel would add the T² score matrices (~162 GiB at 1024 for 9B);
 * the cached dataset on the device: latents (fp32) for every image at every resolution, and one (512, joint dim)
   bf16 embedding per distinct caption (the trainer moves them to the device once);
-* ``CONTEXT_GIB`` (1 GiB): CUDA context, cuBLAS workspace and allocator slack.
+* the VAE (84 M parameters, 0.31 GiB fp32), which stays on the device for the health previews;
+* ``CONTEXT_GIB`` (1 GiB): CUDA context and cuBLAS workspace.
 
-The text encoder and VAE encoder are not counted: the trainer runs them first, caches their outputs and frees the
-text encoder before the transformer loads (the VAE stays for previews, 84 M parameters, ~0.3 GiB fp32, counted in
-``CONTEXT_GIB``'s slack).
+A run fits when every phase stays within ``usable_gib``: 95% of the card (the caching allocator's fragmentation
+needs the rest) less the context. Besides the training step, the text encoder's phase counts: the trainer runs it
+first, caches the embeddings and frees it before the transformer loads (the loader keeps its layers up to the
+deepest one Klein reads). These figures agree with ``klein-lora fit-check`` (the fake-tensor audit of the real code,
+``tools/fitcheck.py``) within 10%; ``tests/test_fitcheck.py`` holds them to it.
 """
 
 from __future__ import annotations
@@ -56,8 +60,11 @@ from ..preset import PRESET
 
 GIB = 2**30
 ACTIVATION_BYTES = 57.6  # bytes per token per hidden unit per block without GC (calibrated to the published per-block figures)
-CHECKPOINT_BYTES = 2.0  # bf16 block input kept per token per hidden unit per block with GC
+CHECKPOINT_BYTES = 3.2  # what a checkpointed block keeps per token per hidden unit: its inputs, modulation and rope (fit-check audit)
 CONTEXT_GIB = 1.0
+USABLE_FRACTION = 0.95  # of the card: the caching allocator's fragmentation needs the rest
+VAE_GIB = 84.05e6 * 4 / 2**30  # FLUX.2's VAE in fp32, resident through training for the health previews
+TEXT_ENCODER_ACTIVATIONS_GIB = 0.3  # one 512-token prompt through Qwen3 (the fit-check audit counts 0.23-0.28)
 LORA_OPTIMIZER_BYTES = 16  # fp32 weight + fp32 grad + 2 fp32 AdamW moments
 ATTENTION_BACKWARD_FACTOR = 2.5  # flash-attention backward / forward matmul FLOPs
 ASSUMED_MFU = 0.5
@@ -197,13 +204,21 @@ class Mode:
 
     gradient_checkpointing: bool = False
     base_8bit: bool = False
+    checkpointed_blocks: int | None = None  # with checkpointing: the first K blocks only (None: every block)
 
     @property
     def label(self) -> str:
         parts = ["8-bit base" if self.base_8bit else "bf16 base"]
         if self.gradient_checkpointing:
-            parts.append("gradient checkpointing")
+            blocks = f" of {self.checkpointed_blocks} blocks" if self.checkpointed_blocks is not None else ""
+            parts.append(f"gradient checkpointing{blocks}")
         return " + ".join(parts)
+
+    def checkpointed(self, blocks: int) -> int:
+        """How many of a model's ``blocks`` this mode checkpoints."""
+        if not self.gradient_checkpointing:
+            return 0
+        return blocks if self.checkpointed_blocks is None else min(blocks, self.checkpointed_blocks)
 
     @property
     def flags(self) -> str:
@@ -212,8 +227,9 @@ class Mode:
 
 
 # Fastest first. Gradient checkpointing is exact (same numbers, ~1.45x compute); the 8-bit base changes the weights
-# slightly, so it comes after it.
-MODES_BY_PREFERENCE = (Mode(), Mode(gradient_checkpointing=True), Mode(base_8bit=True), Mode(True, True))
+# slightly, so it comes after it, and only with checkpointing (without, the backward keeps a bf16 copy of every int8
+# weight: see ``config.BASE_8BIT_NEEDS_CHECKPOINTING``).
+MODES_BY_PREFERENCE = (Mode(), Mode(gradient_checkpointing=True), Mode(True, True))
 
 
 def image_tokens(resolution: int) -> int:
@@ -234,13 +250,11 @@ class Flops:
         """Inference forward of the base (a merged LoRA costs nothing extra)."""
         return self.linear + self.attention
 
-    def training_step(self, gradient_checkpointing: bool) -> float:
+    def training_step(self, recomputed: float = 0.0) -> float:
+        """Forward, input gradients and LoRA gradients; ``recomputed``: the share of blocks checkpointing runs twice."""
         base = 2 * self.linear + (1 + ATTENTION_BACKWARD_FACTOR) * self.attention
         lora = 3 * self.lora_forward
-        if gradient_checkpointing:
-            base += self.forward
-            lora += self.lora_forward
-        return base + lora
+        return base + lora + recomputed * (self.forward + self.lora_forward)
 
 
 def flops(variant: "str | ModelShape | dict", resolution: int, rank: int = PRESET.rank, batch_size: int = 1) -> Flops:
@@ -263,11 +277,33 @@ class Memory:
     lora_optimizer: float
     activations: float
     dataset: float
+    vae: float = VAE_GIB  # kept on the device for the health previews
     context: float = CONTEXT_GIB
+    text_encoder: float = 0.0  # the cache fill's phase, before the transformer loads (not part of the total)
 
     @property
     def total(self) -> float:
-        return self.weights + self.lora_optimizer + self.activations + self.dataset + self.context
+        return self.weights + self.lora_optimizer + self.activations + self.dataset + self.vae + self.context
+
+    @property
+    def peak(self) -> float:
+        """The largest phase the estimate covers: the training step, or the text encoder's cache fill."""
+        return max(self.total, self.text_encoder + self.context)
+
+
+def text_encoder_gib(shape: ModelShape) -> float:
+    """The text encoder's phase: its bf16 weights up to the deepest layer Klein reads (the loader drops the rest),
+    plus one prompt's activations. Zero for a shape that is not a released Klein (its encoder is unknown)."""
+    known = [s for s in facts.KLEIN_SHAPES.values() if s.joint_attention_dim == shape.joint_attention_dim]
+    if not known:
+        return 0.0
+    qwen = facts.QWEN3_CONFIGS[known[0].text_encoder]
+    h, kv = qwen["hidden_size"], qwen["num_key_value_heads"] * qwen["head_dim"]
+    heads = qwen["num_attention_heads"] * qwen["head_dim"]
+    layer = h * heads * 2 + h * kv * 2 + 3 * h * qwen["intermediate_size"]
+    embeddings = qwen["vocab_size"] * h * (1 if qwen["tie_word_embeddings"] else 2)
+    layers = max(facts.TEXT_ENCODER_LAYERS) + 1
+    return (embeddings + layers * layer) * 2 / GIB + TEXT_ENCODER_ACTIVATIONS_GIB
 
 
 def memory(
@@ -287,10 +323,10 @@ def memory(
     else:
         weights = shape.params * 2
     tokens = (image_tokens(resolution) + TEXT_TOKENS) * batch_size
-    if mode.gradient_checkpointing:
-        activations = CHECKPOINT_BYTES * tokens * d * n + ACTIVATION_BYTES * tokens * d
-    else:
-        activations = ACTIVATION_BYTES * tokens * d * n
+    checkpointed = mode.checkpointed(n)  # each keeps its bf16 input; one at a time is recomputed in full
+    activations = (CHECKPOINT_BYTES * checkpointed + ACTIVATION_BYTES * (n - checkpointed)) * tokens * d
+    if checkpointed:
+        activations += ACTIVATION_BYTES * tokens * d
     latents = images * resolutions * 128 * image_tokens(resolution) * 4
     embeds = (images + 2) * TEXT_TOKENS * shape.joint_attention_dim * 2  # captions + dropped caption + ""
     return Memory(
@@ -298,6 +334,7 @@ def memory(
         lora_optimizer=shape.lora_params(rank) * LORA_OPTIMIZER_BYTES / GIB,
         activations=activations / GIB,
         dataset=(latents + embeds) / GIB,
+        text_encoder=text_encoder_gib(shape),
     )
 
 
@@ -405,7 +442,8 @@ def estimate(
     if not 0 < mfu <= 1:
         raise PlanError(f"mfu must be in (0, 1], got {mfu!r}")
     micro = flops(shape, resolution, rank, batch_size)
-    step = micro.training_step(mode.gradient_checkpointing) * grad_accum
+    blocks = model_shape(variant).blocks
+    step = micro.training_step(mode.checkpointed(blocks) / blocks) * grad_accum
     preview = micro.forward / batch_size * preview_sample_steps * (2 if preview_cfg > 1 else 1)
     notes = []
     time_device, peak_value = None, peak
@@ -444,9 +482,15 @@ def estimate(
     )
 
 
+def usable_gib(gpu_memory_gib: float) -> float:
+    """What a phase may peak at on a card of ``gpu_memory_gib`` (as torch reports it: total memory / 2^30): the card
+    less the allocator's slack, less the CUDA context. The fit-check audit judges its phases by the same rule."""
+    return gpu_memory_gib * USABLE_FRACTION - CONTEXT_GIB
+
+
 def fits(estimate_: Estimate, gpu_memory_gib: float) -> bool:
-    """True when the estimated peak fits a GPU of ``gpu_memory_gib`` (as torch reports it: total memory / 2^30)."""
-    return estimate_.memory.total <= gpu_memory_gib
+    """True when every estimated phase fits a GPU of ``gpu_memory_gib``."""
+    return estimate_.memory.peak - estimate_.memory.context <= usable_gib(gpu_memory_gib)
 
 
 @dataclass(frozen=True)
@@ -467,7 +511,7 @@ class Recommendation:
         """None when the requested mode fits; else a sentence naming the mode (and options) that would."""
         if self.requested_fits:
             return None
-        have = f"{self.requested.memory.total:.1f} GiB estimated"
+        have = f"{self.requested.memory.peak:.1f} GiB estimated"
         card = f"your {self.gpu_memory_gib:.0f} GiB GPU"
         if self.mode is None:
             return (
@@ -482,7 +526,7 @@ class Recommendation:
         ]
         return (
             f"will not fit {card} without {' and '.join(missing)} ({have}, "
-            f"{self.fitting.memory.total:.1f} GiB with it); use {self.mode.flags}"
+            f"{self.fitting.memory.peak:.1f} GiB with it); use {self.mode.flags}"
         )
 
 
@@ -505,7 +549,19 @@ def recommend_mode(
     return Recommendation(asked, None, None, gpu_memory_gib)
 
 
-def decide_gradient_checkpointing(
+def fewest_checkpointed_blocks(variant: "str | ModelShape | dict", resolution: int, rank: int, gpu_memory_gib: float,
+                               base_8bit: bool = False, **estimate_kwargs) -> int | None:
+    """The fewest blocks to checkpoint for the training step to fit (every block not checkpointed saves a block's
+    recompute, ~1/n of a forward per training step); None when even checkpointing every block does not fit."""
+    blocks = model_shape(variant).blocks
+    for count in range(1, blocks + 1):
+        mode = Mode(True, base_8bit, count)
+        if fits(estimate(variant, resolution, rank, mode, **estimate_kwargs), gpu_memory_gib):
+            return count
+    return None
+
+
+def decide_memory_mode(
     variant: "str | ModelShape | dict",
     resolution: int,
     rank: int,
@@ -513,41 +569,27 @@ def decide_gradient_checkpointing(
     base_8bit: bool = False,
     gpu_memory_gib: float | None = None,
     **estimate_kwargs,
-) -> tuple[bool, list[str]]:
-    """The trainer's pre-flight: whether to checkpoint, and the lines to log before step 1.
+) -> tuple[Mode, list[str]]:
+    """The trainer's pre-flight: what to checkpoint, and the lines to log before step 1.
 
-    ``gradient_checkpointing=None`` means automatic: on only when a GPU size is known and the run would not fit it
-    without. An explicit True/False is kept; if the run will not fit, a warning names the mode that would.
+    ``gradient_checkpointing=None`` means automatic: with a known GPU size, no checkpointing when the run fits
+    without, else the fewest blocks that make it fit (all of them when nothing smaller does); the 8-bit base always
+    checkpoints (every block). An explicit True (every block) or False is kept; if the run will not fit, a warning
+    names the mode that would.
     """
-    checkpointing = bool(gradient_checkpointing)
-    lines = []
+    mode = Mode(bool(gradient_checkpointing) or (base_8bit and gradient_checkpointing is None), base_8bit)
+    lines = ["gradient checkpointing: on (automatic: the 8-bit base needs it)"] if mode.gradient_checkpointing and \
+        gradient_checkpointing is None else []
     if gpu_memory_gib is not None:
-        advice = recommend_mode(variant, resolution, rank, gpu_memory_gib, Mode(checkpointing, base_8bit), **estimate_kwargs)
-        if gradient_checkpointing is None and not advice.requested_fits:
-            checkpointing = True
-            lines.append(f"gradient checkpointing: on (automatic: the run {advice.warning})")
-            advice = recommend_mode(variant, resolution, rank, gpu_memory_gib, Mode(True, base_8bit), **estimate_kwargs)
+        advice = recommend_mode(variant, resolution, rank, gpu_memory_gib, mode, **estimate_kwargs)
+        if gradient_checkpointing is None and not base_8bit and not advice.requested_fits:
+            count = fewest_checkpointed_blocks(variant, resolution, rank, gpu_memory_gib, **estimate_kwargs)
+            blocks = model_shape(variant).blocks
+            mode = Mode(True, False, count if count is not None and count < blocks else None)
+            shown = f"{count} of {blocks} blocks" if mode.checkpointed_blocks is not None else "every block"
+            lines.append(f"gradient checkpointing: {shown} (automatic: the run {advice.warning})")
+            advice = recommend_mode(variant, resolution, rank, gpu_memory_gib, mode, **estimate_kwargs)
         if advice.warning:
             lines.append(f"warning: this run {advice.warning}")
-    lines.append(estimate(variant, resolution, rank, Mode(checkpointing, base_8bit), **estimate_kwargs).summary())
-    return checkpointing, lines
-
-
-def detect_gpu_memory() -> float | None:
-    """Total memory of CUDA device 0 in GiB, or None when there is no CUDA GPU (or no torch)."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_properties(0).total_memory / GIB
-
-
-def detect_gpu_name() -> str | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-
+    lines.append(estimate(variant, resolution, rank, mode, **estimate_kwargs).summary())
+    return mode, lines

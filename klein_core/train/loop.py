@@ -25,11 +25,11 @@ import torch
 from ..crashpoint import crash_point
 from ..data.spec import DatasetSpec
 from ..errors import NonFiniteLoss, TrainingInterrupted
-from ..model.loading import ResolvedModel
+from ..model.loading import ResolvedModel, default_device
 from .config import DistributedContext, TrainCallbacks, TrainConfig, TrainedRun
 from .objective import accumulate_gradients
 from .preflight import preflight
-from .session import Progress, TrainingSession, default_device
+from .session import Progress, TrainingSession
 
 
 def train(

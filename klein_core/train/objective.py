@@ -78,20 +78,41 @@ VALIDATION_SIGMAS = (0.2, 0.4, 0.6, 0.8)
 VALIDATION_SEED = 20260115
 
 
+def validation_subset(images: int, limit: int) -> list[int]:
+    """At most ``limit`` training images, evenly spaced and the same at every checkpoint: the validation pass costs
+    ``limit`` x 4 forwards whatever the dataset's size (every image would make it grow with N per checkpoint, N² per
+    run)."""
+    if images <= limit:
+        return list(range(images))
+    return sorted({round(i * (images - 1) / (limit - 1)) for i in range(limit)}) if limit > 1 else [0]
+
+
 @torch.no_grad()
-def validation_loss(transformer, latents: Sequence[torch.Tensor], embeds: Sequence[torch.Tensor]) -> float:
-    """Flow-matching loss of every image at fixed σ values with fixed noise: identical inputs at every
-    evaluation, so the numbers are comparable across training steps (unlike the noisy training loss)."""
+def validation_losses(transformer, latents: Sequence[torch.Tensor], embeds: Sequence[torch.Tensor],
+                      indices: Sequence[int] | None = None) -> torch.Tensor:
+    """Per image, the flow-matching loss at the fixed σ values with fixed noise, on the device (no host sync).
+
+    One image at one σ per forward: the pass needs one training forward's activations at most (a batch of the four σ
+    held four). The noise of image i is seeded by its index in the dataset, so a subset sees the same noise as the
+    full set would."""
+    indices = range(len(latents)) if indices is None else indices
     was_training = transformer.training
     transformer.eval()
-    sigmas = torch.tensor(VALIDATION_SIGMAS)
-    total = 0.0
-    for index, (latent, embed) in enumerate(zip(latents, embeds)):
+    losses = []
+    for index in indices:
+        latent, embed = latents[index].unsqueeze(0), embeds[index]
         generator = torch.Generator().manual_seed(VALIDATION_SEED + index)
-        noise = torch.randn((1, *latent.shape), generator=generator).to(latent.device, latent.dtype)
-        n = len(sigmas)
-        total += flow_matching_loss(
-            transformer, latent.expand(n, -1, -1, -1), embed.expand(n, -1, -1), noise.expand(n, -1, -1, -1), sigmas.to(latent.device)
-        ).item()
+        noise = torch.randn(latent.shape, generator=generator).to(latent.device, latent.dtype)
+        per_sigma = [flow_matching_loss(transformer, latent, embed, noise, torch.full((1,), sigma, device=latent.device))
+                     for sigma in VALIDATION_SIGMAS]
+        losses.append(torch.stack(per_sigma).mean())
     transformer.train(was_training)
-    return total / max(1, len(latents))
+    return torch.stack(losses) if losses else torch.zeros(0)
+
+
+def validation_loss(transformer, latents: Sequence[torch.Tensor], embeds: Sequence[torch.Tensor],
+                    indices: Sequence[int] | None = None) -> float:
+    """Mean of :func:`validation_losses`: identical inputs at every evaluation, so the numbers are comparable across
+    training steps (unlike the noisy training loss). One host sync."""
+    losses = validation_losses(transformer, latents, embeds, indices)
+    return losses.mean().item() if len(losses) else 0.0

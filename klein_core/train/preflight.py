@@ -89,7 +89,9 @@ def preflight(
         from ..model.lowvram import choose_backend
 
         choose_backend()  # a missing optional backend fails here, before any model loads
-    config = replace(config, gradient_checkpointing=_estimate_memory_mode(resolved, spec, scan, config, device, log))
+    mode = _estimate_memory_mode(resolved, spec, scan, config, device, log)
+    config = replace(config, gradient_checkpointing=mode.gradient_checkpointing,
+                     checkpointed_blocks=mode.checkpointed_blocks)
     prompts = tuple(dict.fromkeys(substitute_trigger(p, scan.trigger) for p in preview_prompts))
     return Preflight(spec, scan, config, the_plan, fingerprint, prompts, regularization, reg_scan, held_out, held_scan,
                      resume_point)
@@ -113,15 +115,12 @@ def _held_out_overlap(scan: DatasetScan, held_scan: DatasetScan) -> list[str]:
             "held out" for item in held_scan.items if item.sha256 in trained]
 
 
-def _estimate_memory_mode(resolved: ResolvedModel, spec: DatasetSpec, scan: DatasetScan, config: TrainConfig, device, log) -> bool:
-    """Log the VRAM/time estimate before step 1 and decide gradient checkpointing (automatic when ``None``)."""
-    from .estimate import (
-        decide_gradient_checkpointing,
-        detect_gpu_memory,
-        detect_gpu_name,
-    )
+def _estimate_memory_mode(resolved: ResolvedModel, spec: DatasetSpec, scan: DatasetScan, config: TrainConfig, device, log):
+    """Log the VRAM/time estimate before step 1 and decide what to checkpoint (automatic when ``None``)."""
+    from .estimate import decide_memory_mode
+    from .gpu import detect_gpu_memory, detect_gpu_name
 
-    checkpointing, lines = decide_gradient_checkpointing(
+    mode, lines = decide_memory_mode(
         resolved.transformer_config, max(spec.resolutions), config.rank, config.gradient_checkpointing, config.base_8bit,
         gpu_memory_gib=detect_gpu_memory() if str(device).startswith("cuda") else None,
         batch_size=config.batch_size, grad_accum=config.grad_accum, images=len(scan.items),
@@ -129,4 +128,4 @@ def _estimate_memory_mode(resolved: ResolvedModel, spec: DatasetSpec, scan: Data
     )
     for line in lines:
         log(line)
-    return checkpointing
+    return mode

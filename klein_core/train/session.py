@@ -26,11 +26,12 @@ from ..health.history import TrainingHistory
 from ..health.monitor import HealthMonitor
 from ..model import lora as lora_io
 from ..model.latents import encode_images
-from ..model.loading import ResolvedModel, load_text_encoder, load_transformer, load_vae
+from ..model.loading import ResolvedModel, load_text_encoder, load_transformer, load_vae, model_dtype
 from ..model.text import encode_prompts
+from ..facts import PIXEL_MULTIPLE
 from ..preset import PRESET
 from .config import DistributedContext, SavedCheckpoint, TrainConfig, TrainedRun
-from .objective import MicroBatch, micro_batch_generator, sample_sigmas, validation_loss
+from .objective import MicroBatch, micro_batch_generator, sample_sigmas, validation_loss, validation_subset
 from .planner import Plan
 from .preflight import Preflight, regularization_repeats
 from .resume import MANIFEST_FILE, STATE_FILE, ResumePoint
@@ -90,15 +91,6 @@ def encode_datasets(
     return encoded, vae
 
 
-def model_dtype(device) -> torch.dtype:
-    """bf16 on CUDA (Klein's own dtype), fp32 on the CPU (where bf16 matmuls are slow and the tests need exactness)."""
-    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def checkpoint_name(output_name: str, training_step: int) -> str:
     return f"{output_name}_step{training_step:06d}.safetensors"
 
@@ -108,7 +100,9 @@ def adapt_transformer(transformer: torch.nn.Module, config: TrainConfig) -> list
     return the trainable parameters. The fit-check audit runs this same function on a fake 9B."""
     transformer.requires_grad_(False)
     if config.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        from ..model.lowvram import enable_block_checkpointing
+
+        enable_block_checkpointing(transformer, config.checkpointed_blocks)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         lora_io.add_lora(transformer, config.rank, config.alpha)
@@ -130,6 +124,13 @@ def warmup_scheduler(optimizer, warmup_steps: int):
     """The LR rises linearly over the first ``warmup_steps`` training steps, then stays."""
     warmup = max(0, warmup_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """One update: step, advance the LR schedule, free the gradients (``set_to_none``: no zeroed copies kept)."""
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 @dataclass
@@ -250,14 +251,14 @@ class TrainingSession:
         return out
 
     def optimizer_step(self) -> None:
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(self.optimizer, self.scheduler)
 
     # --- checkpoints ---------------------------------------------------------------------------------------------
     def checkpoint_losses(self) -> tuple[float, float | None]:
-        """The fixed-noise validation loss on the training images, and on the held-out images when there are some."""
-        trained = validation_loss(self.transformer, self.data.latents, _caption_embeds(self.data))
+        """The fixed-noise validation loss on a fixed subset of the training images (the same at every checkpoint),
+        and on all held-out images when there are some."""
+        subset = validation_subset(len(self.data.latents), self.config.validation_images)
+        trained = validation_loss(self.transformer, self.data.latents, _caption_embeds(self.data), subset)
         if self.held_data is None:
             return trained, None
         return trained, validation_loss(self.transformer, self.held_data.latents, _caption_embeds(self.held_data))
@@ -407,7 +408,7 @@ def _health_preview(transformer, vae, data: EncodedDataset, prompts: tuple[str, 
     """The first preview prompt rendered Base-correctly with the current adapter (for preview stats and likeness)."""
     from ..preview.sampling import sample_base
 
-    size = spec.resolutions[0]
+    size = health_preview_size(spec.resolutions[0], config)
 
     def render() -> torch.Tensor:
         was_training = transformer.training
@@ -420,6 +421,13 @@ def _health_preview(transformer, vae, data: EncodedDataset, prompts: tuple[str, 
         return images.permute(0, 2, 3, 1)  # (B, H, W, 3)
 
     return render
+
+
+def health_preview_size(resolution: int, config: TrainConfig) -> int:
+    """The health preview's side: the training resolution, capped at ``health_preview_resolution`` (a multiple of
+    16, as every Klein image side)."""
+    capped = min(resolution, config.health_preview_resolution)
+    return max(PIXEL_MULTIPLE, capped - capped % PIXEL_MULTIPLE)
 
 
 def _prune(history: TrainingHistory, keep_last: int) -> list[Path]:

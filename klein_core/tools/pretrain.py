@@ -1,0 +1,326 @@
+"""``klein-lora make-tiny --pretrained``: a tiny Klein Base that draws, trained on a CPU from a seed.
+
+The random tiny Klein (:mod:`.tiny`) proves formats and code paths but draws coloured noise, so a LoRA's effect can
+only be measured in latent numbers. This one is pre-trained on the generated world of :mod:`.world`, with the same
+classes and on-disk formats (and the same ComfyUI-detectable shape: head dim 128, 128 latent channels):
+
+1. render the world: pictures of characters with their looks (the captions name the part colours);
+2. fit a small ``AutoencoderKLFlux2`` to the pictures (plain reconstruction: the sampler uses the latent mode), then
+   set its batch-norm statistics from the latents, so normalised latents have unit variance as on Klein;
+3. fit the part-colour reader (:mod:`.colour_reader`) that scores samples;
+4. pre-train the ``Flux2Transformer2DModel`` as a text-to-image Base with the trainer's own flow-matching objective
+   and timestep sampling (:mod:`klein_core.train.objective`), captions dropped to ``""`` now and then so true CFG
+   works; the text encoder stays the random tiny Qwen3 (its hidden states still tell the colour words apart);
+5. measure: PSNR of decode(encode(x)) on held-out pictures, and the share of Base samples (50 sample steps, CFG 4)
+   whose three part colours the reader finds as prompted;
+6. write fp16 weights in the asked formats, the reader, and a manifest (seed, command, sha256 per file, figures).
+
+Everything draws from generators seeded from ``seed``: the same seed, thread count and torch build give the same bytes.
+The text is 32 tokens, a property of this model (its tokenizer's ``model_max_length``; Klein's is 512), because
+the 512 padded tokens would be most of the cost at 64 px.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_write_bytes, atomic_write_json
+from ..facts import image_tokens
+from ..preset import PRESET
+from .colour_reader import look_labels, part_accuracy, read_colours, save_reader, train_reader
+from .tiny import SCHEDULER_CONFIG, TINY_TEXT_ENCODER_CONFIG, TINY_TRANSFORMER_CONFIG, TOKENIZER_CORPUS
+from .world import COLOUR_NAMES, world_sample
+
+PRETRAINED_TEXT_TOKENS = 32  # the longest world caption is 28 tokens in the chat template
+PRETRAINED_VAE_CONFIG = dict(
+    block_out_channels=(16, 32, 32, 32),
+    layers_per_block=1,
+    norm_num_groups=4,  # 4-8 channels per group: one channel per group would normalise each colour channel away
+    latent_channels=32,
+)
+PRETRAINED_TOKENIZER_CORPUS = TOKENIZER_CORPUS + " user assistant " + " ".join(
+    f"photo of a character with a {c} hat, a {c} scarf and a {c} body" for c in COLOUR_NAMES
+)
+READER_FILE = "reader.safetensors"
+REGENERATE_FILE = "regenerate.sh"
+MANIFEST_FILE = "manifest.json"
+PRETRAIN_THREADS = 1  # these ops are too small to split well, two threads fighting other load run 3-5x slower, and
+# one thread gives the same bytes on any machine with the same torch build
+WORLD_SEED_OFFSET, HELD_OUT_SEED_OFFSET = 0, 1_000_003  # the held-out pictures come from another world seed
+
+
+@dataclass(frozen=True)
+class PretrainBudget:
+    """How much pre-training. The defaults took 28 minutes on 2 heavily loaded shared cores; the goal is 15 minutes
+    on 2 idle cores."""
+
+    resolution: int = 64
+    world_images: int = 2400
+    held_out_images: int = 96
+    vae_training_steps: int = 1000
+    vae_batch_size: int = 8
+    vae_learning_rate: float = 3e-3
+    reader_training_steps: int = 400
+    transformer_training_steps: int = 1500
+    transformer_batch_size: int = 32
+    transformer_learning_rate: float = 1e-3
+    caption_dropout: float = 0.1
+    colour_samples: int = 48
+    sample_steps: int = PRESET.sample_steps
+    cfg: float = PRESET.cfg
+
+
+SMOKE_BUDGET = PretrainBudget(world_images=48, held_out_images=8, vae_training_steps=3, reader_training_steps=3,
+                              transformer_training_steps=3, colour_samples=4, sample_steps=2)
+
+
+@dataclass
+class PretrainResult:
+    out_dir: Path
+    manifest: dict
+    components: tuple
+
+
+# --- the pictures ------------------------------------------------------------------------------------------------
+def render_world(count: int, seed: int, size: int) -> tuple[torch.Tensor, list]:
+    """``count`` world pictures as (N, 3, size, size) in [0, 1] and their looks."""
+    pictures, looks = [], []
+    for index in range(count):
+        image, look = world_sample(index, seed, size)
+        pictures.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))
+        looks.append(look)
+    return torch.stack(pictures), looks
+
+
+def _cosine_lr(optimizer: torch.optim.Optimizer, peak: float, step: int, total: int, warmup: int = 50) -> None:
+    factor = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
+    for group in optimizer.param_groups:
+        group["lr"] = peak * factor
+
+
+# --- the VAE -----------------------------------------------------------------------------------------------------
+def fit_vae(pictures: torch.Tensor, budget: PretrainBudget, seed: int, log: Callable[[str], None]):
+    """A small AutoencoderKLFlux2 fitted to reproduce the pictures through its latent mode (MSE on whole pictures:
+    its mid-block attention sees the latent grid it will decode)."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(**PRETRAINED_VAE_CONFIG)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=budget.vae_learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(budget.vae_training_steps):
+        batch = pictures[torch.randint(0, len(pictures), (budget.vae_batch_size,), generator=generator)] * 2 - 1
+        _cosine_lr(optimizer, budget.vae_learning_rate, step, budget.vae_training_steps)
+        latents = vae.encode(batch).latent_dist.mode()
+        loss = (vae.decode(latents).sample - batch).pow(2).mean() + 1e-4 * latents.pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % max(1, budget.vae_training_steps // 4) == 0:
+            log(f"  VAE training step {step + 1}/{budget.vae_training_steps}, loss {loss.item():.4f}")
+    return vae.eval()
+
+
+@torch.no_grad()
+def set_latent_statistics(vae, pictures: torch.Tensor) -> None:
+    """Klein normalises patchified latents with the VAE's ``bn`` running stats: set them from the world's latents."""
+    from ..model.latents import patchify
+
+    latents = torch.cat([patchify(vae.encode(chunk * 2 - 1).latent_dist.mode()) for chunk in pictures.split(128)])
+    vae.bn.running_mean.copy_(latents.mean(dim=(0, 2, 3)))
+    vae.bn.running_var.copy_(latents.var(dim=(0, 2, 3)))
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae, pictures: torch.Tensor) -> float:
+    """Mean PSNR (dB, pixels in [0, 1]) of decode(encode(x)) through the latent mode."""
+    from ..model.latents import decode_latents, encode_images
+
+    decoded = torch.cat([(decode_latents(vae, encode_images(vae, c * 2 - 1)) / 2 + 0.5).clamp(0, 1)
+                         for c in pictures.split(64)])
+    mse = (decoded - pictures).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+# --- the text ----------------------------------------------------------------------------------------------------
+def build_text_side(seed: int):
+    """The tokenizer (world words as whole tokens, 32-token text) and the random tiny Qwen3 text encoder."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from .tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(PRETRAINED_TOKENIZER_CORPUS, text_tokens=PRETRAINED_TEXT_TOKENS)
+    torch.manual_seed(seed + 2)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), **TINY_TEXT_ENCODER_CONFIG)).eval()
+    return tokenizer, text_encoder
+
+
+def caption_embeddings(text_encoder, tokenizer, captions: list[str]) -> dict[str, torch.Tensor]:
+    """Each caption's (L, 3H) embeddings through the pack's own prompt encoding; ``""`` included."""
+    from ..model.text import encode_prompts
+
+    texts = list(dict.fromkeys(["", *captions]))
+    chunks = [encode_prompts(text_encoder, tokenizer, texts[i:i + 256]) for i in range(0, len(texts), 256)]
+    return dict(zip(texts, torch.cat(chunks)))
+
+
+# --- the transformer ---------------------------------------------------------------------------------------------
+def fit_transformer(latents: torch.Tensor, captions: list[str], embeds: dict[str, torch.Tensor], budget: PretrainBudget,
+                    seed: int, log: Callable[[str], None]):
+    """Pre-train a tiny Flux2 transformer as a text-to-image Base with the trainer's flow-matching objective."""
+    from diffusers import Flux2Transformer2DModel
+
+    from ..train.objective import flow_matching_loss, sample_sigmas
+
+    torch.manual_seed(seed + 3)
+    transformer = Flux2Transformer2DModel(**TINY_TRANSFORMER_CONFIG)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=budget.transformer_learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed + 4)
+    caption_stack = torch.stack([embeds[c] for c in captions])
+    tokens = image_tokens(latents.shape[-1] * 16, latents.shape[-2] * 16)
+    transformer.train()
+    for step in range(budget.transformer_training_steps):
+        batch = torch.randint(0, len(latents), (budget.transformer_batch_size,), generator=generator)
+        dropped = torch.rand(len(batch), generator=generator) < budget.caption_dropout
+        batch_embeds = torch.where(dropped[:, None, None], embeds[""][None], caption_stack[batch])
+        x0 = latents[batch]
+        noise = torch.randn(x0.shape, generator=generator)
+        sigma = sample_sigmas(len(batch), tokens, generator)
+        _cosine_lr(optimizer, budget.transformer_learning_rate, step, budget.transformer_training_steps)
+        loss = flow_matching_loss(transformer, x0, batch_embeds, noise, sigma)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        optimizer.step()
+        if (step + 1) % max(1, budget.transformer_training_steps // 6) == 0:
+            log(f"  transformer training step {step + 1}/{budget.transformer_training_steps}, loss {loss.item():.4f}")
+    return transformer.eval()
+
+
+@torch.no_grad()
+def sample_looks(transformer, vae, embeds: dict[str, torch.Tensor], looks: list, budget: PretrainBudget,
+                 seed: int) -> torch.Tensor:
+    """Base samples (50 sample steps, CFG 4 by default) of each look's caption: (N, 3, H, W) in [0, 1]."""
+    from ..preview.sampling import denoise_base, latents_to_images
+
+    prompt = torch.stack([embeds[look.caption()] for look in looks])
+    latents = denoise_base(transformer, prompt, embeds[""], budget.resolution, budget.resolution,
+                           budget.sample_steps, budget.cfg, seed)
+    return latents_to_images(vae, latents)
+
+
+def colour_accuracy(reader, transformer, vae, embeds, looks: list, budget: PretrainBudget, seed: int) -> dict:
+    """The share of samples whose three part colours the reader finds as the caption asked."""
+    samples = sample_looks(transformer, vae, embeds, looks, budget, seed)
+    accuracy = part_accuracy(read_colours(reader, samples), look_labels(looks))
+    return {**accuracy, "samples": len(looks), "sample_steps": budget.sample_steps, "cfg": budget.cfg, "seed": seed}
+
+
+# --- the whole command ---------------------------------------------------------------------------------------------
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` but the manifest, by POSIX path relative to it."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
+
+
+def _write_model(out: Path, components: tuple, reader, fmt: str) -> None:
+    """fp16 weights in the asked formats (the same writers as the random tiny Klein) and the reader."""
+    from .tiny import write_comfy, write_diffusers
+
+    halves = tuple(c.half() if isinstance(c, torch.nn.Module) else c for c in components)
+    if fmt in ("diffusers", "both"):
+        write_diffusers(out / "diffusers", halves, distilled=False)
+    if fmt in ("comfyui", "both"):
+        write_comfy(out / "comfyui", halves, distilled=False)
+    save_reader(reader, out / READER_FILE)
+    for module in halves:
+        if isinstance(module, torch.nn.Module):
+            module.float()
+
+
+def pretrain_tiny(out: str | Path, budget: PretrainBudget = PretrainBudget(), seed: int = 0, fmt: str = "both",
+                  command: str = "", log: Callable[[str], None] = print) -> PretrainResult:
+    """Pre-train the tiny Klein into ``out`` (``diffusers/`` and/or ``comfyui/``, reader, manifest, regenerate.sh).
+
+    ``out`` must be new, empty, or a previous output (it has a manifest): nothing else is ever overwritten."""
+    from ..errors import KleinError
+
+    if fmt not in ("diffusers", "comfyui", "both"):
+        raise KleinError(f"format must be diffusers, comfyui or both, got {fmt!r}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).is_file())):
+        raise KleinError(f"{out} is not empty and holds no earlier tiny Klein ({MANIFEST_FILE}): give a new folder")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(PRETRAIN_THREADS)
+    try:
+        return _pretrain(out, budget, seed, fmt, command, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(out: Path, budget: PretrainBudget, seed: int, fmt: str, command: str, log) -> PretrainResult:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ..model.latents import encode_images
+
+    started, seconds = time.perf_counter(), {}
+
+    def lap(name: str) -> None:
+        seconds[name] = round(time.perf_counter() - started - sum(seconds.values()), 1)
+
+    size = budget.resolution
+    pictures, looks = render_world(budget.world_images, seed + WORLD_SEED_OFFSET, size)
+    held_pictures, held_looks = render_world(budget.held_out_images, seed + HELD_OUT_SEED_OFFSET, size)
+    log(f"rendered {len(pictures)} world pictures and {len(held_pictures)} held-out ones at {size} px")
+    vae = fit_vae(pictures, budget, seed, log)
+    set_latent_statistics(vae, pictures)
+    psnr = reconstruction_psnr(vae, held_pictures)
+    log(f"VAE: PSNR {psnr:.1f} dB on held-out pictures")
+    lap("vae")
+    reader = train_reader(pictures, look_labels(looks), seed + 5, budget.reader_training_steps)
+    reader_accuracy = part_accuracy(read_colours(reader, held_pictures), look_labels(held_looks))
+    log(f"part-colour reader: {100 * reader_accuracy['all_parts']:.0f}% of held-out pictures read right")
+    lap("reader")
+    tokenizer, text_encoder = build_text_side(seed)
+    evaluated = held_looks[: budget.colour_samples]
+    embeds = caption_embeddings(text_encoder, tokenizer, [look.caption() for look in looks + evaluated])
+    latents = torch.cat([encode_images(vae, chunk * 2 - 1) for chunk in pictures.split(128)])
+    transformer = fit_transformer(latents, [look.caption() for look in looks], embeds, budget, seed, log)
+    lap("transformer")
+    accuracy = colour_accuracy(reader, transformer, vae, embeds, evaluated, budget, PRESET.preview_seed)
+    log(f"samples ({budget.sample_steps} sample steps, CFG {budget.cfg:g}): {100 * accuracy['all_parts']:.0f}% with "
+        f"all three part colours right, {100 * accuracy['parts']:.0f}% of parts")
+    lap("evaluation")
+    components = (transformer, vae, text_encoder, tokenizer, FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER_CONFIG))
+    _write_model(out, components, reader, fmt)
+    atomic_write_bytes(out / REGENERATE_FILE, f"#!/bin/sh\n# Rebuilds this folder from the repository root (same bytes with the same torch build).\n{command}\n".encode())
+    manifest = {
+        "seed": seed, "command": command, "budget": asdict(budget), "torch": torch.__version__,
+        "threads": PRETRAIN_THREADS, "psnr_db": round(psnr, 2), "colour_accuracy": accuracy,
+        "reader_accuracy_held_out": reader_accuracy, "seconds": seconds, "files": file_hashes(out),
+    }
+    atomic_write_json(out / MANIFEST_FILE, manifest)
+    return PretrainResult(out, manifest, components)
+
+
+# --- the shipped copy ----------------------------------------------------------------------------------------------
+SHIPPED_FOLDER = Path(__file__).resolve().parent.parent / "assets" / "tiny_klein_drawn"
+REGENERATE_COMMAND = "klein-lora make-tiny --pretrained --out klein_core/assets/tiny_klein_drawn --seed 0"
+
+
+def shipped_tiny() -> Path:
+    """The pre-trained tiny Klein that ships with the pack (``diffusers/``, ``comfyui/``, reader, manifest)."""
+    from ..errors import ModelError
+
+    if not (SHIPPED_FOLDER / MANIFEST_FILE).is_file():
+        raise ModelError(f"the pre-trained tiny Klein is missing from {SHIPPED_FOLDER} (a broken install?); "
+                         f"rebuild it from a source checkout with: {REGENERATE_COMMAND}")
+    return SHIPPED_FOLDER
