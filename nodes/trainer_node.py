@@ -18,7 +18,6 @@ from ..klein_core.data.captions import REGULARIZATION_CAPTION
 from ..klein_core.preset import PRESET
 from ..klein_core.train.config import TrainCallbacks, TrainConfig
 from ..klein_core.train.loop import train
-from ..klein_core.train.preflight import regularization_summary
 from . import memory
 from .model_inputs import NONE, choices, diffusers_choices, resolve_choice
 from .types import KleinDataset, KleinLoraRun
@@ -222,8 +221,8 @@ def _summary(run, lora_name: str) -> str:
         f"{plan.training_steps} training steps, {plan.repeats_per_image:.1f} repeats per image ({plan.band})",
         f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no loss recorded",
     ]
-    if reg := run.manifest.get("regularization"):
-        lines.append(regularization_summary(reg["images"], reg["weight"], reg["repeats_per_image"]))
+    if run.regularization:
+        lines.append(run.regularization)
     lines.append(f"LoRA: {lora_name} (run folder {run.run_dir})")
     if run.health is not None:
         lines.append(run.health.verdict)

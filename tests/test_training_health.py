@@ -122,6 +122,9 @@ def test_regularization_set_mixes_in_at_its_weight_and_is_not_counted_in_the_dos
     assert mixed.plan.repeats_per_image == plain.plan.repeats_per_image  # identity images only
     info = mixed.manifest["regularization"]
     assert info["images"] == 3 and info["weight"] == pytest.approx(0.1)
+    # the node's summary line travels on the run itself, apart from the identity dose
+    assert mixed.regularization.startswith("regularization: 3 class images at weight 0.1")
+    assert "not counted in the identity dose" in mixed.regularization and plain.regularization is None
 
 
 def test_held_out_images_get_their_validation_loss_at_every_checkpoint_and_are_never_trained_on(tiny_diffusers, sample_dataset, training_cache, tmp_path):

@@ -117,6 +117,7 @@ class TrainedRun:
     manifest: dict
     history: TrainingHistory  # the typed run history of run.json: loss readings and checkpoint records
     health: HealthSummary | None = None  # collapse verdict, advice and best checkpoint
+    regularization: str | None = None  # the class images' share in one line; None without a regularization set
 
 
 @dataclass

@@ -15,6 +15,8 @@ from ..model.loading import ResolvedModel
 from .config import TrainConfig
 from .planner import Plan, plan
 from .resume import ResumePoint, find_resume_point, remove_partial_files
+from .resume import MANIFEST_FILE as MANIFEST_FILE  # the run folder's file names, re-exported where they were
+from .resume import STATE_FILE as STATE_FILE
 
 
 @dataclass

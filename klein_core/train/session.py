@@ -33,7 +33,7 @@ from ..preset import PRESET
 from .config import DistributedContext, SavedCheckpoint, TrainConfig, TrainedRun
 from .objective import MicroBatch, micro_batch_generator, sample_sigmas, validation_loss, validation_subset
 from .planner import Plan
-from .preflight import Preflight, regularization_repeats
+from .preflight import Preflight, regularization_repeats, regularization_summary
 from .resume import MANIFEST_FILE, STATE_FILE, ResumePoint
 
 
@@ -345,8 +345,16 @@ class TrainingSession:
             preview_embeds={p: self.data.embeds[p] for p in (*self.pre.prompts, "")},
             trigger=self.scan.trigger, resolution=self.spec.resolutions[0], run_dir=self.run_dir,
             final_lora=final_path, plan=self.pre.plan, manifest=self.manifest, history=self.monitor.history,
-            health=summary,
+            health=summary, regularization=self._regularization_line(),
         )
+
+    def _regularization_line(self) -> str | None:
+        reg_scan = self.pre.reg_scan
+        if reg_scan is None:
+            return None
+        images = len(reg_scan.items)
+        repeats = regularization_repeats(self.pre.plan, self.config, images)
+        return regularization_summary(images, self.config.regularization_weight, repeats)
 
     def explain_non_finite(self, exc: NonFiniteLoss) -> None:
         """A collapse: write the verdict, advice, best (last good) checkpoint and report, and put the same last good
