@@ -98,3 +98,52 @@ def test_resume_run_alone_continues_with_the_model_dataset_and_settings_in_run_j
     assert "resuming" in capsys.readouterr().out
     resumed = lora_io.read_lora_file(tmp_path / "run" / "klein_lora.safetensors")
     assert state_equal(lora_io.read_lora_file(unbroken / "klein_lora.safetensors"), resumed, atol=1e-5)
+
+
+# --- continue from a checkpoint and extend the dose ---------------------------------------------------------------
+def extend_args(checkpoint: Path, out: Path, repeats: str, *extra: str) -> list[str]:
+    return ["train", "--from-checkpoint", str(checkpoint), "--extend-repeats", repeats, "--out", str(out), *extra]
+
+
+def test_extending_the_newest_state_equals_an_unbroken_run_of_the_same_total(
+        tiny_diffusers, sample_dataset, tmp_path, training_cache):
+    short = [*train_args(tiny_diffusers, sample_dataset, tmp_path / "parent", training_cache)]
+    short[short.index("--training-steps") + 1] = "4"
+    assert main(short) == 0
+    longer = [*train_args(tiny_diffusers, sample_dataset, tmp_path / "straight", training_cache)]
+    longer[longer.index("--training-steps") + 1] = "7"
+    assert main(longer) == 0
+
+    # 6 images, B = G = 1: 0.5 more repeats per image = ceil(6·0.5/1) = 3 more training steps, 7 in all
+    assert main(extend_args(tmp_path / "parent" / "klein_lora_step000004.safetensors", tmp_path / "more", "0.5")) == 0
+    extended = lora_io.read_lora_file(tmp_path / "more" / "klein_lora.safetensors")
+    assert state_equal(lora_io.read_lora_file(tmp_path / "straight" / "klein_lora.safetensors"), extended, atol=1e-5)
+    manifest = json.loads((tmp_path / "more" / "run.json").read_text())
+    lineage = manifest["lineage"]
+    assert (lineage["parent_step"], lineage["extra_training_steps"], lineage["continued_with"]) == (4, 3, "state")
+    assert Path(lineage["parent_run"]) == (tmp_path / "parent").resolve() and lineage["changed"] == []
+    assert manifest["plan"]["repeats_per_image"] == pytest.approx(7 / 6)
+    assert (tmp_path / "more" / "klein_lora_step000006.safetensors").exists()  # named by the cumulative step
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "more" / "klein_lora.safetensors"), "pt") as fh:
+        metadata = fh.metadata()
+    assert (metadata["training_steps"], metadata["repeats_per_image"]) == ("7", "1.17")
+    assert (tmp_path / "parent" / "klein_lora_step000004.safetensors").exists()  # the parent keeps its files
+
+
+def test_continuing_from_an_earlier_checkpoint_with_a_lower_lr_records_its_parent_and_warms_up(
+        tiny_diffusers, sample_dataset, tmp_path, training_cache, capsys):
+    assert main(train_args(tiny_diffusers, sample_dataset, tmp_path / "parent", training_cache)) == 0
+    capsys.readouterr()
+    assert main(extend_args(tmp_path / "parent" / "klein_lora_step000002.safetensors", tmp_path / "lower", "0.5",
+                            "--lr", "0.0005")) == 0
+    assert "ceil(6·0.5/(1·1)) = 3 more training steps, 5 in all" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "lower" / "run.json").read_text())
+    assert manifest["resumed_from"]["kind"] == "checkpoint"
+    assert manifest["resumed_from"]["fresh_optimizer_warmup_steps"] == 3
+    assert manifest["lineage"]["parent_step"] == 2
+    assert manifest["lineage"]["changed"] == ["learning_rate (0.001 -> 0.0005)"]
+    assert manifest["config"]["learning_rate"] == 0.0005
+    assert sorted(p.name for p in (tmp_path / "lower").glob("*_step*.safetensors")) == [
+        "klein_lora_step000004.safetensors", "klein_lora_step000005.safetensors"]

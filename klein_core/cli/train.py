@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..data.captions import REGULARIZATION_CAPTION
@@ -15,7 +16,7 @@ from ..model.loading import resolve_model
 from ..preset import PRESET
 from ..train.config import TrainCallbacks, TrainConfig
 from ..train.loop import train
-from ..train.resume import RunInputs, inputs_from_manifest
+from ..train.resume import Extension, RunInputs, inputs_from_manifest
 from ._common import add_model_args, print_json
 
 
@@ -32,7 +33,8 @@ def register(sub) -> None:
     dose.add_argument("--training-steps", type=int, help="optimizer updates S (instead of a target dose)")
     p.add_argument("--batch-size", type=int, default=PRESET.batch_size)
     p.add_argument("--grad-accum", type=int, default=PRESET.grad_accum, help="micro-batches per training step")
-    p.add_argument("--lr", type=float, default=PRESET.learning_rate, help=f"learning rate ({PRESET.unstable_learning_rate:g} when unstable)")
+    p.add_argument("--lr", type=float, help=f"learning rate (default {PRESET.learning_rate:g}; "
+                   f"{PRESET.unstable_learning_rate:g} when unstable)")
     p.add_argument("--warmup-steps", type=int, default=0, help="training steps of linear LR warmup")
     p.add_argument("--rank", type=int, default=PRESET.rank)
     p.add_argument("--resolution", type=int, nargs="+", default=[PRESET.resolution], help="e.g. 1024, or 1024 768")
@@ -66,6 +68,11 @@ def register(sub) -> None:
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN",
                    help="continue the run in --out (or RUN) to its planned total; `--resume RUN` alone takes the model, "
                    "dataset and settings from RUN/run.json")
+    p.add_argument("--from-checkpoint", metavar="FILE",
+                   help="continue from this step checkpoint (its run.json gives the model, data and settings; --lr and "
+                   "--images may change) into --out, the same run folder or a new one; needs --extend-repeats")
+    p.add_argument("--extend-repeats", type=float, metavar="R",
+                   help="extra repeats per image after --from-checkpoint: ceil(N*R/(B*G)) more training steps")
     p.add_argument("--allow-changes", action="store_true", help="resume even though the dataset or config changed")
     p.add_argument("--json", action="store_true", help="print a final JSON summary")
     p.set_defaults(func=run)
@@ -119,7 +126,10 @@ def progress_line(info: dict) -> str:
 
 def run(args) -> int:
     run_dir = _run_folder(args)
-    if args.images is None and args.trigger is None and args.model is None and args.resume:
+    extend = None
+    if args.from_checkpoint or args.extend_repeats is not None:
+        inputs, extend = _extension_inputs(args)
+    elif args.images is None and args.trigger is None and args.model is None and args.resume:
         inputs = inputs_from_manifest(run_dir, args.cache_dir)
     else:
         inputs = _inputs_from_args(args)
@@ -130,7 +140,7 @@ def run(args) -> int:
             result = train(inputs.resolved, inputs.spec, inputs.config, run_dir, callbacks=callbacks,
                            cache_dir=inputs.cache_dir, preview_prompts=inputs.preview_prompts,
                            regularization=inputs.regularization, held_out=inputs.held_out,
-                           resume=bool(args.resume), allow_changes=args.allow_changes)
+                           resume=bool(args.resume), allow_changes=args.allow_changes, extend=extend)
         except NonFiniteLoss as exc:  # a collapse: the message leads with the LR advice; --json still says what to keep
             console.end_line()
             print(f"error: {exc}", file=sys.stderr)
@@ -166,6 +176,22 @@ def _run_folder(args) -> Path:
     return Path(named or args.out)
 
 
+def _extension_inputs(args) -> tuple[RunInputs, Extension]:
+    """The parent run's inputs (its run.json), with the learning rate and dataset folder the command changes."""
+    if not (args.from_checkpoint and args.extend_repeats is not None):
+        raise ConfigError("--from-checkpoint FILE and --extend-repeats R go together")
+    if args.resume:
+        raise ConfigError("--resume continues a run to its planned total; --from-checkpoint starts a continuation")
+    checkpoint = Path(args.from_checkpoint)
+    inputs = inputs_from_manifest(checkpoint.parent, args.cache_dir)
+    if args.lr is not None:
+        inputs.config = replace(inputs.config, learning_rate=args.lr)
+    if args.images:
+        inputs.spec = replace(inputs.spec, folder=args.images)
+        inputs.spec.scan()  # dataset errors before any model work
+    return inputs, Extension(checkpoint, args.extend_repeats)
+
+
 def _inputs_from_args(args) -> RunInputs:
     """The full command: every check here runs before any model loads."""
     missing = [flag for flag, value in (("--model", args.model), ("--images", args.images), ("--trigger", args.trigger))
@@ -174,7 +200,8 @@ def _inputs_from_args(args) -> RunInputs:
         raise ConfigError(f"{' and '.join(missing)} required (or `--resume RUN` alone, to continue a run as saved)")
     config = TrainConfig(
         output_name=args.name, training_steps=args.training_steps, target_repeats=args.target_repeats,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup_steps,
+        batch_size=args.batch_size, grad_accum=args.grad_accum,
+        learning_rate=args.lr if args.lr is not None else PRESET.learning_rate, warmup_steps=args.warmup_steps,
         rank=args.rank, seed=args.seed, save_every=args.save_every, keep_last=args.keep_last,
         gradient_checkpointing=args.gradient_checkpointing, base_8bit=args.base_8bit, compile_blocks=args.compile_blocks,
         stop_on_collapse=args.stop_on_collapse, validation_every=args.validation_every, log_every=args.log_every,

@@ -29,6 +29,7 @@ from ..model.loading import ResolvedModel, default_device
 from .config import DistributedContext, TrainCallbacks, TrainConfig, TrainedRun
 from .objective import accumulate_gradients
 from .preflight import preflight
+from .resume import Extension
 from .session import Progress, TrainingSession
 
 
@@ -45,6 +46,7 @@ def train(
     cache_dir: str | Path | None = None,
     resume: bool = False,
     allow_changes: bool = False,
+    extend: Extension | None = None,
     device: str | None = None,
     dist: DistributedContext | None = None,
 ) -> TrainedRun:
@@ -55,7 +57,8 @@ def train(
     a regularization set whatever its spec says (``DatasetSpec.as_regularization``: no caption may carry the
     trigger, no dropout). ``held_out`` is an optional folder of images of the same person kept out of training: their
     fixed-noise validation loss is recorded next to the training images' at every checkpoint (the honest measure of
-    generalisation) and, without likeness scores, picks the best checkpoint.
+    generalisation) and, without likeness scores, picks the best checkpoint. ``resume`` continues the run in
+    ``run_dir``; ``extend`` continues from a checkpoint with more repeats per image (resume.py says how).
     """
     callbacks = callbacks or TrainCallbacks()
     dist = dist or DistributedContext.from_env()
@@ -64,7 +67,8 @@ def train(
     run_dir = Path(run_dir)
 
     checked = preflight(resolved, spec, config, run_dir, preview_prompts=preview_prompts, regularization=regularization,
-                        held_out=held_out, resume=resume, allow_changes=allow_changes, device=device, log=log)
+                        held_out=held_out, resume=resume, allow_changes=allow_changes, extend=extend, device=device,
+                        log=log)
     session = TrainingSession(resolved, checked, run_dir, cache_dir, device, dist, log, callbacks.on_checkpoint)
     progress = session.start()
     start_step = progress.step

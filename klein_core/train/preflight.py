@@ -14,9 +14,9 @@ from ..errors import DatasetError
 from ..model.loading import ResolvedModel
 from .config import TrainConfig
 from .planner import Plan, plan
-from .resume import ResumePoint, find_resume_point, remove_partial_files
 from .resume import MANIFEST_FILE as MANIFEST_FILE  # the run folder's file names, re-exported where they were
 from .resume import STATE_FILE as STATE_FILE
+from .resume import Extension, ResumePoint, find_resume_point, plan_extension, remove_partial_files
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Preflight:
     held_out: DatasetSpec | None = None
     held_scan: DatasetScan | None = None
     resume: ResumePoint | None = None
+    lineage: dict | None = None  # a run extended from a checkpoint: its parent and what changed
 
     def datasets(self) -> list[tuple[DatasetScan, DatasetSpec]]:
         """The sets to encode, identity first, then regularization and held-out when present."""
@@ -54,6 +55,7 @@ def preflight(
     held_out: DatasetSpec | None,
     resume: bool,
     allow_changes: bool,
+    extend: Extension | None = None,
     device,
     log: Callable[[str], None],
 ) -> Preflight:
@@ -66,11 +68,14 @@ def preflight(
         regularization = regularization.as_regularization(scan.trigger)
     reg_scan = regularization.scan() if regularization is not None else None
     held_scan = held_out.scan() if held_out is not None else None
+    fingerprint = fingerprint_parts(scan, spec)
+    resume_point = lineage = None
+    if extend is not None:  # the total is the parent's training step plus the extra dose
+        resume_point, lineage = plan_extension(extend, config, len(scan.items), fingerprint, log)
+        config = replace(config, training_steps=lineage["training_steps"])
     the_plan = plan(len(scan.items), config.target_repeats, config.batch_size, config.grad_accum, config.training_steps)
     config = replace(config, training_steps=the_plan.training_steps)
-    fingerprint = fingerprint_parts(scan, spec)
-    resume_point = None
-    if resume:
+    if resume and extend is None:
         for leftover in remove_partial_files(run_dir):
             log(f"removed {leftover.name}: a write cut off by a kill")
         resume_point = find_resume_point(run_dir, config, fingerprint, allow_changes, log)
@@ -96,7 +101,7 @@ def preflight(
                      checkpointed_blocks=mode.checkpointed_blocks)
     prompts = tuple(dict.fromkeys(substitute_trigger(p, scan.trigger) for p in preview_prompts))
     return Preflight(spec, scan, config, the_plan, fingerprint, prompts, regularization, reg_scan, held_out, held_scan,
-                     resume_point)
+                     resume_point, lineage)
 
 
 def regularization_summary(images: int, weight: float, repeats_per_image: float) -> str:

@@ -27,6 +27,7 @@ from ..model import lora as lora_io
 from ..model.loading import ResolvedModel, resolve_model
 from ..preset import PRESET
 from .config import TrainConfig
+from .planner import training_steps_for
 
 STATE_FILE = "training_state.pt"
 MANIFEST_FILE = "run.json"
@@ -123,6 +124,48 @@ def _spec_from_dict(saved: dict) -> DatasetSpec:
     return DatasetSpec(**{key: value for key, value in saved.items() if key in names})
 
 
+@dataclass(frozen=True)
+class Extension:
+    """Continue from a checkpoint file (of this run folder or another) with ``extra_repeats`` more repeats per image."""
+
+    checkpoint: Path
+    extra_repeats: float
+
+
+def plan_extension(extension: Extension, config: TrainConfig, images: int, fingerprint: dict[str, str],
+                   log: Callable[[str], None]) -> tuple[ResumePoint, dict]:
+    """Where an extended run starts and its lineage. The extra training steps follow the dose formula
+    ceil(N·R/(B·G)); checkpoints are named by the cumulative training step. From the step of its run's newest
+    state the optimizer, scheduler and RNG continue exactly; from an earlier checkpoint a fresh optimizer warms up."""
+    file = Path(extension.checkpoint)
+    parent = read_manifest(file.parent) if file.is_file() else None
+    if parent is None:
+        raise ResumeError(f"cannot continue from {file}: " + ("no such file" if not file.is_file() else
+                          f"no {MANIFEST_FILE} beside it, so the run it belongs to is unknown"))
+    found = re.search(r"_step(\d+)\.safetensors$", file.name)
+    if found is None:
+        raise ResumeError(f"cannot continue from {file}: not a step checkpoint (<name>_stepNNNNNN.safetensors)")
+    step = int(found.group(1))
+    changed = _changes(parent["config"], parent["dataset"]["fingerprint"], config, fingerprint, ("training_steps",))
+    extra = training_steps_for(images, extension.extra_repeats, config.batch_size, config.grad_accum)
+    state_path = file.parent / STATE_FILE
+    state = torch.load(state_path, weights_only=False) if state_path.exists() else None
+    if state is not None and state["training_step"] == step:
+        point = ResumePoint(step, state_path, _history_until(_newest_history(state, parent), step), state["lora"], state)
+    else:
+        warmup = max(1, min(PRESET.fresh_optimizer_warmup_steps, extra))
+        point = ResumePoint(step, file, _history_until(parent["history"], step), lora_io.read_lora_file(file), None,
+                            warmup)
+    log(f"extending {file.name} (training step {step}) by {extension.extra_repeats:g} repeats per image: "
+        f"ceil(N·R/(B·G)) = ceil({images}·{extension.extra_repeats:g}/({config.batch_size}·{config.grad_accum})) = "
+        f"{extra} more training steps, {step + extra} in all"
+        + (", changed: " + ", ".join(changed) if changed else ""))
+    lineage = {"parent_run": str(file.parent.resolve()), "parent_step": step, "parent_checkpoint": str(file.resolve()),
+               "extra_repeats_per_image": extension.extra_repeats, "extra_training_steps": extra,
+               "training_steps": step + extra, "changed": changed, "continued_with": point.kind}
+    return point, lineage
+
+
 def read_manifest(run_dir: Path) -> dict | None:
     path = run_dir / MANIFEST_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
@@ -148,17 +191,23 @@ def remove_partial_files(run_dir: Path) -> list[Path]:
 
 def _check_changes(old_config: dict, old_fingerprint: dict, config: TrainConfig, fingerprint: dict[str, str],
                    allow_changes: bool) -> None:
-    if old_config.get("rank") != config.rank:
-        raise ResumeError(f"cannot resume: rank ({old_config.get('rank')} -> {config.rank}) changed; a LoRA keeps its "
-                          "rank: start a new run for another one")
-    changed = changed_fingerprint_parts(old_fingerprint, fingerprint)
-    changed += [f"{key} ({old_config.get(key)} -> {getattr(config, key)})" for key in COMPARED_SETTINGS
-                if old_config.get(key) != getattr(config, key)]
+    changed = _changes(old_config, old_fingerprint, config, fingerprint)
     if changed and not allow_changes:
         raise ResumeError(
             f"cannot resume: {', '.join(changed)} changed since the run started; restore them, start a new run, "
             "or override with --allow-changes"
         )
+
+
+def _changes(old_config: dict, old_fingerprint: dict, config: TrainConfig, fingerprint: dict[str, str],
+             expected: tuple[str, ...] = ()) -> list[str]:
+    """What changed since the run started, by name; the rank never may (the LoRA's matrices have its shape)."""
+    if old_config.get("rank") != config.rank:
+        raise ResumeError(f"cannot resume: rank ({old_config.get('rank')} -> {config.rank}) changed; a LoRA keeps its "
+                          "rank: start a new run for another one")
+    changed = changed_fingerprint_parts(old_fingerprint, fingerprint)
+    return changed + [f"{key} ({old_config.get(key)} -> {getattr(config, key)})" for key in COMPARED_SETTINGS
+                      if key not in expected and old_config.get(key) != getattr(config, key)]
 
 
 def _newest_history(state: dict, manifest: dict | None) -> dict:

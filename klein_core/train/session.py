@@ -201,9 +201,12 @@ class TrainingSession:
         self._set_learning_rate(self.config.learning_rate)  # a changed LR (--allow-changes) takes effect
         self.monitor.history = TrainingHistory.from_dict(point.history)  # what happened; the config is today's
         self.manifest["resumed_from"] = point.as_dict()
+        if self.pre.lineage and Path(self.pre.lineage["parent_run"]) != self.run_dir.resolve():
+            for record in self.monitor.history.checkpoints:  # the parent's files stay the parent's (never pruned here)
+                record.lora_path = None
         how = "its optimizer state" if point.state is not None else f"a fresh optimizer ({point.warmup_steps}-step warmup)"
         self.log(f"resuming {self.run_dir} at training step {point.step}/{self.config.training_steps} with {how}")
-        if self.dist.is_main:
+        if self.dist.is_main and point.source.parent.resolve() == self.run_dir.resolve():
             self._complete_checkpoint(point)
         return Progress(point.step)
 
@@ -479,6 +482,7 @@ def _new_manifest(resolved: ResolvedModel, pre: Preflight, cache_dir) -> dict:
         "model": {"variant": resolved.variant.name, "format": resolved.format, "identity": resolved.identity,
                   "source": resolved.source_args()},
         "preview_prompts": list(pre.prompts),
+        "lineage": pre.lineage,
         "cache_dir": None if cache_dir is None else str(cache_dir),
         "history": TrainingHistory().as_dict(),
         "checkpoints": [],
