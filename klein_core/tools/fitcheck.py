@@ -16,7 +16,9 @@ merged (and its restore), and the VAE decode of one preview. A phase fits when i
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -24,6 +26,12 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from ..facts import KLEIN_SHAPES, LATENT_CHANNELS, PIXEL_MULTIPLE, TEXT_TOKENS, KleinShape
 from ..model import lora as lora_io
 from ..model.latents import decode_latents, encode_images
+from ..model.loading import (
+    read_shapes,
+    released_transformer_config,
+    text_encoder_layers_needed,
+    variant_from_bfl_shapes,
+)
 from ..model.text import encode_prompts
 from ..errors import PlanError
 from ..preset import PRESET
@@ -73,7 +81,7 @@ class FitCheckRequest:
 
     def __post_init__(self) -> None:
         """Refuse a bad value by name before the audit's minutes (the shape is read here too)."""
-        released_shape(self.variant)
+        object.__setattr__(self, "variant", released_shape(self.variant).name)  # a model path read once, here
         for name in ("gpu_memory_gib", "mfu"):
             if not getattr(self, name) > 0:
                 raise PlanError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -85,7 +93,7 @@ class FitCheckRequest:
 
     @property
     def shape(self) -> KleinShape:
-        return released_shape(self.variant)
+        return KLEIN_SHAPES[self.variant]
 
     def train_config(self, mode: Mode) -> TrainConfig:
         return TrainConfig(rank=self.rank, batch_size=self.batch_size, grad_accum=self.grad_accum,
@@ -169,11 +177,6 @@ def released_shape(variant: str) -> KleinShape:
     (no weights); the audit knows the released sizes only."""
     if variant.upper() in KLEIN_SHAPES:
         return KLEIN_SHAPES[variant.upper()]
-    import json
-    from pathlib import Path
-
-    from ..model.loading import read_shapes, variant_from_bfl_shapes
-
     path = Path(variant)
     if path.is_dir() and (path / "transformer" / "config.json").exists():
         config = json.loads((path / "transformer" / "config.json").read_text())
@@ -192,17 +195,11 @@ def released_shape(variant: str) -> KleinShape:
 def decide_mode(request: FitCheckRequest) -> Mode:
     """The memory mode as the trainer decides it for this card (automatic unless the request says)."""
     mode, _lines = decide_memory_mode(
-        _transformer_config(request.shape), request.resolution, request.rank, request.gradient_checkpointing,
+        released_transformer_config(request.shape), request.resolution, request.rank, request.gradient_checkpointing,
         request.base_8bit, gpu_memory_gib=request.gpu_memory_gib, batch_size=request.batch_size,
         grad_accum=request.grad_accum, images=request.images,
     )
     return mode
-
-
-def _transformer_config(shape: KleinShape) -> dict:
-    from ..model.loading import released_transformer_config
-
-    return released_transformer_config(shape)
 
 
 def _cpu_flash_attention(query, key, value, *_args, **_kwargs) -> int:
@@ -259,8 +256,6 @@ def fit_check(request: FitCheckRequest) -> FitReport:
     """Audit every phase of the run ``request`` describes (minutes on two CPU cores for the 9B)."""
     mode = decide_mode(request)
     report, meter = FitReport(request, mode), _Meter()
-    from ..model.loading import text_encoder_layers_needed
-
     # Built on meta before the fake mode starts (a dtype change inside it would swap fake tensors into meta modules).
     text_encoder = meta_text_encoder(request.shape, text_encoder_layers_needed())
     vae, transformer = meta_vae(), meta_transformer(request.shape)
@@ -335,9 +330,10 @@ def _micro_batch(latents: list[torch.Tensor], embeds: list[torch.Tensor], batch_
 def _preview_phases(request: FitCheckRequest, transformer, vae, embeds: list[torch.Tensor], meter: _Meter) -> None:
     """After training: one sample step of the preview grid with a checkpoint merged (then restored), and the VAE
     decode of one preview. The optimizer and the cached latents are gone; the preview prompt embeddings stay."""
+    targets = set(lora_io.target_module_names(transformer))
     weights = {name: (torch.empty(request.rank, module.in_features, device=OFF_DEVICE),
                       torch.empty(module.out_features, request.rank, device=OFF_DEVICE))
-               for name, module in transformer.named_modules() if name in set(lora_io.target_module_names(transformer))}
+               for name, module in transformer.named_modules() if name in targets}
     prompt, negative = embeds[0], embeds[-1]
     patcher = lora_io.LoraPatcher(transformer, backup_device=OFF_DEVICE)
     size = request.resolution

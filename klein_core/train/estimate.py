@@ -578,8 +578,9 @@ def decide_memory_mode(
     names the mode that would.
     """
     mode = Mode(bool(gradient_checkpointing) or (base_8bit and gradient_checkpointing is None), base_8bit)
-    lines = ["gradient checkpointing: on (automatic: the 8-bit base needs it)"] if mode.gradient_checkpointing and \
-        gradient_checkpointing is None else []
+    lines = []
+    if base_8bit and gradient_checkpointing is None:
+        lines.append("gradient checkpointing: on (automatic: the 8-bit base needs it)")
     if gpu_memory_gib is not None:
         advice = recommend_mode(variant, resolution, rank, gpu_memory_gib, mode, **estimate_kwargs)
         if gradient_checkpointing is None and not base_8bit and not advice.requested_fits:
