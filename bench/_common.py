@@ -43,10 +43,17 @@ def versions() -> dict:
 
 
 def device_info(device: str) -> dict:
-    info = {"device": device, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    info = {
+        "device": device,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
-        info.update(name=props.name, memory_gib=round(props.total_memory / 2**30, 2), capability=f"{props.major}.{props.minor}")
+        info.update(
+            name=props.name, memory_gib=round(props.total_memory / 2**30, 2), capability=f"{props.major}.{props.minor}"
+        )
     else:
         info.update(name=f"CPU ({platform.processor() or platform.machine()})", memory_gib=None)
     return info

@@ -39,8 +39,18 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from _common import (REPO_ROOT, FigureLog, device_info, peak_memory, random_transformer, reset_memory, synchronize, time_call,
-                     today, versions)
+from _common import (
+    REPO_ROOT,
+    FigureLog,
+    device_info,
+    peak_memory,
+    random_transformer,
+    reset_memory,
+    synchronize,
+    time_call,
+    today,
+    versions,
+)
 
 from klein_core.model import lora as lora_io
 from klein_core.model.lowvram import BACKENDS, backend_available, quantize_base_8bit
@@ -63,8 +73,11 @@ def transformer_config(variant: str) -> dict:
         return dict(TINY_TRANSFORMER_CONFIG)
     shape = est.VARIANTS[variant]
     return dict(
-        TINY_TRANSFORMER_CONFIG, num_layers=shape.num_layers, num_single_layers=shape.num_single_layers,
-        num_attention_heads=shape.hidden_size // shape.head_dim, joint_attention_dim=shape.joint_attention_dim,
+        TINY_TRANSFORMER_CONFIG,
+        num_layers=shape.num_layers,
+        num_single_layers=shape.num_single_layers,
+        num_attention_heads=shape.hidden_size // shape.head_dim,
+        joint_attention_dim=shape.joint_attention_dim,
     )
 
 
@@ -82,7 +95,9 @@ def micro_batch(shape: est.ModelShape, resolution: int, device: str, dtype: torc
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 128, side, side, generator=g).to(device, dtype)
     embeds = torch.randn(1, est.TEXT_TOKENS, shape.joint_attention_dim, generator=g).to(device, dtype)
-    return MicroBatch(latents, embeds, torch.randn(latents.shape, generator=g).to(device, dtype), torch.tensor([0.6], device=device))
+    return MicroBatch(
+        latents, embeds, torch.randn(latents.shape, generator=g).to(device, dtype), torch.tensor([0.6], device=device)
+    )
 
 
 def failure(exc: BaseException) -> dict:
@@ -98,9 +113,17 @@ class Recorder:
 
     def __init__(self, args, variant: str, resolution: int, shape: est.ModelShape):
         self.args, self.variant, self.resolution = args, variant, resolution
-        self.out = {"variant": variant, "resolution": resolution, "rank": args.rank, "batch_size": 1,
-                    "image_tokens": est.image_tokens(resolution), "params": shape.params, "training": {},
-                    "checkpoint_health": {}, "preview": None}
+        self.out = {
+            "variant": variant,
+            "resolution": resolution,
+            "rank": args.rank,
+            "batch_size": 1,
+            "image_tokens": est.image_tokens(resolution),
+            "params": shape.params,
+            "training": {},
+            "checkpoint_health": {},
+            "preview": None,
+        }
 
     def keep(self, phase: str, result: dict) -> dict:
         self.args.figures.add({"variant": self.variant, "resolution": self.resolution, "phase": phase, **result})
@@ -115,8 +138,19 @@ class Recorder:
         return float("inf") if budget is None else budget - self.args.figures.elapsed()
 
 
-def measure_training(transformer, shape, resolution, device, args, keep, *, checkpointing: bool, compiled: bool = False,
-                     base_8bit: bool = False, then=None):
+def measure_training(
+    transformer,
+    shape,
+    resolution,
+    device,
+    args,
+    keep,
+    *,
+    checkpointing: bool,
+    compiled: bool = False,
+    base_8bit: bool = False,
+    then=None,
+):
     """s/training step and peak memory of one mode, handed to ``keep`` as soon as measured; then ``then()`` runs with
     the adapter and optimizer state still resident (a checkpoint's work happens there). Returns the adapter's
     weights (None if it failed); the adapter is removed again afterwards."""
@@ -150,18 +184,20 @@ def measure_training(transformer, shape, resolution, device, args, keep, *, chec
         with fused_attention_only(device):
             warmup = time_call(step, device, args.warmup + (2 if compiled else 0))
             seconds = time_call(step, device, args.steps)
-        keep({
-            "status": "ok",
-            "s_per_training_step": seconds,
-            "warmup_s_per_training_step": warmup,
-            "tflop_per_training_step": executed_flops / 1e12,
-            "achieved_tflops": model_flops / seconds / 1e12,
-            "mfu": model_flops / seconds / (args.peak * 1e12) if args.peak else None,
-            "hfu": executed_flops / seconds / (args.peak * 1e12) if args.peak else None,
-            **peak_memory(device),
-            "predicted_s_per_training_step": prediction.seconds_per_training_step,
-            "predicted_peak_gib": round(prediction.memory.total, 2),
-        })
+        keep(
+            {
+                "status": "ok",
+                "s_per_training_step": seconds,
+                "warmup_s_per_training_step": warmup,
+                "tflop_per_training_step": executed_flops / 1e12,
+                "achieved_tflops": model_flops / seconds / 1e12,
+                "mfu": model_flops / seconds / (args.peak * 1e12) if args.peak else None,
+                "hfu": executed_flops / seconds / (args.peak * 1e12) if args.peak else None,
+                **peak_memory(device),
+                "predicted_s_per_training_step": prediction.seconds_per_training_step,
+                "predicted_peak_gib": round(prediction.memory.total, 2),
+            }
+        )
         weights = lora_io.adapter_weights(transformer)
         if then is not None:
             then(seconds)
@@ -178,10 +214,14 @@ def measure_training(transformer, shape, resolution, device, args, keep, *, chec
     return weights
 
 
-def random_embeds(shape: est.ModelShape, device: str, dtype: torch.dtype, seed: int, count: int = 1) -> list[torch.Tensor]:
+def random_embeds(
+    shape: est.ModelShape, device: str, dtype: torch.dtype, seed: int, count: int = 1
+) -> list[torch.Tensor]:
     """``count`` stand-ins for cached prompt embeddings, (1, 512, joint dim) each."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(1, est.TEXT_TOKENS, shape.joint_attention_dim, generator=g).to(device, dtype) for _ in range(count)]
+    return [
+        torch.randn(1, est.TEXT_TOKENS, shape.joint_attention_dim, generator=g).to(device, dtype) for _ in range(count)
+    ]
 
 
 def checkpoint_health_settings(resolution: int) -> tuple[int, int]:
@@ -200,69 +240,121 @@ def measure_checkpoint_health(transformer, shape, resolution, device, args, run:
     of the training: health seconds / (``save_every`` x this mode's s/training step)."""
     images, side = checkpoint_health_settings(resolution)
     health = run.out["checkpoint_health"]
-    health["validation"] = run.keep("checkpoint_validation", measure_validation(transformer, shape, resolution, images, device, args))
-    health["health_preview"] = run.keep("checkpoint_health_preview", measure_health_preview(transformer, shape, side, device, args))
+    health["validation"] = run.keep(
+        "checkpoint_validation", measure_validation(transformer, shape, resolution, images, device, args)
+    )
+    health["health_preview"] = run.keep(
+        "checkpoint_health_preview", measure_health_preview(transformer, shape, side, device, args)
+    )
     parts = [health[k].get("seconds") for k in ("validation", "health_preview")]
     if None not in parts:
         health.update(seconds=sum(parts), checkpoint_work_fraction=sum(parts) / (PRESET.save_every * step_seconds))
-        run.keep("checkpoint_health", {"status": "ok", "seconds": health["seconds"], "save_every": PRESET.save_every,
-                                       "s_per_training_step": step_seconds,
-                                       "checkpoint_work_fraction": health["checkpoint_work_fraction"]})
+        run.keep(
+            "checkpoint_health",
+            {
+                "status": "ok",
+                "seconds": health["seconds"],
+                "save_every": PRESET.save_every,
+                "s_per_training_step": step_seconds,
+                "checkpoint_work_fraction": health["checkpoint_work_fraction"],
+            },
+        )
 
 
 def measure_validation(transformer, shape, resolution, images, device, args) -> dict:
     side = resolution // est.PATCH_PIXELS
     forwards = images * len(VALIDATION_SIGMAS)
     per_forward = est.flops(shape, resolution, args.rank)
-    timing = est.estimate(shape, resolution, args.rank, device_name=args.device_name)  # its peak and MFU, as the previews'
+    timing = est.estimate(
+        shape, resolution, args.rank, device_name=args.device_name
+    )  # its peak and MFU, as the previews'
     rate = timing.peak_tflops * 1e12 * timing.mfu if timing.peak_tflops else None
     reset_memory(device)
     try:
         g = torch.Generator().manual_seed(5)
-        latents = [torch.randn(128, side, side, generator=g).to(device) for _ in range(images)]  # cached latents are fp32
+        latents = [
+            torch.randn(128, side, side, generator=g).to(device) for _ in range(images)
+        ]  # cached latents are fp32
         embeds = random_embeds(shape, device, args.dtype, seed=2, count=images)
         with fused_attention_only(device):
             seconds = time_call(lambda: validation_loss(transformer, latents, embeds), device)
     except Exception as exc:  # noqa: BLE001 - record it, measure the next figure
         return {**failure(exc), "images": images, **peak_memory(device)}
-    return {"status": "ok", "images": images, "forwards": forwards, "seconds": seconds,
-            "predicted_seconds": forwards * (per_forward.forward + per_forward.lora_forward) / rate if rate else None,
-            **peak_memory(device)}
+    return {
+        "status": "ok",
+        "images": images,
+        "forwards": forwards,
+        "seconds": seconds,
+        "predicted_seconds": forwards * (per_forward.forward + per_forward.lora_forward) / rate if rate else None,
+        **peak_memory(device),
+    }
 
 
 def measure_health_preview(transformer, shape, side, device, args) -> dict:
-    prediction = est.estimate(shape, side, args.rank, device_name=args.device_name,
-                              preview_sample_steps=args.sample_steps, preview_cfg=args.cfg)
+    prediction = est.estimate(
+        shape,
+        side,
+        args.rank,
+        device_name=args.device_name,
+        preview_sample_steps=args.sample_steps,
+        preview_cfg=args.cfg,
+    )
     reset_memory(device)
     transformer.eval()  # as the trainer's health preview renders
     try:
         prompt, negative = random_embeds(shape, device, args.dtype, seed=3, count=2)
         with fused_attention_only(device):
-            seconds = time_call(lambda: denoise_base(transformer, prompt, negative, side, side, sample_steps=args.sample_steps, cfg=args.cfg), device)
+            seconds = time_call(
+                lambda: denoise_base(
+                    transformer, prompt, negative, side, side, sample_steps=args.sample_steps, cfg=args.cfg
+                ),
+                device,
+            )
     except Exception as exc:  # noqa: BLE001 - record it, measure the next figure
         return {**failure(exc), "side": side, **peak_memory(device)}
     finally:
         transformer.train()
-    return {"status": "ok", "side": side, "sample_steps": args.sample_steps, "cfg": args.cfg, "lora": "unmerged (training adapter)",
-            "seconds": seconds, "predicted_seconds": prediction.preview_seconds, **peak_memory(device)}
+    return {
+        "status": "ok",
+        "side": side,
+        "sample_steps": args.sample_steps,
+        "cfg": args.cfg,
+        "lora": "unmerged (training adapter)",
+        "seconds": seconds,
+        "predicted_seconds": prediction.preview_seconds,
+        **peak_memory(device),
+    }
 
 
 def measure_preview(transformer, shape, resolution, weights, device, args) -> dict:
     """Seconds of the Base sampling loop (batched CFG) with the trained LoRA merged, as previews run it."""
     embeds, negative = random_embeds(shape, device, args.dtype, seed=1, count=2)
-    prediction = est.estimate(shape, resolution, device_name=args.device_name, preview_sample_steps=args.sample_steps, preview_cfg=args.cfg)
+    prediction = est.estimate(
+        shape, resolution, device_name=args.device_name, preview_sample_steps=args.sample_steps, preview_cfg=args.cfg
+    )
     reset_memory(device)
     try:
         with lora_io.LoraPatcher(transformer).applied(weights), fused_attention_only(device):
             denoise_base(transformer, embeds, negative, resolution, resolution, sample_steps=1, cfg=args.cfg)  # warm-up
-            seconds = time_call(lambda: denoise_base(transformer, embeds, negative, resolution, resolution, sample_steps=args.sample_steps, cfg=args.cfg), device)
+            seconds = time_call(
+                lambda: denoise_base(
+                    transformer, embeds, negative, resolution, resolution, sample_steps=args.sample_steps, cfg=args.cfg
+                ),
+                device,
+            )
     except Exception as exc:  # noqa: BLE001 - record it, measure the next figure
         return {**failure(exc), **peak_memory(device)}
     return {
-        "status": "ok", "sample_steps": args.sample_steps, "cfg": args.cfg, "lora": "merged", "batched_cfg": True,
-        "seconds": seconds, "tflop": prediction.preview_tflop,
+        "status": "ok",
+        "sample_steps": args.sample_steps,
+        "cfg": args.cfg,
+        "lora": "merged",
+        "batched_cfg": True,
+        "seconds": seconds,
+        "tflop": prediction.preview_tflop,
         "achieved_tflops": prediction.preview_tflop / seconds,
-        "predicted_seconds": prediction.preview_seconds, **peak_memory(device),
+        "predicted_seconds": prediction.preview_seconds,
+        **peak_memory(device),
     }
 
 
@@ -273,7 +365,9 @@ def preview_speed_ratios(transformer, shape, resolution, weights, device, args) 
     embeds, negative = random_embeds(shape, device, args.dtype, seed=1, count=2)
 
     def sample(batched: bool) -> None:
-        denoise_base(transformer, embeds, negative, resolution, resolution, sample_steps=steps, cfg=args.cfg, batched_cfg=batched)
+        denoise_base(
+            transformer, embeds, negative, resolution, resolution, sample_steps=steps, cfg=args.cfg, batched_cfg=batched
+        )
 
     with lora_io.LoraPatcher(transformer).applied(weights), fused_attention_only(device):
         batched = time_call(lambda: sample(True), device)
@@ -289,8 +383,16 @@ def preview_speed_ratios(transformer, shape, resolution, weights, device, args) 
             unmerged = time_call(lambda: sample(True), device)
     finally:
         lora_io.remove_lora(transformer)
-    return {"status": "ok", "sample_steps": steps, "batched_cfg_s": batched, "two_pass_cfg_s": two_pass, "batched_vs_two_pass": batched / two_pass,
-            "merged_s": batched, "unmerged_s": unmerged, "merged_vs_unmerged": batched / unmerged}
+    return {
+        "status": "ok",
+        "sample_steps": steps,
+        "batched_cfg_s": batched,
+        "two_pass_cfg_s": two_pass,
+        "batched_vs_two_pass": batched / two_pass,
+        "merged_s": batched,
+        "unmerged_s": unmerged,
+        "merged_vs_unmerged": batched / unmerged,
+    }
 
 
 def bench_one(variant: str, resolution: int, args) -> dict:
@@ -304,13 +406,32 @@ def bench_one(variant: str, resolution: int, args) -> dict:
         raise SystemExit(f"--resolution {resolution} is not a multiple of {est.PATCH_PIXELS}")
     run = Recorder(args, variant, resolution, shape)
     transformer = materialise(config, args, run)
-    weights = measure_training(transformer, shape, resolution, args.device, args, partial(run.keep_training, "no_gc"), checkpointing=False)
-    health = partial(measure_checkpoint_health, transformer, shape, resolution, args.device, args, run) if args.health else None
-    weights = measure_training(transformer, shape, resolution, args.device, args, partial(run.keep_training, "gc"),
-                               checkpointing=True, then=health) or weights
+    weights = measure_training(
+        transformer, shape, resolution, args.device, args, partial(run.keep_training, "no_gc"), checkpointing=False
+    )
+    health = (
+        partial(measure_checkpoint_health, transformer, shape, resolution, args.device, args, run)
+        if args.health
+        else None
+    )
+    weights = (
+        measure_training(
+            transformer,
+            shape,
+            resolution,
+            args.device,
+            args,
+            partial(run.keep_training, "gc"),
+            checkpointing=True,
+            then=health,
+        )
+        or weights
+    )
     del health  # it holds the bf16 model, which must be gone before the 8-bit one is measured
     if weights is not None and args.sample_steps > 0:
-        run.out["preview"] = run.keep("preview", measure_preview(transformer, shape, resolution, weights, args.device, args))
+        run.out["preview"] = run.keep(
+            "preview", measure_preview(transformer, shape, resolution, weights, args.device, args)
+        )
     for backend in BACKENDS:
         del transformer
         transformer = bench_8bit(config, shape, resolution, backend, args, run)
@@ -344,8 +465,19 @@ def bench_8bit(config, shape, resolution, backend, args, run: Recorder):
         run.keep_training(name, failure(exc))
         return transformer
     synchronize(args.device)
-    run.keep(f"8bit_{backend}_quantise", {"status": "ok", "seconds": time.perf_counter() - start, **peak_memory(args.device)})
-    measure_training(transformer, shape, resolution, args.device, args, partial(run.keep_training, name), checkpointing=True, base_8bit=True)
+    run.keep(
+        f"8bit_{backend}_quantise", {"status": "ok", "seconds": time.perf_counter() - start, **peak_memory(args.device)}
+    )
+    measure_training(
+        transformer,
+        shape,
+        resolution,
+        args.device,
+        args,
+        partial(run.keep_training, name),
+        checkpointing=True,
+        base_8bit=True,
+    )
     return transformer
 
 
@@ -360,7 +492,9 @@ def bench_extras(config, shape, resolution, weights, args, run: Recorder) -> Non
     transformer = None
     for name, reserve in wanted:
         if run.time_left() < reserve:
-            skipped = {"status": f"skipped: {max(0, run.time_left()):.0f} s left of the {args.budget_s:.0f} s budget, {name} needs ~{reserve} s"}
+            skipped = {
+                "status": f"skipped: {max(0, run.time_left()):.0f} s left of the {args.budget_s:.0f} s budget, {name} needs ~{reserve} s"
+            }
             run.keep(name, skipped) if name == "preview_ratios" else run.keep_training(name, skipped)
             continue
         transformer = transformer or materialise(config, args, run)
@@ -371,8 +505,16 @@ def bench_extras(config, shape, resolution, weights, args, run: Recorder) -> Non
                 ratios = failure(exc)
             run.out["preview"]["ratios"] = run.keep(name, ratios)
         else:
-            measure_training(transformer, shape, resolution, args.device, args, partial(run.keep_training, "compiled"),
-                             checkpointing=False, compiled=True)
+            measure_training(
+                transformer,
+                shape,
+                resolution,
+                args.device,
+                args,
+                partial(run.keep_training, "compiled"),
+                checkpointing=False,
+                compiled=True,
+            )
     del transformer
     reset_memory(args.device)
 
@@ -381,7 +523,11 @@ def summary(result: dict) -> str:
     """One console line per figure: the measurement, then the estimate's prediction beside it."""
     if result.get("status") != "ok":
         return result.get("status", "?")
-    memory = f", peak {result['peak_allocated_gib']} GiB allocated / {result['peak_reserved_gib']} reserved" if result.get("peak_reserved_gib") is not None else ""
+    memory = (
+        f", peak {result['peak_allocated_gib']} GiB allocated / {result['peak_reserved_gib']} reserved"
+        if result.get("peak_reserved_gib") is not None
+        else ""
+    )
     if "s_per_training_step" in result and "achieved_tflops" in result:
         mfu = f", MFU {result['mfu']:.0%}" if result.get("mfu") is not None else ""
         predicted = f" (predicted {_fmt(result['predicted_s_per_training_step'])} s, {_fmt(result['predicted_peak_gib'], '{:.1f}')} GiB)"
@@ -390,7 +536,9 @@ def summary(result: dict) -> str:
         return f"{result['seconds']:.2f} s = {result['checkpoint_work_fraction']:.1%} of {result['save_every']} training steps"
     if "batched_vs_two_pass" in result:
         return f"batched/two-pass CFG {result['batched_vs_two_pass']:.2f}, merged/unmerged LoRA {result['merged_vs_unmerged']:.2f}"
-    predicted = f" (predicted {result['predicted_seconds']:.2f} s)" if result.get("predicted_seconds") is not None else ""
+    predicted = (
+        f" (predicted {result['predicted_seconds']:.2f} s)" if result.get("predicted_seconds") is not None else ""
+    )
     return f"{result['seconds']:.2f} s{predicted}{memory}"
 
 
@@ -406,11 +554,29 @@ def goals(results: list[dict], device_name: str | None) -> list[dict]:
             continue
         plain, gc_ = r["training"].get("no_gc", {}), r["training"].get("gc", {})
         if plain.get("status") == "ok" and device_name and "H100" in device_name:
-            out.append({"goal": "9B 1024 no GC <= 0.40 s/training step on an H100", "value": plain["s_per_training_step"], "pass": plain["s_per_training_step"] <= 0.40})
+            out.append(
+                {
+                    "goal": "9B 1024 no GC <= 0.40 s/training step on an H100",
+                    "value": plain["s_per_training_step"],
+                    "pass": plain["s_per_training_step"] <= 0.40,
+                }
+            )
         if gc_.get("status") == "ok" and gc_.get("peak_reserved_gib") is not None:
-            out.append({"goal": "9B 1024 with GC peak <= 22 GiB", "value": gc_["peak_reserved_gib"], "pass": gc_["peak_reserved_gib"] <= 22})
+            out.append(
+                {
+                    "goal": "9B 1024 with GC peak <= 22 GiB",
+                    "value": gc_["peak_reserved_gib"],
+                    "pass": gc_["peak_reserved_gib"] <= 22,
+                }
+            )
         if r["preview"] and r["preview"].get("status") == "ok" and r["preview"]["sample_steps"] == 50:
-            out.append({"goal": "9B 1024 preview (50 sample steps, CFG 4) <= 15 s", "value": r["preview"]["seconds"], "pass": r["preview"]["seconds"] <= 15})
+            out.append(
+                {
+                    "goal": "9B 1024 preview (50 sample steps, CFG 4) <= 15 s",
+                    "value": r["preview"]["seconds"],
+                    "pass": r["preview"]["seconds"] <= 15,
+                }
+            )
     return out
 
 
@@ -463,13 +629,19 @@ def health_rows(prefix: str, health: dict) -> list[str]:
     lines = []
     v, h = health.get("validation") or {}, health.get("health_preview") or {}
     if v.get("status") == "ok":
-        lines.append(f"{prefix} checkpoint validation, {v['images']} images x 4 sigma | {v['seconds']:.2f} s "
-                     f"({_fmt(v['predicted_seconds'], '{:.2f}')} s) | | | {_fmt(v['peak_reserved_gib'], '{:.1f}')} |")
+        lines.append(
+            f"{prefix} checkpoint validation, {v['images']} images x 4 sigma | {v['seconds']:.2f} s "
+            f"({_fmt(v['predicted_seconds'], '{:.2f}')} s) | | | {_fmt(v['peak_reserved_gib'], '{:.1f}')} |"
+        )
     if h.get("status") == "ok":
-        lines.append(f"{prefix} checkpoint health preview {h['side']} px, {h['sample_steps']} sample steps, CFG {h['cfg']:g} | "
-                     f"{h['seconds']:.2f} s ({_fmt(h['predicted_seconds'], '{:.2f}')} s) | | | {_fmt(h['peak_reserved_gib'], '{:.1f}')} |")
+        lines.append(
+            f"{prefix} checkpoint health preview {h['side']} px, {h['sample_steps']} sample steps, CFG {h['cfg']:g} | "
+            f"{h['seconds']:.2f} s ({_fmt(h['predicted_seconds'], '{:.2f}')} s) | | | {_fmt(h['peak_reserved_gib'], '{:.1f}')} |"
+        )
     if "checkpoint_work_fraction" in health:
-        lines.append(f"{prefix} checkpoint work / {PRESET.save_every} GC training steps | {health['checkpoint_work_fraction']:.1%} | | | |")
+        lines.append(
+            f"{prefix} checkpoint work / {PRESET.save_every} GC training steps | {health['checkpoint_work_fraction']:.1%} | | | |"
+        )
     return lines
 
 
@@ -483,13 +655,20 @@ def write_results(report: dict, results_md: Path) -> None:
     for result in report["results"]:
         key = (report["device"]["name"], result["variant"], result["resolution"])
         runs = [
-            {**run, "results": [r for r in run["results"] if (run["device"]["name"], r["variant"], r["resolution"]) != key]}
+            {
+                **run,
+                "results": [r for r in run["results"] if (run["device"]["name"], r["variant"], r["resolution"]) != key],
+            }
             for run in runs
         ]
     runs = [run for run in runs if run["results"]] + [report]
     atomic_write_json(store, runs)
     section = f"{BEGIN}\n{results_table(runs)}\n{END}"
-    text = results_md.read_text() if results_md.exists() else f"# Benchmark results\n\n## Measured GPU figures\n\n{BEGIN}\n{END}\n"
+    text = (
+        results_md.read_text()
+        if results_md.exists()
+        else f"# Benchmark results\n\n## Measured GPU figures\n\n{BEGIN}\n{END}\n"
+    )
     if BEGIN not in text:
         text += f"\n## Measured GPU figures\n\n{BEGIN}\n{END}\n"
     head, _, rest = text.partition(BEGIN)
@@ -499,24 +678,54 @@ def write_results(report: dict, results_md: Path) -> None:
 
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", nargs="+", default=["9B"], type=lambda v: v if v == "tiny" else v.upper(), choices=["9B", "4B", "tiny"])
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        default=["9B"],
+        type=lambda v: v if v == "tiny" else v.upper(),
+        choices=["9B", "4B", "tiny"],
+    )
     parser.add_argument("--resolution", nargs="+", type=int, help="default: 1024 512 (--quick: 1024)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rank", type=int, default=PRESET.rank)
     parser.add_argument("--warmup", type=int, default=2, help="training steps before timing")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps")
-    parser.add_argument("--sample-steps", type=int, default=PRESET.sample_steps, help="preview sample steps (0: no preview)")
+    parser.add_argument(
+        "--sample-steps", type=int, default=PRESET.sample_steps, help="preview sample steps (0: no preview)"
+    )
     parser.add_argument("--cfg", type=float, default=PRESET.cfg)
-    parser.add_argument("--ratio-sample-steps", type=int, default=10, help="sample steps of the preview before/after ratios (0: skip)")
-    parser.add_argument("--health", action=argparse.BooleanOptionalAction, default=True, help="time one checkpoint's health work")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="also time compiled blocks (default: on CUDA)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"the one short run: 1024 px unless --resolution, optional figures only inside a {QUICK_BUDGET_S} s budget")
-    parser.add_argument("--budget-s", type=float, help="start the optional figures (preview ratios, compiled) only inside this many "
-                        f"seconds from the start (default: none; --quick: {QUICK_BUDGET_S})")
-    parser.add_argument("--out", type=Path, help=f"append each figure to OUT/{FigureLog.FILE_NAME} as measured, and the report to OUT/{REPORT_NAME}")
+    parser.add_argument(
+        "--ratio-sample-steps", type=int, default=10, help="sample steps of the preview before/after ratios (0: skip)"
+    )
+    parser.add_argument(
+        "--health", action=argparse.BooleanOptionalAction, default=True, help="time one checkpoint's health work"
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time compiled blocks (default: on CUDA)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"the one short run: 1024 px unless --resolution, optional figures only inside a {QUICK_BUDGET_S} s budget",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        help="start the optional figures (preview ratios, compiled) only inside this many "
+        f"seconds from the start (default: none; --quick: {QUICK_BUDGET_S})",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help=f"append each figure to OUT/{FigureLog.FILE_NAME} as measured, and the report to OUT/{REPORT_NAME}",
+    )
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on --device cpu; shared cores make more erratic)")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: 1 on --device cpu; shared cores make more erratic)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
     parser.add_argument("--write-results", action="store_true", help="merge into bench/gpu_results.json and RESULTS.md")
     parser.add_argument("--results-md", type=Path, default=RESULTS_MD, help=argparse.SUPPRESS)
@@ -536,7 +745,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads or not on_cuda:
         torch.set_num_threads(args.threads or 1)
     args.compile = on_cuda if args.compile is None else args.compile
-    args.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: torch.bfloat16 if on_cuda else torch.float32}[args.dtype]
+    args.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: torch.bfloat16 if on_cuda else torch.float32}[
+        args.dtype
+    ]
     device = device_info(args.device)
     args.device_name = device["name"] if on_cuda else None
     found = est.peak_tflops(args.device_name) if on_cuda else None
@@ -556,8 +767,8 @@ def main(argv: list[str] | None = None) -> int:
         + ("; fused kernels only (math excluded)" if on_cuda else " (CPU kernels)"),
         "versions": versions(),
         "note": "MFU counts model FLOPs (no checkpointing recompute) against the peak in klein_core.train.estimate.PEAK_TFLOPS; "
-                "predicted_* come from klein_core.train.estimate; the fit-check audit's per-phase predictions: "
-                "klein-lora fit-check --variant 9B --gpu-memory 80 --json",
+        "predicted_* come from klein_core.train.estimate; the fit-check audit's per-phase predictions: "
+        "klein-lora fit-check --variant 9B --gpu-memory 80 --json",
     }
     args.figures.add({"phase": "run", **header, "argv": sys.argv[1:] if argv is None else argv})
     results = [bench_one(variant, resolution, args) for variant in args.variant for resolution in args.resolution]

@@ -56,7 +56,9 @@ def make_photos(folder: Path, count: int, max_side: int, seed: int = 0) -> dict:
         left, top = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
         gains = rng.uniform(0.9, 1.1, size=3)
         photo = as_pil(jitter(source, (left, top, left + crop_w, top + crop_h), 1.0, gains, rng.uniform(-0.04, 0.04)))
-        long_side = int(rng.uniform(min(1200, max_side), max_side)) if index else max_side  # at least one at the full size
+        long_side = (
+            int(rng.uniform(min(1200, max_side), max_side)) if index else max_side
+        )  # at least one at the full size
         scale = long_side / max(photo.size)
         photo = photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.Resampling.BICUBIC)
         if index % 10 == 9:
@@ -65,7 +67,12 @@ def make_photos(folder: Path, count: int, max_side: int, seed: int = 0) -> dict:
             photo.save(folder / f"photo_{index:03d}.jpg", quality=90)
         sides.append(long_side)
     megabytes = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
-    return {"count": count, "max_side": max(sides), "median_side": int(np.median(sides)), "megabytes": round(megabytes, 1)}
+    return {
+        "count": count,
+        "max_side": max(sides),
+        "median_side": int(np.median(sides)),
+        "megabytes": round(megabytes, 1),
+    }
 
 
 def pin_cores(cores: int) -> list[int]:
@@ -125,8 +132,21 @@ def mixed_sheet(path: Path) -> str:
         write_photos(folder, mixed_identity_set())
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            main(["dataset", "check", str(folder), "--trigger", "kleinchar", "--resolution", "512", "--captions", "2",
-                  "--sheet", str(path)])
+            main(
+                [
+                    "dataset",
+                    "check",
+                    str(folder),
+                    "--trigger",
+                    "kleinchar",
+                    "--resolution",
+                    "512",
+                    "--captions",
+                    "2",
+                    "--sheet",
+                    str(path),
+                ]
+            )
         return out.getvalue().replace(str(folder), "mixed").replace(str(path), path.name)
 
 
@@ -145,8 +165,13 @@ def main() -> int:
         figures = run_check(Path(tmp) / "photos", args.resolution, Path(tmp) / "sheet.png")
     result = {
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "machine": {"cores_used": len(cores), "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
-                    "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {
+            "cores_used": len(cores),
+            "cpu_count": os.cpu_count(),
+            "load_average": os.getloadavg(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "photos": photos,
         "resolution": args.resolution,
         "figures": figures,
@@ -158,12 +183,16 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{photos['count']} photos, long side up to {photos['max_side']} px (median {photos['median_side']}), "
-          f"{photos['megabytes']} MB; training resolution {args.resolution}; {len(cores)} cores, load "
-          f"{result['machine']['load_average'][0]:.1f}")
+    print(
+        f"{photos['count']} photos, long side up to {photos['max_side']} px (median {photos['median_side']}), "
+        f"{photos['megabytes']} MB; training resolution {args.resolution}; {len(cores)} cores, load "
+        f"{result['machine']['load_average'][0]:.1f}"
+    )
     for key in ("scan_s", "face_models_s", "identity_s", "sheet_s", "total_s", "per_image_s"):
         print(f"  {key:14s} {figures[key]:8.2f}")
-    print(f"face checks: {figures['face_checks']} {figures['note']}; flagged {figures['flagged']}: {figures['findings']}")
+    print(
+        f"face checks: {figures['face_checks']} {figures['note']}; flagged {figures['flagged']}: {figures['findings']}"
+    )
     print(f"goal: whole check under {GOAL_S:.0f} s -> {'pass' if result['pass'] else 'FAIL'}")
     if args.mixed_sheet is not None:
         print(f"\nmixed set ({args.mixed_sheet}):\n{result['mixed_report']}")

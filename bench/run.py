@@ -70,14 +70,18 @@ GOALS = {
     "rss_text_encoder_released": ("<", 1.0),
 }
 # The RSS model: a text encoder and a transformer of comparable size, as in Klein.
-RSS_TEXT_ENCODER = dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+RSS_TEXT_ENCODER = dict(
+    hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2, head_dim=64
+)
 RSS_TRANSFORMER = dict(num_attention_heads=4, joint_attention_dim=3 * 256)
 
 
 def config(**changes) -> TrainConfig:
     """A TrainConfig with only the fields this TrainConfig has (the benchmark outlives small API changes)."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    base = dict(learning_rate=1e-3, rank=RANK, save_every=0, log_every=1, seed=0, health_previews=False, validation_every=0)
+    base = dict(
+        learning_rate=1e-3, rank=RANK, save_every=0, log_every=1, seed=0, health_previews=False, validation_every=0
+    )
     base.update(changes)
     return TrainConfig(**{k: v for k, v in base.items() if k in known})
 
@@ -104,8 +108,12 @@ class Probe:
 
     @contextlib.contextmanager
     def installed(self):
-        homes = {"load_text_encoder": session, "encode_prompts": session, "encode_datasets": session,
-                 "accumulate_gradients": training}
+        homes = {
+            "load_text_encoder": session,
+            "encode_prompts": session,
+            "encode_datasets": session,
+            "accumulate_gradients": training,
+        }
         originals = {name: getattr(module, name) for name, module in homes.items()}
         encode_name = "encode_datasets"
 
@@ -133,8 +141,12 @@ class Probe:
             finally:
                 self.encode_seconds += time.perf_counter() - start
 
-        replacements = {"load_text_encoder": load_text_encoder, "encode_prompts": encode_prompts,
-                        "accumulate_gradients": accumulate_gradients, encode_name: encode}
+        replacements = {
+            "load_text_encoder": load_text_encoder,
+            "encode_prompts": encode_prompts,
+            "accumulate_gradients": accumulate_gradients,
+            encode_name: encode,
+        }
         for name, fn in replacements.items():
             setattr(homes[name], name, fn)
         try:
@@ -151,8 +163,15 @@ def run_training(model_dir: Path, dataset: Path, out: Path, cache: Path, trainin
     spec = DatasetSpec(folder=str(dataset), trigger="kleinchar", resolutions=(RESOLUTION,))
     start = time.perf_counter()
     with probe.installed():
-        result = training.train(resolve_model(model_dir), spec, config(training_steps=training_steps), out,
-                                callbacks=callbacks, cache_dir=cache, device="cpu")
+        result = training.train(
+            resolve_model(model_dir),
+            spec,
+            config(training_steps=training_steps),
+            out,
+            callbacks=callbacks,
+            cache_dir=cache,
+            device="cpu",
+        )
     wall = time.perf_counter() - start
     return {"wall_s": wall, "step_s": [b - a for a, b in zip(stamps, stamps[1:])], "result": result}
 
@@ -161,7 +180,9 @@ class BareLoop:
     """Forward + backward + AdamW of a separate LoRA model of the same config: what any trainer must do per step."""
 
     def __init__(self, model_dir: Path) -> None:
-        self.transformer = load_transformer(resolve_model(model_dir), dtype=torch.float32, device="cpu").requires_grad_(False)
+        self.transformer = load_transformer(resolve_model(model_dir), dtype=torch.float32, device="cpu").requires_grad_(
+            False
+        )
         torch.manual_seed(0)
         lora_io.add_lora(self.transformer, RANK)
         self.optimizer = torch.optim.AdamW(lora_io.lora_parameters(self.transformer), lr=1e-3)
@@ -182,7 +203,7 @@ def loop_pairs(run: dict, probe: Probe, warmup: int) -> list[tuple[float, float]
     micro-batches, right before the trainer's own forward/backward: its time is subtracted from that step."""
     durations = run["step_s"]  # durations[i] is training step i + 2 (the first callback only starts the clock)
     bare = probe.bare_times[1:]
-    return [(d - b, b) for d, b in zip(durations, bare)][max(0, warmup - 1):]
+    return [(d - b, b) for d, b in zip(durations, bare)][max(0, warmup - 1) :]
 
 
 def timed(fn) -> float:
@@ -202,7 +223,16 @@ def preview_ratios(model_dir: Path, lora_file: Path, sample_steps: int, repeats:
     patcher = lora_io.LoraPatcher(transformer)
 
     def sample(batched: bool = True):
-        return denoise_base(transformer, embeds, negative, RESOLUTION, RESOLUTION, sample_steps=sample_steps, cfg=4.0, batched_cfg=batched)
+        return denoise_base(
+            transformer,
+            embeds,
+            negative,
+            RESOLUTION,
+            RESOLUTION,
+            sample_steps=sample_steps,
+            cfg=4.0,
+            batched_cfg=batched,
+        )
 
     @contextlib.contextmanager
     def adapter():
@@ -225,10 +255,14 @@ def preview_ratios(model_dir: Path, lora_file: Path, sample_steps: int, repeats:
         with adapter():
             times["unmerged"].append(timed(lambda: sample(True)))
     return {
-        "sample_steps": sample_steps, "cfg": 4.0, "repeats": repeats,
-        "batched_cfg_s": min(times["batched"]), "two_pass_cfg_s": min(times["two_pass"]),
+        "sample_steps": sample_steps,
+        "cfg": 4.0,
+        "repeats": repeats,
+        "batched_cfg_s": min(times["batched"]),
+        "two_pass_cfg_s": min(times["two_pass"]),
         "batched_vs_two_pass_max_abs_diff": (merged_batched - merged_two_pass).abs().max().item(),
-        "merged_s": min(times["batched"]), "unmerged_s": min(times["unmerged"]),
+        "merged_s": min(times["batched"]),
+        "unmerged_s": min(times["unmerged"]),
         "merged_vs_unmerged_max_abs_diff": (merged_batched - unmerged).abs().max().item(),
     }
 
@@ -270,10 +304,24 @@ def rss_measure(work: Path, model: Path, dataset: Path, threads: int) -> dict:
     out: dict = {"text_encoder_fp32_mib": te_bytes / 2**20}
     for hold in (False, True):
         name = "held" if hold else "released"
-        code = RSS_CHILD.format(bench=str(Path(__file__).parent), repo=str(REPO_ROOT), threads=threads, hold=hold,
-                                model=str(model), dataset=str(dataset), out=str(work / f"rss_{name}"), cache=str(work / f"rss_cache_{name}"))
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
-                              env=dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024)))
+        code = RSS_CHILD.format(
+            bench=str(Path(__file__).parent),
+            repo=str(REPO_ROOT),
+            threads=threads,
+            hold=hold,
+            model=str(model),
+            dataset=str(dataset),
+            out=str(work / f"rss_{name}"),
+            cache=str(work / f"rss_cache_{name}"),
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024)),
+        )
         if done.returncode:
             raise RuntimeError(f"RSS child ({name}) failed:\n{done.stderr[-3000:]}")
         out[name] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -315,10 +363,15 @@ def main(argv: list[str] | None = None) -> int:
             "training_steps_timed": len(pairs),
         }
         figures["cache"] = {
-            "first_encode_s": first_probe.encode_seconds, "second_encode_s": second_probe.encode_seconds,
-            "first_run_wall_s": first["wall_s"], "second_run_wall_s": second["wall_s"], "training_steps_per_run": steps,
-            "first_run_text_encoder_loads": first_probe.text_encoder_loads, "first_run_text_encode_calls": first_probe.text_encode_calls,
-            "second_run_text_encoder_loads": second_probe.text_encoder_loads, "second_run_text_encode_calls": second_probe.text_encode_calls,
+            "first_encode_s": first_probe.encode_seconds,
+            "second_encode_s": second_probe.encode_seconds,
+            "first_run_wall_s": first["wall_s"],
+            "second_run_wall_s": second["wall_s"],
+            "training_steps_per_run": steps,
+            "first_run_text_encoder_loads": first_probe.text_encoder_loads,
+            "first_run_text_encode_calls": first_probe.text_encode_calls,
+            "second_run_text_encoder_loads": second_probe.text_encoder_loads,
+            "second_run_text_encode_calls": second_probe.text_encode_calls,
         }
         # 4+5: previews with the LoRA the first run trained.
         figures["preview"] = preview_ratios(model, first["result"].final_lora, sample_steps, repeats)
@@ -339,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "rss" in figures:
         rss = figures["rss"]
-        ratios["rss_text_encoder_released"] = check("rss_text_encoder_released", rss["released"]["peak_rss_mib"] / rss["held"]["peak_rss_mib"])
+        ratios["rss_text_encoder_released"] = check(
+            "rss_text_encoder_released", rss["released"]["peak_rss_mib"] / rss["held"]["peak_rss_mib"]
+        )
         ratios["rss_text_encoder_released"]["saved_mib"] = rss["held"]["peak_rss_mib"] - rss["released"]["peak_rss_mib"]
         ratios["rss_text_encoder_released"]["text_encoder_fp32_mib"] = rss["text_encoder_fp32_mib"]
     report = {

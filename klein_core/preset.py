@@ -21,10 +21,14 @@ class StarterPreset:
     trigger_placeholder: str = "[trigger]"
     default_caption: str = "photo of [trigger]"
     caption_dropout: float = 0.05
-    regularization_weight: float = 0.1  # loss weight of the optional class-image set: low, so it anchors without diluting
+    regularization_weight: float = (
+        0.1  # loss weight of the optional class-image set: low, so it anchors without diluting
+    )
     target_repeats: float = 100.0
     save_every: int = 250  # training steps between LoRA checkpoints
-    fresh_optimizer_warmup_steps: int = 20  # LR warmup when a LoRA continues without its optimizer state (Adam's moments restart at zero)
+    fresh_optimizer_warmup_steps: int = (
+        20  # LR warmup when a LoRA continues without its optimizer state (Adam's moments restart at zero)
+    )
     output_name: str = "klein_lora"  # the LoRA file name stem
     sample_steps: int = 50  # denoising steps of a preview, not training steps
     cfg: float = 4.0  # real classifier-free guidance: Base is undistilled

@@ -8,7 +8,8 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..klein_core.preset import PRESET
-from ..klein_core.train.estimate import VARIANTS, Mode, estimate, recommend_mode
+from ..klein_core.train.estimate import VARIANTS, Mode, estimate
+from ..klein_core.train.memory_mode import recommend_mode
 from ..klein_core.train.gpu import detect_gpu_memory, detect_gpu_name
 from ..klein_core.train.planner import plan
 
@@ -35,8 +36,13 @@ def _count_input(name: str, display_name: str, default: int, maximum: int, what:
 def _dose_inputs() -> list:
     """N, R, B and G: what the training steps are derived from."""
     return [
-        _count_input("images", "image count", EXAMPLE_IMAGE_COUNT, MAX_IMAGES,
-                     "N: number of training images (link the dataset's image count here)."),
+        _count_input(
+            "images",
+            "image count",
+            EXAMPLE_IMAGE_COUNT,
+            MAX_IMAGES,
+            "N: number of training images (link the dataset's image count here).",
+        ),
         io.Float.Input(
             "target_repeats",
             display_name="target repeats",
@@ -50,9 +56,14 @@ def _dose_inputs() -> list:
             ),
         ),
         _count_input("batch_size", "batch size", PRESET.batch_size, MAX_BATCH_SIZE, "B: images per micro-batch."),
-        _count_input("grad_accum", "grad accum", PRESET.grad_accum, MAX_GRAD_ACCUM,
-                     "G: micro-batches accumulated per training step (saves memory; the training steps drop "
-                     "in proportion, the dose stays)."),
+        _count_input(
+            "grad_accum",
+            "grad accum",
+            PRESET.grad_accum,
+            MAX_GRAD_ACCUM,
+            "G: micro-batches accumulated per training step (saves memory; the training steps drop "
+            "in proportion, the dose stays).",
+        ),
     ]
 
 
@@ -114,8 +125,13 @@ class KleinRepeatsCalculator(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, images: int, target_repeats: float, batch_size: int, grad_accum: int,
-        variant: str = "9B", resolution: int = PRESET.resolution,
+        cls,
+        images: int,
+        target_repeats: float,
+        batch_size: int,
+        grad_accum: int,
+        variant: str = "9B",
+        resolution: int = PRESET.resolution,
     ) -> io.NodeOutput:
         # Linked values skip ComfyUI's min/max checks: the planner's PlanError names the bad value instead.
         run_plan = plan(images=images, target_repeats=target_repeats, batch_size=batch_size, grad_accum=grad_accum)
@@ -125,8 +141,13 @@ class KleinRepeatsCalculator(io.ComfyNode):
 
 def _estimate_text(run_plan, variant: str, resolution: int) -> str:
     """The estimate line, plus the fit on this machine's GPU (and the mode that would fit) when there is one."""
-    kwargs = dict(training_steps=run_plan.training_steps, batch_size=run_plan.batch_size, grad_accum=run_plan.grad_accum,
-                  images=run_plan.images, device_name=detect_gpu_name())
+    kwargs = dict(
+        training_steps=run_plan.training_steps,
+        batch_size=run_plan.batch_size,
+        grad_accum=run_plan.grad_accum,
+        images=run_plan.images,
+        device_name=detect_gpu_name(),
+    )
     text = estimate(variant, resolution, PRESET.rank, Mode(), **kwargs).summary()
     gpu_memory = detect_gpu_memory()
     if gpu_memory is not None:

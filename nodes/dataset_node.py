@@ -110,8 +110,7 @@ def _inputs() -> list:
         io.Boolean.Input(
             "skip_corrupt",
             default=False,
-            tooltip="Off: a corrupt or truncated image stops the run with its name. On: it is skipped "
-            "with a warning.",
+            tooltip="Off: a corrupt or truncated image stops the run with its name. On: it is skipped with a warning.",
         ),
     ]
 
@@ -139,8 +138,7 @@ class KleinCaptionDataset(io.ComfyNode):
                 KleinDataset.Output(
                     "dataset",
                     display_name="dataset",
-                    tooltip="The dataset for the Klein LoRA Trainer (folder, trigger, captions, dropout, "
-                    "resolutions).",
+                    tooltip="The dataset for the Klein LoRA Trainer (folder, trigger, captions, dropout, resolutions).",
                 ),
                 io.Int.Output(
                     "image_count",

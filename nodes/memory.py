@@ -88,7 +88,11 @@ def offload(reason: str) -> int:
         comfy.model_management.soft_empty_cache()
     logging.info(
         "%s ComfyUI is freeing memory (%s): %d cached Klein run(s), %d moved to %s",
-        LOG_PREFIX, reason, len(runs), moved, target,
+        LOG_PREFIX,
+        reason,
+        len(runs),
+        moved,
+        target,
     )
     return moved
 

@@ -50,8 +50,12 @@ def resolve_choice(diffusers_model: str, diffusion_model: str, text_encoder: str
             if (folder / "model_index.json").exists():
                 return resolve_model(folder)
         raise ModelError(f"diffusers model {diffusers_model!r} not found under models/diffusers")
-    missing = [n for n, v in (("diffusion_model", diffusion_model), ("text_encoder", text_encoder), ("vae", vae)) if v == NONE]
+    missing = [
+        n for n, v in (("diffusion_model", diffusion_model), ("text_encoder", text_encoder), ("vae", vae)) if v == NONE
+    ]
     if missing:
         raise ModelError(f"no model chosen: pick a diffusers folder, or {', '.join(missing)}")
     te_path = Path(full_path("text_encoders", text_encoder))
-    return resolve_model(full_path("diffusion_models", diffusion_model), te_path, full_path("vae", vae), comfy_tokenizer(te_path))
+    return resolve_model(
+        full_path("diffusion_models", diffusion_model), te_path, full_path("vae", vae), comfy_tokenizer(te_path)
+    )

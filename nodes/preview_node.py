@@ -48,7 +48,11 @@ BASE_ADVICE = (
 
 def _output_dir(run) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    root = Path(run.run_dir) / "previews" if run is not None else Path(folder_paths.get_output_directory()) / "klein_previews"
+    root = (
+        Path(run.run_dir) / "previews"
+        if run is not None
+        else Path(folder_paths.get_output_directory()) / "klein_previews"
+    )
     out, n = root / stamp, 1
     while out.exists():
         n += 1
@@ -58,7 +62,11 @@ def _output_dir(run) -> Path:
 
 def _side_input(side: str) -> io.Int.Input:
     return io.Int.Input(
-        side, default=0, min=0, max=MAX_SIDE, step=PIXEL_MULTIPLE,
+        side,
+        default=0,
+        min=0,
+        max=MAX_SIDE,
+        step=PIXEL_MULTIPLE,
         tooltip=f"Image {side}, a multiple of {PIXEL_MULTIPLE}; 0 = the run's training resolution "
         f"({PRESET.resolution} without a run).",
     )
@@ -68,26 +76,35 @@ def _source_inputs() -> list:
     """Where the model and LoRA come from: the trainer's run, or files from ComfyUI's model folders."""
     return [
         KleinLoraRun.Input(
-            "run", optional=True,
+            "run",
+            optional=True,
             tooltip="The Klein LoRA Trainer's run: its model, checkpoints and cached prompt embeddings are "
             "used directly (no second model load). When linked, the model and LoRA lists are ignored.",
         ),
         io.Combo.Input(
-            "diffusion_model", options=choices("diffusion_models"), default=NONE,
+            "diffusion_model",
+            options=choices("diffusion_models"),
+            default=NONE,
             tooltip="Without a run: the FLUX.2 [klein] Base diffusion model (e.g. "
             "flux-2-klein-base-9b.safetensors) from models/diffusion_models.",
         ),
         io.Combo.Input(
-            "text_encoder", options=choices("text_encoders"), default=NONE,
+            "text_encoder",
+            options=choices("text_encoders"),
+            default=NONE,
             tooltip="Without a run: the matching Qwen3 text encoder (Qwen3-8B for 9B, Qwen3-4B for 4B) from "
             "models/text_encoders. It is freed before the diffusion model loads.",
         ),
         io.Combo.Input(
-            "vae", options=choices("vae"), default=NONE,
+            "vae",
+            options=choices("vae"),
+            default=NONE,
             tooltip="Without a run: the FLUX.2 VAE (flux2-vae.safetensors) from models/vae.",
         ),
         io.Combo.Input(
-            "lora", options=choices("loras"), default=NONE,
+            "lora",
+            options=choices("loras"),
+            default=NONE,
             tooltip="Without a run: a Klein LoRA from models/loras (ours, diffusers/peft, ai-toolkit or "
             f"kohya keys). '{NONE}' renders the base model alone.",
         ),
@@ -98,27 +115,40 @@ def _grid_inputs() -> list:
     """What the grid shows: prompts (columns), sampling settings shared by every cell, and which rows."""
     return [
         io.String.Input(
-            "prompts", multiline=True, default=PRESET.default_caption,
+            "prompts",
+            multiline=True,
+            default=PRESET.default_caption,
             tooltip="One prompt per line, one grid column each. [trigger] becomes the trigger word. With a "
             "run, the prompts must be among the trainer's preview prompts (empty: all of them).",
         ),
         io.String.Input(
-            "trigger", default="",
+            "trigger",
+            default="",
             tooltip="Without a run: the word that replaces [trigger] (empty: the word the LoRA file "
             "records). With a run, the run's trigger word is used.",
         ),
         io.Int.Input(
-            "sample_steps", default=PRESET.sample_steps, min=1, max=MAX_SAMPLE_STEPS,
+            "sample_steps",
+            default=PRESET.sample_steps,
+            min=1,
+            max=MAX_SAMPLE_STEPS,
             tooltip=f"Denoising steps per image (not training steps). Base needs about {PRESET.sample_steps}; "
             f"below {PRESET.min_base_sample_steps} a LoRA looks weak or noisy.",
         ),
         io.Float.Input(
-            "cfg", default=PRESET.cfg, min=0.0, max=30.0, step=0.1,
+            "cfg",
+            default=PRESET.cfg,
+            min=0.0,
+            max=30.0,
+            step=0.1,
             tooltip=f"True classifier-free guidance against the empty prompt, pred = neg + cfg*(cond - neg). "
             f"Base needs about {PRESET.cfg:g}; at {PRESET.min_base_cfg:g} or below there is no real guidance.",
         ),
         io.Int.Input(
-            "seed", default=PRESET.preview_seed, min=0, max=0xFFFFFFFFFFFFFFFF,
+            "seed",
+            default=PRESET.preview_seed,
+            min=0,
+            max=0xFFFFFFFFFFFFFFFF,
             control_after_generate=False,  # fixed: grids of successive runs stay comparable
             tooltip="One seed for every cell, so cells differ only by checkpoint, strength and prompt. Noise "
             "is drawn on the CPU like diffusers and ComfyUI, so the same seed gives the same image.",
@@ -126,12 +156,14 @@ def _grid_inputs() -> list:
         _side_input("width"),
         _side_input("height"),
         io.String.Input(
-            "checkpoints", default="all",
+            "checkpoints",
+            default="all",
             tooltip="Which of the run's checkpoints get a row: 'all', 'last', 'last N', 'none' (control "
             "only) or training steps such as '500, 1000'. The control row is always there.",
         ),
         io.String.Input(
-            "strengths", default="",
+            "strengths",
+            default="",
             tooltip="Optional LoRA strength sweep of the last chosen checkpoint, e.g. "
             f"'{', '.join(f'{s:g}' for s in DEFAULT_STRENGTH_SWEEP)}'. Empty: every checkpoint at strength 1.",
         ),
@@ -155,11 +187,13 @@ class KleinBasePreviewSampler(io.ComfyNode):
             inputs=[*_source_inputs(), *_grid_inputs()],
             outputs=[
                 io.Image.Output(
-                    "grid", display_name="grid",
+                    "grid",
+                    display_name="grid",
                     tooltip="The labelled grid (step, strength and prompt above each cell), as one image.",
                 ),
                 io.Image.Output(
-                    "cells", display_name="cells",
+                    "cells",
+                    display_name="cells",
                     tooltip="Every cell without labels, as a batch, row by row (control row first).",
                 ),
             ],
@@ -207,11 +241,20 @@ class KleinBasePreviewSampler(io.ComfyNode):
 
                 memory.to_device(run, comfy.model_management.get_torch_device())  # back, if ComfyUI offloaded it
                 result = preview_run(
-                    run, split_prompts(prompts), settings, checkpoints, sweep, out_dir=_output_dir(run),
-                    progress=progress.update, interrupt=progress.interrupted, on_cell=progress.show_cell,
+                    run,
+                    split_prompts(prompts),
+                    settings,
+                    checkpoints,
+                    sweep,
+                    out_dir=_output_dir(run),
+                    progress=progress.update,
+                    interrupt=progress.interrupted,
+                    on_cell=progress.show_cell,
                 )
             else:
-                result = cls._standalone(diffusion_model, text_encoder, vae, lora, prompts, trigger, checkpoints, sweep, settings, progress)
+                result = cls._standalone(
+                    diffusion_model, text_encoder, vae, lora, prompts, trigger, checkpoints, sweep, settings, progress
+                )
         progress.show_grid(result.grid)
         summary = (
             f"{len(result.rows)} rows x {len(result.prompts)} prompts at {result.settings.sample_steps} sample steps, "
@@ -222,11 +265,19 @@ class KleinBasePreviewSampler(io.ComfyNode):
             advice.insert(0, "If the LoRA looks weak or noisy:")
         text = "\n".join([*(f"warning: {w}" for w in result.warnings), summary, *advice])
         grid = result.grid_tensor()
-        return io.NodeOutput(grid, result.cells_tensor(), ui={**ui.PreviewImage(grid, cls=cls).as_dict(), "text": (text,)})
+        return io.NodeOutput(
+            grid, result.cells_tensor(), ui={**ui.PreviewImage(grid, cls=cls).as_dict(), "text": (text,)}
+        )
 
     @classmethod
-    def _standalone(cls, diffusion_model, text_encoder, vae, lora, prompts, trigger, checkpoints, sweep, settings, progress):
-        missing = [n for n, v in (("diffusion_model", diffusion_model), ("text_encoder", text_encoder), ("vae", vae)) if v == NONE]
+    def _standalone(
+        cls, diffusion_model, text_encoder, vae, lora, prompts, trigger, checkpoints, sweep, settings, progress
+    ):
+        missing = [
+            n
+            for n, v in (("diffusion_model", diffusion_model), ("text_encoder", text_encoder), ("vae", vae))
+            if v == NONE
+        ]
         if missing:
             raise PreviewError(f"no model: link a KLEIN_LORA_RUN, or choose {', '.join(missing)}")
         lora_files = [] if lora == NONE else [full_path("loras", lora)]
@@ -234,15 +285,26 @@ class KleinBasePreviewSampler(io.ComfyNode):
         if not texts:
             raise PreviewError("no preview prompts: write one prompt per line")
         resolved = resolve_choice(NONE, diffusion_model, text_encoder, vae)
-        settings = replace(settings, width=settings.width or PRESET.resolution, height=settings.height or PRESET.resolution)
+        settings = replace(
+            settings, width=settings.width or PRESET.resolution, height=settings.height or PRESET.resolution
+        )
         check_size(settings.width, settings.height)
         rows = plan_rows(select_checkpoints([checkpoint_from_file(f) for f in lora_files], checkpoints), sweep)
         import comfy.model_management  # imported when run: importing it picks a device (CUDA unless --cpu)
 
         loaded = load_for_preview(resolved, texts, comfy.model_management.get_torch_device())
         return render_preview_grid(
-            loaded.transformer, loaded.vae, texts, loaded.prompt_embeds, loaded.negative_embeds, rows, settings,
-            _output_dir(None), progress=progress.update, interrupt=progress.interrupted, on_cell=progress.show_cell,
+            loaded.transformer,
+            loaded.vae,
+            texts,
+            loaded.prompt_embeds,
+            loaded.negative_embeds,
+            rows,
+            settings,
+            _output_dir(None),
+            progress=progress.update,
+            interrupt=progress.interrupted,
+            on_cell=progress.show_cell,
         )
 
 

@@ -28,7 +28,9 @@ class KleinTrainingReport(io.ComfyNode):
             inputs=[KleinLoraRun.Input("run", tooltip="The Klein LoRA Trainer's run.")],
             outputs=[
                 io.Image.Output("report", tooltip="The health chart (also saved as report.png in the run folder)."),
-                io.String.Output("verdict", tooltip="Healthy or collapsed, the ordered advice, and the best checkpoint."),
+                io.String.Output(
+                    "verdict", tooltip="Healthy or collapsed, the ordered advice, and the best checkpoint."
+                ),
             ],
             is_output_node=True,
         )
@@ -40,4 +42,6 @@ class KleinTrainingReport(io.ComfyNode):
             raise ValueError("this run has no health report (it was trained on a non-main process or did not finish)")
         image = Image.open(health.report_path).convert("RGB")
         tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).unsqueeze(0)
-        return io.NodeOutput(tensor, health.verdict, ui={**ui.PreviewImage(tensor, cls=cls).as_dict(), "text": (health.verdict,)})
+        return io.NodeOutput(
+            tensor, health.verdict, ui={**ui.PreviewImage(tensor, cls=cls).as_dict(), "text": (health.verdict,)}
+        )

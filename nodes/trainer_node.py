@@ -52,8 +52,15 @@ class _ComfyProgress:
 
     def on_checkpoint(self, record) -> None:
         saved = record.as_dict()  # run.json's strict-JSON form: a non-finite value is a string, never a bare NaN
-        _send({"node": self.node_id, "kind": "checkpoint", "training_step": record.step,
-               "validation_loss": saved["validation_loss"], "likeness": saved["likeness"]})
+        _send(
+            {
+                "node": self.node_id,
+                "kind": "checkpoint",
+                "training_step": record.step,
+                "validation_loss": saved["validation_loss"],
+                "likeness": saved["likeness"],
+            }
+        )
 
     @staticmethod
     def should_stop() -> bool:
@@ -69,68 +76,159 @@ class _ComfyProgress:
 
 def _inputs() -> list:
     """The node's inputs, in widget order (saved workflows store widget values by position)."""
+    return _dose_and_model_inputs() + _optimisation_inputs() + _health_inputs()
+
+
+def _dose_and_model_inputs() -> list:
+    """The dataset, the training steps that give its dose, and the Klein Base model files."""
     return [
-        KleinDataset.Input("dataset", tooltip="The Klein Caption Dataset: images, captions, trigger word, resolutions."),
+        KleinDataset.Input(
+            "dataset", tooltip="The Klein Caption Dataset: images, captions, trigger word, resolutions."
+        ),
         io.Int.Input(
-            "training_steps", default=1000, min=1, max=1_000_000,
+            "training_steps",
+            default=1000,
+            min=1,
+            max=1_000_000,
             tooltip="Optimizer updates S (not sample steps). Link it from the Repeats Calculator: "
             "S = ceil(N*R/(B*G)) gives every image R repeats.",
         ),
-        io.Combo.Input("diffusers_model", options=diffusers_choices(), default=NONE,
-                       tooltip="A Klein Base diffusers folder under models/diffusers (wins over the three files below)."),
-        io.Combo.Input("diffusion_model", options=choices("diffusion_models"), default=NONE,
-                       tooltip="FLUX.2 [klein] Base diffusion model (flux-2-klein-base-9b.safetensors or -4b). "
-                       "Distilled klein files are refused: LoRAs trained on them collapse."),
-        io.Combo.Input("text_encoder", options=choices("text_encoders"), default=NONE,
-                       tooltip="The matching Qwen3 text encoder (Qwen3-8B for 9B, Qwen3-4B for 4B); used only "
-                       "to encode captions, then freed."),
+        io.Combo.Input(
+            "diffusers_model",
+            options=diffusers_choices(),
+            default=NONE,
+            tooltip="A Klein Base diffusers folder under models/diffusers (wins over the three files below).",
+        ),
+        io.Combo.Input(
+            "diffusion_model",
+            options=choices("diffusion_models"),
+            default=NONE,
+            tooltip="FLUX.2 [klein] Base diffusion model (flux-2-klein-base-9b.safetensors or -4b). "
+            "Distilled klein files are refused: LoRAs trained on them collapse.",
+        ),
+        io.Combo.Input(
+            "text_encoder",
+            options=choices("text_encoders"),
+            default=NONE,
+            tooltip="The matching Qwen3 text encoder (Qwen3-8B for 9B, Qwen3-4B for 4B); used only "
+            "to encode captions, then freed.",
+        ),
         io.Combo.Input("vae", options=choices("vae"), default=NONE, tooltip="The FLUX.2 VAE (flux2-vae.safetensors)."),
-        io.Int.Input("batch_size", default=PRESET.batch_size, min=1, max=64,
-                     tooltip="B: images per micro-batch. Must match the Repeats Calculator's B."),
-        io.Int.Input("grad_accum", default=PRESET.grad_accum, min=1, max=1024,
-                     tooltip="G: micro-batches per training step (2-4 only to save VRAM). Must match the "
-                     "Repeats Calculator's G, which lowers the training steps in proportion."),
-        io.Float.Input("learning_rate", default=PRESET.learning_rate, min=1e-7, max=1.0, step=1e-5,
-                       tooltip=f"AdamW learning rate: {PRESET.learning_rate:g} for Klein 9B Base; "
-                       f"{PRESET.unstable_learning_rate:g} when the run collapses."),
-        io.Int.Input("rank", default=PRESET.rank, min=1, max=256,
-                     tooltip=f"LoRA rank (alpha = rank): {PRESET.rank}; {PRESET.stable_underfit_rank} only "
-                     "when stable and underfitting."),
-        io.Int.Input("save_every", default=PRESET.save_every, min=0, max=100_000,
-                     tooltip="Training steps between LoRA checkpoints (0: only the final LoRA). Each checkpoint "
-                     "gets a fixed-noise validation loss for the health report."),
+    ]
+
+
+def _optimisation_inputs() -> list:
+    """Batch, accumulation, learning rate, rank, checkpoint spacing and seed: the Klein 9B Base starter values."""
+    return [
+        io.Int.Input(
+            "batch_size",
+            default=PRESET.batch_size,
+            min=1,
+            max=64,
+            tooltip="B: images per micro-batch. Must match the Repeats Calculator's B.",
+        ),
+        io.Int.Input(
+            "grad_accum",
+            default=PRESET.grad_accum,
+            min=1,
+            max=1024,
+            tooltip="G: micro-batches per training step (2-4 only to save VRAM). Must match the "
+            "Repeats Calculator's G, which lowers the training steps in proportion.",
+        ),
+        io.Float.Input(
+            "learning_rate",
+            default=PRESET.learning_rate,
+            min=1e-7,
+            max=1.0,
+            step=1e-5,
+            tooltip=f"AdamW learning rate: {PRESET.learning_rate:g} for Klein 9B Base; "
+            f"{PRESET.unstable_learning_rate:g} when the run collapses.",
+        ),
+        io.Int.Input(
+            "rank",
+            default=PRESET.rank,
+            min=1,
+            max=256,
+            tooltip=f"LoRA rank (alpha = rank): {PRESET.rank}; {PRESET.stable_underfit_rank} only "
+            "when stable and underfitting.",
+        ),
+        io.Int.Input(
+            "save_every",
+            default=PRESET.save_every,
+            min=0,
+            max=100_000,
+            tooltip="Training steps between LoRA checkpoints (0: only the final LoRA). Each checkpoint "
+            "gets a fixed-noise validation loss for the health report.",
+        ),
         # control_after_generate=False: the frontend would otherwise add "randomize" to any input named
         # seed, and every queue would silently retrain.
-        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
-                     tooltip="Seed of noise, timesteps and batch order. Same inputs are cached by ComfyUI; "
-                     "change the seed to train again."),
-        io.String.Input("preview_prompts", multiline=True, default=f"{PRESET.default_caption}",
-                        tooltip="One prompt per line for the preview node, encoded now while the text encoder "
-                        "is loaded. [trigger] becomes the trigger word. The first also renders a health "
-                        "preview at each checkpoint (likeness, preview statistics)."),
-        io.String.Input("output_name", default=PRESET.output_name,
-                        tooltip="LoRA file name stem: <name>_step000500.safetensors, <name>.safetensors, "
-                        "<name>_best.safetensors."),
-        io.Boolean.Input("gradient_checkpointing", default=False,
-                         tooltip="Ticked: always recompute activations per block (~1.45x compute, far less VRAM). "
-                         "Unticked: automatic, on only when the memory estimate says the card needs it "
-                         "(Klein 9B at 1024 px on a 24 GB card)."),
-        io.Boolean.Input("stop_on_collapse", default=False,
-                         tooltip="Stop as soon as a collapse is detected (better, then chaos); the best "
-                         "checkpoint before it is kept."),
-        KleinDataset.Input("regularization", optional=True,
-                           tooltip="Optional: a second Klein Caption Dataset of class images (photos of other "
-                           f"people, captioned like '{REGULARIZATION_CAPTION}'; none may contain the trigger "
-                           "word). The third fix for a collapse. Not counted in the repeats per image."),
-        KleinDataset.Input("held_out", optional=True,
-                           tooltip="Optional: a Klein Caption Dataset of a few more photos of the same person, "
-                           "kept out of training. Their fixed-noise validation loss is recorded at every "
-                           "checkpoint (run.json, the report chart) and picks the best checkpoint when there "
-                           "is no likeness score."),
-        io.Float.Input("regularization_weight", default=PRESET.regularization_weight, min=0.0, max=1.0,
-                       step=0.01, optional=True, tooltip="Loss weight of the regularization images against the identity "
-                       f"images (default {PRESET.regularization_weight:g}: low, so they steady the run "
-                       "without diluting the likeness). Used only with a regularization dataset."),
+        io.Int.Input(
+            "seed",
+            default=0,
+            min=0,
+            max=0xFFFFFFFFFFFFFFFF,
+            control_after_generate=False,
+            tooltip="Seed of noise, timesteps and batch order. Same inputs are cached by ComfyUI; "
+            "change the seed to train again.",
+        ),
+    ]
+
+
+def _health_inputs() -> list:
+    """Preview prompts, file names, memory mode and the collapse fixes (regularization, held-out images)."""
+    return [
+        io.String.Input(
+            "preview_prompts",
+            multiline=True,
+            default=f"{PRESET.default_caption}",
+            tooltip="One prompt per line for the preview node, encoded now while the text encoder "
+            "is loaded. [trigger] becomes the trigger word. The first also renders a health "
+            "preview at each checkpoint (likeness, preview statistics).",
+        ),
+        io.String.Input(
+            "output_name",
+            default=PRESET.output_name,
+            tooltip="LoRA file name stem: <name>_step000500.safetensors, <name>.safetensors, <name>_best.safetensors.",
+        ),
+        io.Boolean.Input(
+            "gradient_checkpointing",
+            default=False,
+            tooltip="Ticked: always recompute activations per block (~1.45x compute, far less VRAM). "
+            "Unticked: automatic, on only when the memory estimate says the card needs it "
+            "(Klein 9B at 1024 px on a 24 GB card).",
+        ),
+        io.Boolean.Input(
+            "stop_on_collapse",
+            default=False,
+            tooltip="Stop as soon as a collapse is detected (better, then chaos); the best "
+            "checkpoint before it is kept.",
+        ),
+        KleinDataset.Input(
+            "regularization",
+            optional=True,
+            tooltip="Optional: a second Klein Caption Dataset of class images (photos of other "
+            f"people, captioned like '{REGULARIZATION_CAPTION}'; none may contain the trigger "
+            "word). The third fix for a collapse. Not counted in the repeats per image.",
+        ),
+        KleinDataset.Input(
+            "held_out",
+            optional=True,
+            tooltip="Optional: a Klein Caption Dataset of a few more photos of the same person, "
+            "kept out of training. Their fixed-noise validation loss is recorded at every "
+            "checkpoint (run.json, the report chart) and picks the best checkpoint when there "
+            "is no likeness score.",
+        ),
+        io.Float.Input(
+            "regularization_weight",
+            default=PRESET.regularization_weight,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            optional=True,
+            tooltip="Loss weight of the regularization images against the identity "
+            f"images (default {PRESET.regularization_weight:g}: low, so they steady the run "
+            "without diluting the likeness). Used only with a regularization dataset.",
+        ),
     ]
 
 
@@ -152,9 +250,14 @@ class KleinLoRATrainer(io.ComfyNode):
             ),
             inputs=_inputs(),
             outputs=[
-                KleinLoraRun.Output("run", tooltip="The trained run in memory (model, checkpoints, cached prompt "
-                                    "embeddings) for the Klein Base Preview Sampler: no second model load."),
-                io.String.Output("lora_name", tooltip="The final LoRA as listed by LoraLoader (klein/<name>.safetensors)."),
+                KleinLoraRun.Output(
+                    "run",
+                    tooltip="The trained run in memory (model, checkpoints, cached prompt "
+                    "embeddings) for the Klein Base Preview Sampler: no second model load.",
+                ),
+                io.String.Output(
+                    "lora_name", tooltip="The final LoRA as listed by LoraLoader (klein/<name>.safetensors)."
+                ),
                 io.String.Output("summary", tooltip="Dose, loss, health verdict and best checkpoint, in words."),
             ],
             hidden=[io.Hidden.unique_id],
@@ -168,18 +271,42 @@ class KleinLoRATrainer(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, dataset, training_steps: int, diffusers_model: str, diffusion_model: str, text_encoder: str,
-                vae: str, batch_size: int, grad_accum: int, learning_rate: float, rank: int, save_every: int,
-                seed: int, preview_prompts: str, output_name: str, gradient_checkpointing: bool,
-                stop_on_collapse: bool, regularization_weight: float = PRESET.regularization_weight,
-                regularization=None, held_out=None) -> io.NodeOutput:
+    def execute(
+        cls,
+        dataset,
+        training_steps: int,
+        diffusers_model: str,
+        diffusion_model: str,
+        text_encoder: str,
+        vae: str,
+        batch_size: int,
+        grad_accum: int,
+        learning_rate: float,
+        rank: int,
+        save_every: int,
+        seed: int,
+        preview_prompts: str,
+        output_name: str,
+        gradient_checkpointing: bool,
+        stop_on_collapse: bool,
+        regularization_weight: float = PRESET.regularization_weight,
+        regularization=None,
+        held_out=None,
+    ) -> io.NodeOutput:
         import comfy.model_management
 
         resolved = resolve_choice(diffusers_model, diffusion_model, text_encoder, vae)
         config = TrainConfig(
-            output_name=output_name.strip(), training_steps=training_steps, batch_size=batch_size, grad_accum=grad_accum,
-            learning_rate=learning_rate, rank=rank, seed=seed, save_every=save_every,
-            gradient_checkpointing=True if gradient_checkpointing else None, stop_on_collapse=stop_on_collapse,
+            output_name=output_name.strip(),
+            training_steps=training_steps,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            learning_rate=learning_rate,
+            rank=rank,
+            seed=seed,
+            save_every=save_every,
+            gradient_checkpointing=True if gradient_checkpointing else None,
+            stop_on_collapse=stop_on_collapse,
             regularization_weight=regularization_weight,
         )
         run_dir = Path(folder_paths.get_output_directory()) / RUN_FOLDER / config.output_name
@@ -188,13 +315,22 @@ class KleinLoRATrainer(io.ComfyNode):
         comfy.model_management.unload_all_models()  # make room: ComfyUI's own models leave the GPU first
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
             run = train(
-                resolved, dataset, config, run_dir, preview_prompts=prompts, regularization=regularization,
+                resolved,
+                dataset,
+                config,
+                run_dir,
+                preview_prompts=prompts,
+                regularization=regularization,
                 held_out=held_out,
                 cache_dir=default_cache_dir(),
                 device=str(comfy.model_management.get_torch_device()),
-                callbacks=TrainCallbacks(on_step=progress.on_step, on_progress=progress.on_progress,
-                                         should_stop=progress.should_stop, on_checkpoint=progress.on_checkpoint,
-                                         log=progress.log),
+                callbacks=TrainCallbacks(
+                    on_step=progress.on_step,
+                    on_progress=progress.on_progress,
+                    should_stop=progress.should_stop,
+                    on_checkpoint=progress.on_checkpoint,
+                    log=progress.log,
+                ),
             )
         memory.register(run)  # its transformer and VAE leave the GPU when ComfyUI frees memory (nodes/memory.py)
         lora_name = _publish_to_loras(run)

@@ -29,8 +29,25 @@ def gpu_klein():
         sys.path.remove(str(BENCH))
 
 
-TINY_QUICK = [sys.executable, str(BENCH / "gpu_klein.py"), "--variant", "tiny", "--device", "cpu", "--resolution", "64", "--quick",
-              "--steps", "1", "--warmup", "1", "--sample-steps", "2", "--ratio-sample-steps", "1"]
+TINY_QUICK = [
+    sys.executable,
+    str(BENCH / "gpu_klein.py"),
+    "--variant",
+    "tiny",
+    "--device",
+    "cpu",
+    "--resolution",
+    "64",
+    "--quick",
+    "--steps",
+    "1",
+    "--warmup",
+    "1",
+    "--sample-steps",
+    "2",
+    "--ratio-sample-steps",
+    "1",
+]
 
 
 def figures(path: Path) -> list[dict]:
@@ -40,7 +57,15 @@ def figures(path: Path) -> list[dict]:
 def test_gpu_benchmark_runs_end_to_end_on_cpu_with_the_tiny_config(tmp_path):
     results_md = tmp_path / "RESULTS.md"
     results_md.write_text("# Results\n\nhand-written text stays\n")
-    command = [*TINY_QUICK, "--json", "--out", str(tmp_path / "out"), "--write-results", "--results-md", str(results_md)]
+    command = [
+        *TINY_QUICK,
+        "--json",
+        "--out",
+        str(tmp_path / "out"),
+        "--write-results",
+        "--results-md",
+        str(results_md),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
@@ -53,27 +78,54 @@ def test_gpu_benchmark_runs_end_to_end_on_cpu_with_the_tiny_config(tmp_path):
         measured = result["training"][mode]
         assert measured["status"] == "ok"
         assert measured["s_per_training_step"] > 0 and measured["achieved_tflops"] > 0
-        assert {"mfu", "peak_allocated_gib", "peak_reserved_gib", "predicted_s_per_training_step", "predicted_peak_gib"} <= measured.keys()
+        assert {
+            "mfu",
+            "peak_allocated_gib",
+            "peak_reserved_gib",
+            "predicted_s_per_training_step",
+            "predicted_peak_gib",
+        } <= measured.keys()
     # checkpointing recomputes the forward: more FLOPs per training step
     assert result["training"]["gc"]["tflop_per_training_step"] > result["training"]["no_gc"]["tflop_per_training_step"]
     assert result["training"]["compiled"]["status"].startswith("skipped")
     for backend in ("torchao", "quanto"):
         assert result["training"][f"8bit_{backend}_gc"]["status"] in ("ok", "not installed")
     preview = result["preview"]
-    assert preview["status"] == "ok" and preview["sample_steps"] == 2 and preview["lora"] == "merged" and preview["seconds"] > 0
+    assert (
+        preview["status"] == "ok"
+        and preview["sample_steps"] == 2
+        and preview["lora"] == "merged"
+        and preview["seconds"] > 0
+    )
     assert preview["ratios"]["batched_vs_two_pass"] > 0 and preview["ratios"]["merged_vs_unmerged"] > 0
     # one checkpoint's health work: K validation images x 4 sigma, one health preview, their share of save_every steps
     health = result["checkpoint_health"]
-    assert health["validation"]["status"] == "ok" and health["validation"]["forwards"] == 4 * health["validation"]["images"]
+    assert (
+        health["validation"]["status"] == "ok"
+        and health["validation"]["forwards"] == 4 * health["validation"]["images"]
+    )
     assert health["health_preview"]["status"] == "ok" and health["health_preview"]["side"] <= 64
-    assert 0 < health["checkpoint_work_fraction"] == health["seconds"] / (250 * result["training"]["gc"]["s_per_training_step"])
+    assert (
+        0
+        < health["checkpoint_work_fraction"]
+        == health["seconds"] / (250 * result["training"]["gc"]["s_per_training_step"])
+    )
     # the figures file: the run's header, then every figure in the order measured, the most valuable first
     rows = figures(tmp_path / "out" / "gpu_figures.jsonl")
     phases = [row["phase"] for row in rows]
     assert phases[0] == "run" and phases[-1] == "done" and rows[0]["versions"] == report["versions"]
-    assert phases.index("no_gc") < phases.index("gc") < phases.index("checkpoint_validation") < phases.index("preview") \
-        < phases.index("8bit_torchao_gc") < phases.index("preview_ratios")
-    assert next(row for row in rows if row["phase"] == "gc")["s_per_training_step"] == result["training"]["gc"]["s_per_training_step"]
+    assert (
+        phases.index("no_gc")
+        < phases.index("gc")
+        < phases.index("checkpoint_validation")
+        < phases.index("preview")
+        < phases.index("8bit_torchao_gc")
+        < phases.index("preview_ratios")
+    )
+    assert (
+        next(row for row in rows if row["phase"] == "gc")["s_per_training_step"]
+        == result["training"]["gc"]["s_per_training_step"]
+    )
     assert all("elapsed_s" in row for row in rows)
     # --write-results keeps the hand-written text and adds the measured table
     text = results_md.read_text()
@@ -83,10 +135,21 @@ def test_gpu_benchmark_runs_end_to_end_on_cpu_with_the_tiny_config(tmp_path):
 
 def test_written_results_replace_the_same_device_variant_and_resolution_only(gpu_klein, tmp_path):
     def report(device, resolution, seconds):
-        mode = {"status": "ok", "s_per_training_step": seconds, "predicted_s_per_training_step": 0.4, "achieved_tflops": 400.0,
-                "mfu": 0.5, "peak_reserved_gib": 50.0, "predicted_peak_gib": 51.6}
-        return {"date": "2026-01-01", "device": {"name": device}, "versions": {"torch": "x"},
-                "results": [{"variant": "9B", "resolution": resolution, "training": {"no_gc": mode}, "preview": None}]}
+        mode = {
+            "status": "ok",
+            "s_per_training_step": seconds,
+            "predicted_s_per_training_step": 0.4,
+            "achieved_tflops": 400.0,
+            "mfu": 0.5,
+            "peak_reserved_gib": 50.0,
+            "predicted_peak_gib": 51.6,
+        }
+        return {
+            "date": "2026-01-01",
+            "device": {"name": device},
+            "versions": {"torch": "x"},
+            "results": [{"variant": "9B", "resolution": resolution, "training": {"no_gc": mode}, "preview": None}],
+        }
 
     results_md = tmp_path / "RESULTS.md"
     gpu_klein.write_results(report("NVIDIA H100", 1024, 0.5), results_md)
@@ -103,8 +166,13 @@ def test_a_stopped_gpu_benchmark_keeps_the_figures_measured_before_it_stopped(tm
     """Each figure is on disk the moment it is measured: a run killed mid-way (a device time-out) leaves whole JSON
     lines for everything before, and no report."""
     out = tmp_path / "out"
-    process = subprocess.Popen([*TINY_QUICK, "--out", str(out)], cwd=tmp_path, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*TINY_QUICK, "--out", str(out)],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     log = out / "gpu_figures.jsonl"
     try:
         deadline = time.monotonic() + 600  # a safety net for a hung run, not a timing

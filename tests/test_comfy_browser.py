@@ -26,8 +26,10 @@ SMOOTH_LINE_RGB = (0x5F, 0xA8, 0xFF)  # web/js/training_chart.js COLORS.smooth
 def browser(comfy_server):
     executable = find_chromium()
     if executable is None:
-        pytest.skip("no Chromium on this machine: install Debian's chromium (apt-get install -y chromium; "
-                    ".ci/run does) or set KLEIN_CHROMIUM")
+        pytest.skip(
+            "no Chromium on this machine: install Debian's chromium (apt-get install -y chromium; "
+            ".ci/run does) or set KLEIN_CHROMIUM"
+        )
     chromium = Browser(executable)
     try:
         chromium.start()
@@ -43,9 +45,11 @@ def wait_ms(ms: int) -> str:
 
 def click_text_js(text: str) -> str:
     """JS: click the innermost element whose own text is exactly ``text``."""
-    return (f"(() => {{ const hit = [...document.querySelectorAll('body *')].filter((e) => e.children.length === 0 "
-            f"&& e.textContent.trim() === {json.dumps(text)}); if (!hit.length) return false; "
-            f"hit[0].scrollIntoView(); hit[0].click(); return true; }})()")
+    return (
+        f"(() => {{ const hit = [...document.querySelectorAll('body *')].filter((e) => e.children.length === 0 "
+        f"&& e.textContent.trim() === {json.dumps(text)}); if (!hit.length) return false; "
+        f"hit[0].scrollIntoView(); hit[0].click(); return true; }})()"
+    )
 
 
 def api_copy(name: str) -> dict:
@@ -55,7 +59,8 @@ def api_copy(name: str) -> dict:
 
 def test_pack_nodes_are_registered_and_found_in_the_node_library(browser):
     registered = browser.evaluate(
-        f"{json.dumps(PACK_NODES)}.map((t) => [t, LiteGraph.registered_node_types[t]?.category ?? null])")
+        f"{json.dumps(PACK_NODES)}.map((t) => [t, LiteGraph.registered_node_types[t]?.category ?? null])"
+    )
     assert all(category and category.startswith("Klein LoRA/") for _, category in registered), registered
 
     shown = browser.evaluate(f"""(async () => {{
@@ -68,8 +73,13 @@ def test_pack_nodes_are_registered_and_found_in_the_node_library(browser):
         await app.extensionManager.command.execute('Workspace.ToggleSidebarTab.node-library');
         return text;
     }})()""")
-    for display_name in ("Klein LoRA Trainer", "Klein Caption Dataset", "Klein Repeats Calculator",
-                         "Klein Base Preview Sampler", "Klein Training Report"):
+    for display_name in (
+        "Klein LoRA Trainer",
+        "Klein Caption Dataset",
+        "Klein Repeats Calculator",
+        "Klein Base Preview Sampler",
+        "Klein Training Report",
+    ):
         assert display_name in shown, display_name
 
 
@@ -84,10 +94,19 @@ def test_templates_are_listed_under_the_pack_name_with_thumbnails_and_one_loads(
     browser.wait_for(click_text_js(PACK_DIR_NAME), timeout_s=20)  # EXTENSIONS -> klein-lora-trainer
     browser.wait_for(f"{json.dumps(TEMPLATES)}.every((name) => document.body.innerText.includes(name))", 20)
     assert browser.evaluate(click_text_js("train_then_preview"))
-    types = browser.wait_for("(() => { const t = app.graph._nodes.map((n) => n.type); "
-                             "return t.includes('KleinLoRATrainer') && t; })()", timeout_s=20)
-    assert {"KleinCaptionDataset", "KleinRepeatsCalculator", "KleinLoRATrainer", "KleinBasePreviewSampler",
-            "KleinTrainingReport", "SaveImage", "MarkdownNote"} == set(types)
+    types = browser.wait_for(
+        "(() => { const t = app.graph._nodes.map((n) => n.type); return t.includes('KleinLoRATrainer') && t; })()",
+        timeout_s=20,
+    )
+    assert {
+        "KleinCaptionDataset",
+        "KleinRepeatsCalculator",
+        "KleinLoRATrainer",
+        "KleinBasePreviewSampler",
+        "KleinTrainingReport",
+        "SaveImage",
+        "MarkdownNote",
+    } == set(types)
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -106,8 +125,13 @@ def test_queued_template_shows_the_grid_on_the_preview_node_and_the_live_chart_u
     tiny = {
         "KleinCaptionDataset": {"folder": comfy_assets.dataset_folder, "resolutions": "64"},
         "KleinRepeatsCalculator": {"target_repeats": 1, "resolution": 256},
-        "KleinLoRATrainer": {**comfy_assets.model_inputs, "learning_rate": 1e-3, "rank": 4, "save_every": 2,
-                             "output_name": "browser_run"},
+        "KleinLoRATrainer": {
+            **comfy_assets.model_inputs,
+            "learning_rate": 1e-3,
+            "rank": 4,
+            "save_every": 2,
+            "output_name": "browser_run",
+        },
         "KleinBasePreviewSampler": {"sample_steps": 4},  # Base's 50 are run by test_comfy_workflows.py
     }
     browser.evaluate(f"""(async (values) => {{
@@ -125,15 +149,17 @@ def test_queued_template_shows_the_grid_on_the_preview_node_and_the_live_chart_u
     # The live chart: one point per training step (sent at each loss read), then the validation loss and the verdict.
     browser.wait_for(f"(window.KleinTrainingCharts.get('{ids['KleinLoRATrainer']}')?.losses.length ?? 0) >= 1", 180)
     browser.wait_for(f"!!window.KleinTrainingCharts.get('{ids['KleinLoRATrainer']}').verdict", 240)
-    state = browser.evaluate(f"(() => {{ const s = window.KleinTrainingCharts.get('{ids['KleinLoRATrainer']}'); "
-                             "return {steps: s.losses.map((p) => p[0]), validation: s.validation.length, "
-                             "status: s.status, verdict: s.verdict, draws: s.draws, updates: s.updates}; })()")
+    state = browser.evaluate(
+        f"(() => {{ const s = window.KleinTrainingCharts.get('{ids['KleinLoRATrainer']}'); "
+        "return {steps: s.losses.map((p) => p[0]), validation: s.validation.length, "
+        "status: s.status, verdict: s.verdict, draws: s.draws, updates: s.updates}; })()"
+    )
     assert state["steps"] == [1, 2, 3, 4]
     assert state["validation"] == 2  # checkpoints at training steps 2 and 4
     assert state["status"].startswith("done: 4/4") and state["verdict"].startswith(("Healthy", "Collapse"))
     assert state["updates"] >= 4 and state["draws"] >= state["updates"]  # redrawn on every event
     line_pixels = browser.evaluate(f"""(() => {{
-        const node = app.graph.getNodeById({ids['KleinLoRATrainer']});
+        const node = app.graph.getNodeById({ids["KleinLoRATrainer"]});
         const canvas = node.kleinChart.canvas, data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
         let hits = 0;
         for (let i = 0; i < data.length; i += 4)
@@ -145,8 +171,9 @@ def test_queued_template_shows_the_grid_on_the_preview_node_and_the_live_chart_u
 
     # When the prompt is done: the finished grid on the preview node (not the last single cell of its progress
     # previews), the report on its node and the saved grid on SaveImage.
-    browser.wait_for("fetch('/queue').then((r) => r.json()).then((q) => !q.queue_running.length && !q.queue_pending.length)",
-                     240)
+    browser.wait_for(
+        "fetch('/queue').then((r) => r.json()).then((q) => !q.queue_running.length && !q.queue_pending.length)", 240
+    )
     (entry,) = comfy_assets.server.get_json("/history?max_items=1").values()
     assert entry["status"]["status_str"] == "success", entry["status"]
     saved = entry["outputs"][ids["SaveImage"]]["images"][0]
@@ -155,9 +182,12 @@ def test_queued_template_shows_the_grid_on_the_preview_node_and_the_live_chart_u
     browser.fit_graph()  # the frontend loads a node's images when it draws the node
     for node_type in ("KleinBasePreviewSampler", "KleinTrainingReport", "SaveImage"):
         aspect = grid_aspect if node_type != "KleinTrainingReport" else 0  # 0: any image
-        browser.wait_for(f"""(() => {{ const img = app.graph.getNodeById({ids[node_type]}).imgs?.[0];
+        browser.wait_for(
+            f"""(() => {{ const img = app.graph.getNodeById({ids[node_type]}).imgs?.[0];
             return !!img && img.complete && img.naturalWidth > 0 &&
-                   ({aspect} === 0 || Math.abs(img.naturalWidth / img.naturalHeight / {aspect} - 1) < 0.02); }})()""", 30)
+                   ({aspect} === 0 || Math.abs(img.naturalWidth / img.naturalHeight / {aspect} - 1) < 0.02); }})()""",
+            30,
+        )
 
     version = browser.evaluate("fetch('/system_stats').then((r) => r.json()).then((s) => s.system.comfyui_version)")
     shot = browser.screenshot(ARTIFACTS_DIR / f"comfyui-{version}-train_then_preview.png")

@@ -73,9 +73,13 @@ def tiny_transformer():
 def random_lora(transformer, rank: int = 4, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     modules = dict(transformer.named_modules())
     generator = torch.Generator().manual_seed(seed)
-    return {name: (torch.randn(rank, modules[name].in_features, generator=generator) * 0.1,
-                   torch.randn(modules[name].out_features, rank, generator=generator) * 0.1)
-            for name in target_module_names(transformer)}
+    return {
+        name: (
+            torch.randn(rank, modules[name].in_features, generator=generator) * 0.1,
+            torch.randn(modules[name].out_features, rank, generator=generator) * 0.1,
+        )
+        for name in target_module_names(transformer)
+    }
 
 
 def expected_bfl_deltas(transformer, weights) -> dict[str, torch.Tensor]:
@@ -91,8 +95,13 @@ def test_every_module_we_train_has_a_key_comfyuis_flux2_loader_maps(size):
     from diffusers import Flux2Transformer2DModel
 
     doubles, singles, heads = KLEIN_SIZES[size]
-    config = {**TINY_TRANSFORMER_CONFIG, "num_layers": doubles, "num_single_layers": singles,
-              "num_attention_heads": heads, "joint_attention_dim": 3 * (4096 if size == "9B" else 2560)}
+    config = {
+        **TINY_TRANSFORMER_CONFIG,
+        "num_layers": doubles,
+        "num_single_layers": singles,
+        "num_attention_heads": heads,
+        "joint_attention_dim": 3 * (4096 if size == "9B" else 2560),
+    }
     with torch.device("meta"):
         transformer = Flux2Transformer2DModel(**config)
     names = target_module_names(transformer)
@@ -129,8 +138,10 @@ def runs_klein(tree) -> bool:
 @pytest.mark.comfy_server
 def test_comfyui_stock_lora_loader_loads_every_key_and_patches_exactly_our_delta(comfy_env, tiny_model, tmp_path):
     if not runs_klein(comfy_env.tree):
-        pytest.skip(f"ComfyUI {comfy_env.version} ({comfy_env.tree}) predates Klein: no Flux2 diffusers LoRA names "
-                    "(ComfyUI PR #11981, early 2026). Set COMFYUI_DIR to a current ComfyUI tree (0.33.0 verified).")
+        pytest.skip(
+            f"ComfyUI {comfy_env.version} ({comfy_env.tree}) predates Klein: no Flux2 diffusers LoRA names "
+            "(ComfyUI PR #11981, early 2026). Set COMFYUI_DIR to a current ComfyUI tree (0.33.0 verified)."
+        )
     from klein_core.model.loading import load_transformer, resolve_model
 
     transformer = load_transformer(resolve_model(tiny_model / "diffusers"))
@@ -139,9 +150,19 @@ def test_comfyui_stock_lora_loader_loads_every_key_and_patches_exactly_our_delta
     deltas_path = tmp_path / "comfy_deltas.safetensors"
     env = dict(os.environ, PYTHONPATH=comfy_env.server_pythonpath(), PYTHONDONTWRITEBYTECODE="1")
     completed = subprocess.run(
-        [str(comfy_env.python), str(TESTS_DIR / "harness" / "lora_check.py"),
-         str(tiny_model / "comfyui" / COMFY_FILES["transformer"]), str(lora_path), str(deltas_path)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        [
+            str(comfy_env.python),
+            str(TESTS_DIR / "harness" / "lora_check.py"),
+            str(tiny_model / "comfyui" / COMFY_FILES["transformer"]),
+            str(lora_path),
+            str(deltas_path),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     report = json.loads(completed.stdout.strip().splitlines()[-1])

@@ -43,9 +43,7 @@ def calculator_prompt(images=55, target_repeats=100, batch_size=1, grad_accum=4)
 
 def pack_entries(object_info: dict) -> dict:
     return {
-        node_id: info
-        for node_id, info in object_info.items()
-        if PACK_DIR_NAME in str(info.get("python_module", ""))
+        node_id: info for node_id, info in object_info.items() if PACK_DIR_NAME in str(info.get("python_module", ""))
     }
 
 

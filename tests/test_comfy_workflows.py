@@ -30,7 +30,9 @@ TINY_TRAINING_STEPS = 4  # 4 images x 1 repeat, batch 1
 def api_copy(name: str) -> dict:
     """The API-format copy of an example workflow, as ComfyUI's frontend converted it (titles dropped)."""
     prompt = json.loads((API_DIR / f"{name}.api.json").read_text())
-    return {node_id: {"class_type": node["class_type"], "inputs": dict(node["inputs"])} for node_id, node in prompt.items()}
+    return {
+        node_id: {"class_type": node["class_type"], "inputs": dict(node["inputs"])} for node_id, node in prompt.items()
+    }
 
 
 def node_of(prompt: dict, class_type: str) -> tuple[str, dict]:
@@ -48,8 +50,9 @@ def tiny_train_then_preview(assets, output_name: str, seed: int = 0, save_every:
     _, calculator = node_of(prompt, "KleinRepeatsCalculator")
     calculator["inputs"].update(target_repeats=1.0, resolution=256)
     _, trainer = node_of(prompt, "KleinLoRATrainer")
-    trainer["inputs"].update(**assets.model_inputs, learning_rate=1e-3, rank=4, save_every=save_every, seed=seed,
-                             output_name=output_name)
+    trainer["inputs"].update(
+        **assets.model_inputs, learning_rate=1e-3, rank=4, save_every=save_every, seed=seed, output_name=output_name
+    )
     if not preview:
         trainer["inputs"]["preview_prompts"] = ""
         keep = {"KleinCaptionDataset", "KleinRepeatsCalculator", "KleinLoRATrainer"}
@@ -67,8 +70,11 @@ def lora_keys(path: Path) -> list[str]:
 
 
 def training_events(events: list[dict], node_id: str, kind: str) -> list[dict]:
-    return [e["data"] for e in events if e["type"] == "klein.training" and e["data"].get("node") == node_id
-            and e["data"].get("kind") == kind]
+    return [
+        e["data"]
+        for e in events
+        if e["type"] == "klein.training" and e["data"].get("node") == node_id and e["data"].get("kind") == kind
+    ]
 
 
 def run_with_events(server, prompt: dict, timeout_s: float = 300) -> tuple[dict, list[dict]]:
@@ -135,7 +141,9 @@ def test_train_then_preview_workflow_trains_publishes_the_lora_and_renders_the_g
     steps = training_events(events, trainer_id, "step")  # at each loss read, with every training step's loss since
     assert [step for s in steps for step, _ in s["losses"]] == list(range(1, TINY_TRAINING_STEPS + 1))
     assert all(s["training_steps"] == TINY_TRAINING_STEPS and s["s_per_step"] > 0 for s in steps)
-    trainer_progress = [e["data"]["value"] for e in events if e["type"] == "progress" and e["data"]["node"] == trainer_id]
+    trainer_progress = [
+        e["data"]["value"] for e in events if e["type"] == "progress" and e["data"]["node"] == trainer_id
+    ]
     # the progress bar moves from the first training step on, not only at loss reads (newer ComfyUI throttles it)
     assert trainer_progress[0] == 1 and trainer_progress[-1] == TINY_TRAINING_STEPS
     assert trainer_progress == sorted(trainer_progress)
@@ -156,16 +164,26 @@ def test_preview_existing_lora_workflow_renders_a_lora_file_from_the_loras_folde
         transformer = Flux2Transformer2DModel(**TINY_TRANSFORMER_CONFIG)
     modules = dict(transformer.named_modules())
     generator = torch.Generator().manual_seed(3)
-    weights = {name: (torch.randn(4, modules[name].in_features, generator=generator) * 0.1,
-                      torch.randn(modules[name].out_features, 4, generator=generator) * 0.1)
-               for name in target_module_names(transformer)}
+    weights = {
+        name: (
+            torch.randn(4, modules[name].in_features, generator=generator) * 0.1,
+            torch.randn(modules[name].out_features, 4, generator=generator) * 0.1,
+        )
+        for name in target_module_names(transformer)
+    }
     save_lora(server.models_dir / "loras" / "klein" / "wf_existing.safetensors", weights, {"trigger_word": "kleinchar"})
 
     prompt = api_copy("preview_existing_lora")
     preview_id, preview = node_of(prompt, "KleinBasePreviewSampler")
     # 4 sample steps and no sweep: this test is about reading a LoRA file (Base's 50 steps are covered above).
-    preview["inputs"].update(**comfy_assets.model_inputs, lora="klein/wf_existing.safetensors", strengths="",
-                             width=TINY_RESOLUTION, height=TINY_RESOLUTION, sample_steps=4)
+    preview["inputs"].update(
+        **comfy_assets.model_inputs,
+        lora="klein/wf_existing.safetensors",
+        strengths="",
+        width=TINY_RESOLUTION,
+        height=TINY_RESOLUTION,
+        sample_steps=4,
+    )
     entry = server.run(prompt, timeout_s=300)
 
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000] + server.log_tail()
@@ -190,8 +208,10 @@ def test_a_regularization_dataset_linked_to_the_trainer_mixes_in_apart_from_the_
         prompt = tiny_train_then_preview(comfy_assets, "wf_regularized", preview=False)
         _, dataset = node_of(prompt, "KleinCaptionDataset")
         trainer_id, trainer = node_of(prompt, "KleinLoRATrainer")
-        prompt["class"] = {"class_type": "KleinCaptionDataset",
-                           "inputs": dict(dataset["inputs"], path=str(class_images), default_caption=default_caption)}
+        prompt["class"] = {
+            "class_type": "KleinCaptionDataset",
+            "inputs": dict(dataset["inputs"], path=str(class_images), default_caption=default_caption),
+        }
         trainer["inputs"].update(regularization=["class", 0], regularization_weight=0.1)
         return prompt, trainer_id
 
@@ -200,7 +220,9 @@ def test_a_regularization_dataset_linked_to_the_trainer_mixes_in_apart_from_the_
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000] + server.log_tail()
     summary = entry["outputs"][trainer_id]["text"][0]
     assert "4 training steps, 1.0 repeats per image" in summary  # the dose counts the 4 identity images only
-    assert "regularization: 2 class images at weight 0.1 (2.0 repeats each; not counted in the identity dose)" in summary
+    assert (
+        "regularization: 2 class images at weight 0.1 (2.0 repeats each; not counted in the identity dose)" in summary
+    )
     manifest = json.loads((run_dir(comfy_assets, "wf_regularized") / "run.json").read_text())
     assert manifest["regularization"]["images"] == 2
 
@@ -220,8 +242,14 @@ def test_interrupt_during_training_stops_it_and_keeps_the_last_checkpoint_intact
 
     with server.events() as events:
         prompt_id = server.queue(prompt, client_id=events.client_id)
-        events.wait_for(lambda e: e["type"] == "klein.training" and e["data"].get("kind") == "checkpoint"
-                        and e["data"].get("training_step", 0) >= 2, timeout_s=120)
+        events.wait_for(
+            lambda e: (
+                e["type"] == "klein.training"
+                and e["data"].get("kind") == "checkpoint"
+                and e["data"].get("training_step", 0) >= 2
+            ),
+            timeout_s=120,
+        )
         server.interrupt()
         events.wait_until_prompt_done(prompt_id, timeout_s=60)
         received = list(events.received)
@@ -261,7 +289,8 @@ def test_requeue_with_the_same_inputs_is_cached_and_a_new_seed_retrains(comfy_as
     reseeded, events = run_with_events(server, tiny_train_then_preview(comfy_assets, name, seed=1, preview=False))
     assert reseeded["status"]["status_str"] == "success", reseeded["status"]
     assert [step for e in training_events(events, trainer_id, "step") for step, _ in e["losses"]] == list(
-        range(1, TINY_TRAINING_STEPS + 1))  # trained again, every training step
+        range(1, TINY_TRAINING_STEPS + 1)
+    )  # trained again, every training step
     assert lora.read_bytes() != first_bytes  # a new seed trained a different LoRA
 
 
@@ -278,7 +307,7 @@ def post_free_and_wait(server, flags: dict, nudge: dict) -> list[str]:
 
 
 def test_comfyui_free_memory_actions_release_the_cached_klein_run(comfy_assets):
-    """"Unload models" offloads the run's models (to RAM on a GPU machine); "free model and node cache" drops it."""
+    """ "Unload models" offloads the run's models (to RAM on a GPU machine); "free model and node cache" drops it."""
     server = comfy_assets.server
     name = f"wf_free_{uuid.uuid4().hex[:6]}"
     prompt = tiny_train_then_preview(comfy_assets, name, preview=False)

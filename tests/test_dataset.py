@@ -152,8 +152,14 @@ def test_a_regularization_set_keeps_class_captions_and_refuses_any_that_carry_th
     # the class folder's own trigger is not the identity's: the identity's word is the one that must stay out
     spec = DatasetSpec(folder=str(tmp_path), trigger="someone", resolutions=SMALL, default_caption="photo of a person")
     regularization = spec.as_regularization(TRIGGER)
-    assert (regularization.trigger, regularization.trigger_policy, regularization.caption_dropout) == (TRIGGER, "exclude", 0.0)
-    with pytest.raises(DatasetError, match=r"1 regularization captions contain the trigger 'kleinchar': b.png.*photo of a person"):
+    assert (regularization.trigger, regularization.trigger_policy, regularization.caption_dropout) == (
+        TRIGGER,
+        "exclude",
+        0.0,
+    )
+    with pytest.raises(
+        DatasetError, match=r"1 regularization captions contain the trigger 'kleinchar': b.png.*photo of a person"
+    ):
         regularization.scan()
     (tmp_path / "b.txt").unlink()
     scan = regularization.scan()

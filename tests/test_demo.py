@@ -50,7 +50,11 @@ def test_demo_plans_trains_previews_scores_and_says_where_everything_is(tmp_path
 def test_the_demo_keeps_the_preset_dose_health_previews_and_base_preview_settings():
     scale = DemoScale()
     assert (scale.target_repeats, scale.batch_size, scale.grad_accum, scale.rank) == (
-        PRESET.target_repeats, PRESET.batch_size, PRESET.grad_accum, PRESET.rank)
+        PRESET.target_repeats,
+        PRESET.batch_size,
+        PRESET.grad_accum,
+        PRESET.rank,
+    )
     assert (scale.sample_steps, scale.cfg) == (PRESET.sample_steps, PRESET.cfg) == (50, 4.0)
     assert scale.health_previews
     assert build_parser().parse_args(["demo"]).out == "klein-demo"

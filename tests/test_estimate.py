@@ -13,6 +13,7 @@ from klein_core.errors import PlanError
 from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
 from klein_core.train import estimate as estimate_module
 from klein_core.train.gpu import detect_gpu_memory
+from klein_core.train.memory_mode import decide_memory_mode, recommend_mode
 from klein_core.train.estimate import (
     KLEIN_4B,
     KLEIN_9B,
@@ -21,7 +22,6 @@ from klein_core.train.estimate import (
     estimate,
     fits,
     peak_tflops,
-    recommend_mode,
 )
 
 GC = Mode(gradient_checkpointing=True)
@@ -31,18 +31,25 @@ def meta_transformer(shape: ModelShape):
     from diffusers import Flux2Transformer2DModel
 
     config = dict(
-        TINY_TRANSFORMER_CONFIG, num_layers=shape.num_layers, num_single_layers=shape.num_single_layers,
-        num_attention_heads=shape.hidden_size // 128, joint_attention_dim=shape.joint_attention_dim,
+        TINY_TRANSFORMER_CONFIG,
+        num_layers=shape.num_layers,
+        num_single_layers=shape.num_single_layers,
+        num_attention_heads=shape.hidden_size // 128,
+        joint_attention_dim=shape.joint_attention_dim,
     )
     with torch.device("meta"):
         return Flux2Transformer2DModel(**config)
 
 
-@pytest.mark.parametrize("shape", [KLEIN_9B, KLEIN_4B, ModelShape.from_config(TINY_TRANSFORMER_CONFIG)], ids=["9B", "4B", "tiny"])
+@pytest.mark.parametrize(
+    "shape", [KLEIN_9B, KLEIN_4B, ModelShape.from_config(TINY_TRANSFORMER_CONFIG)], ids=["9B", "4B", "tiny"]
+)
 def test_parameter_counts_match_the_real_diffusers_modules(shape):
     model = meta_transformer(shape)
     assert shape.params == sum(p.numel() for p in model.parameters())
-    block_linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "transformer_blocks" in n]
+    block_linears = [
+        m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "transformer_blocks" in n
+    ]
     assert shape.block_linear_params == sum(m.weight.numel() for m in block_linears)
 
 
@@ -165,7 +172,10 @@ def test_no_gpu_is_detected_on_a_cpu_machine():
 
 
 def test_plan_json_has_an_estimate_with_the_fit_on_a_given_gpu(capsys):
-    assert main(["plan", "--images", "55", "--variant", "9b", "--resolution", "1024", "--gpu-memory", "23.6", "--json"]) == 0
+    assert (
+        main(["plan", "--images", "55", "--variant", "9b", "--resolution", "1024", "--gpu-memory", "23.6", "--json"])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["training_steps"] == 5500
     est = out["estimate"]
@@ -190,19 +200,19 @@ def test_plan_rejects_a_non_positive_gpu_memory(capsys):
 
 # --- the trainer's pre-flight ----------------------------------------------------------------------------------------
 def test_automatic_checkpointing_turns_on_only_when_the_gpu_needs_it():
-    mode, lines = estimate_module.decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=23.6)
+    mode, lines = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=23.6)
     assert mode.gradient_checkpointing
     assert lines[0].startswith("gradient checkpointing: every block (automatic")
     assert lines[-1].startswith("estimate (9B, 1024 px, rank 16, bf16 base + gradient checkpointing)")
-    mode, lines = estimate_module.decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=79.1)
+    mode, lines = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=79.1)
     assert mode == Mode() and len(lines) == 1
     # no GPU detected (CPU): automatic means off, and the estimate is still shown
-    mode, lines = estimate_module.decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=None)
+    mode, lines = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=None)
     assert mode == Mode() and lines[-1].startswith("estimate (9B")
 
 
 def test_automatic_checkpointing_on_a_48gib_card_checkpoints_only_the_blocks_it_must():
-    mode, lines = estimate_module.decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=47.5)
+    mode, lines = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=47.5)
     assert mode.gradient_checkpointing and mode.checkpointed_blocks is not None and mode.checkpointed_blocks <= 10
     assert lines[0].startswith(f"gradient checkpointing: {mode.checkpointed_blocks} of 32 blocks (automatic")
     partial = estimate_module.estimate("9B", 1024, 16, mode)
@@ -212,13 +222,16 @@ def test_automatic_checkpointing_on_a_48gib_card_checkpoints_only_the_blocks_it_
 
 
 def test_an_explicit_choice_is_kept_and_warned_about():
-    mode, lines = estimate_module.decide_memory_mode("9B", 1024, 16, False, gpu_memory_gib=23.6)
+    mode, lines = decide_memory_mode("9B", 1024, 16, False, gpu_memory_gib=23.6)
     assert not mode.gradient_checkpointing
-    assert any(line.startswith("warning: this run will not fit your 24 GiB GPU without gradient checkpointing") for line in lines)
+    assert any(
+        line.startswith("warning: this run will not fit your 24 GiB GPU without gradient checkpointing")
+        for line in lines
+    )
 
 
 def test_automatic_checkpointing_still_warns_when_only_an_8bit_base_would_fit():
-    mode, lines = estimate_module.decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=15.6)
+    mode, lines = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=15.6)
     assert mode.gradient_checkpointing and mode.checkpointed_blocks is None
     assert any("without an 8-bit base" in line and "--base-8bit" in line for line in lines)
 
@@ -227,19 +240,23 @@ def test_the_8bit_base_always_checkpoints_every_block_and_refuses_to_run_without
     from klein_core.errors import ConfigError
     from klein_core.train.config import TrainConfig
 
-    mode, lines = estimate_module.decide_memory_mode("9B", 1024, 16, None, base_8bit=True, gpu_memory_gib=79.1)
+    mode, lines = decide_memory_mode("9B", 1024, 16, None, base_8bit=True, gpu_memory_gib=79.1)
     assert mode == Mode(True, True) and lines[0] == "gradient checkpointing: on (automatic: the 8-bit base needs it)"
     with pytest.raises(ConfigError, match="the 8-bit base needs gradient checkpointing"):
         TrainConfig(base_8bit=True, gradient_checkpointing=False)
 
 
 def test_a_config_dict_of_a_known_size_is_named_after_it():
-    config = dict(TINY_TRANSFORMER_CONFIG, num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288)
+    config = dict(
+        TINY_TRANSFORMER_CONFIG, num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288
+    )
     assert estimate_module.model_shape(config).name == "9B"
     assert estimate_module.model_shape(TINY_TRANSFORMER_CONFIG).name == "custom"
 
 
-def test_trainer_shows_the_estimate_before_the_first_training_step(tiny_diffusers, sample_dataset, tmp_path, training_cache):
+def test_trainer_shows_the_estimate_before_the_first_training_step(
+    tiny_diffusers, sample_dataset, tmp_path, training_cache
+):
     from conftest import quick_config, quick_spec
 
     from klein_core.model.loading import resolve_model
@@ -248,8 +265,14 @@ def test_trainer_shows_the_estimate_before_the_first_training_step(tiny_diffuser
 
     events: list[str] = []
     callbacks = TrainCallbacks(log=events.append, on_step=lambda info: events.append(f"step {info['training_step']}"))
-    result = train(resolve_model(tiny_diffusers), quick_spec(sample_dataset), quick_config(training_steps=1, save_every=0),
-                   tmp_path, callbacks=callbacks, cache_dir=training_cache)
+    result = train(
+        resolve_model(tiny_diffusers),
+        quick_spec(sample_dataset),
+        quick_config(training_steps=1, save_every=0),
+        tmp_path,
+        callbacks=callbacks,
+        cache_dir=training_cache,
+    )
     estimates = [i for i, e in enumerate(events) if e.startswith("estimate (")]
     assert estimates and estimates[0] < events.index("step 1")
     assert "GiB VRAM" in events[estimates[0]]

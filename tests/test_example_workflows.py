@@ -67,8 +67,12 @@ def test_ui_workflow_and_api_copy_have_the_same_nodes_links_and_widget_values(na
     for _link_id, source, source_slot, target, target_slot, _type in workflow["links"]:
         input_name = next(n for n in workflow["nodes"] if n["id"] == target)["inputs"][target_slot]["name"]
         ui_links.add((str(source), source_slot, str(target), input_name))
-    api_links = {(value[0], value[1], node_id, input_name) for node_id, entry in prompt.items()
-                 for input_name, value in entry["inputs"].items() if isinstance(value, list)}
+    api_links = {
+        (value[0], value[1], node_id, input_name)
+        for node_id, entry in prompt.items()
+        for input_name, value in entry["inputs"].items()
+        if isinstance(value, list)
+    }
     assert ui_links == api_links
     for node_id, node in nodes.items():
         linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
@@ -81,8 +85,12 @@ def test_train_then_preview_is_one_canvas_from_dataset_to_saved_grid():
     workflow = ui("train_then_preview")
     prompt = api("train_then_preview")
     ids = {node["type"]: str(node["id"]) for node in workflow["nodes"]}
-    links = {(value[0], value[1], node_id, name) for node_id, entry in prompt.items()
-             for name, value in entry["inputs"].items() if isinstance(value, list)}
+    links = {
+        (value[0], value[1], node_id, name)
+        for node_id, entry in prompt.items()
+        for name, value in entry["inputs"].items()
+        if isinstance(value, list)
+    }
     assert {
         (ids["KleinCaptionDataset"], 1, ids["KleinRepeatsCalculator"], "images"),  # image_count -> N
         (ids["KleinCaptionDataset"], 0, ids["KleinLoRATrainer"], "dataset"),
@@ -98,10 +106,17 @@ def test_examples_default_to_the_starter_preset():
     assert widget_values(node_by_type(train, "KleinCaptionDataset"))["resolutions"] == str(PRESET.resolution)
     calculator = widget_values(node_by_type(train, "KleinRepeatsCalculator"))
     assert (calculator["target_repeats"], calculator["batch_size"], calculator["grad_accum"]) == (
-        PRESET.target_repeats, PRESET.batch_size, PRESET.grad_accum)
+        PRESET.target_repeats,
+        PRESET.batch_size,
+        PRESET.grad_accum,
+    )
     trainer = widget_values(node_by_type(train, "KleinLoRATrainer"))
     assert (trainer["learning_rate"], trainer["rank"], trainer["batch_size"], trainer["grad_accum"]) == (
-        PRESET.learning_rate, PRESET.rank, PRESET.batch_size, PRESET.grad_accum)
+        PRESET.learning_rate,
+        PRESET.rank,
+        PRESET.batch_size,
+        PRESET.grad_accum,
+    )
     assert "base" in trainer["diffusion_model"]  # Klein Base, never the distilled klein
     for name in ("train_then_preview", "preview_existing_lora"):
         preview = widget_values(node_by_type(ui(name), "KleinBasePreviewSampler"))

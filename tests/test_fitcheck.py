@@ -15,9 +15,15 @@ from klein_core.errors import PlanError
 from klein_core.tools.fitcheck import FitCheckRequest, fit_check, render_table, usable_gib
 from klein_core.train.objective import validation_subset
 
-PHASES = ["text encoder (one prompt)", "VAE encode (one image)", "training step", "validation pass (one image of it)",
-          "health preview (one CFG sample step)", "preview grid (one sample step, LoRA merged)",
-          "preview decode (VAE, one image)"]
+PHASES = [
+    "text encoder (one prompt)",
+    "VAE encode (one image)",
+    "training step",
+    "validation pass (one image of it)",
+    "health preview (one CFG sample step)",
+    "preview grid (one sample step, LoRA merged)",
+    "preview decode (VAE, one image)",
+]
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,9 @@ def test_held_out_validation_loss_rising_is_flagged_while_the_training_images_lo
     train_vals = [1.0, 0.8, 0.65, 0.55, 0.5, 0.45, 0.42, 0.4, 0.38]  # memorising the training images
     held_vals = [1.0, 0.85, 0.75, 0.72, 0.9, 1.1, 1.3, 1.5, 1.7]  # while the held-out photos get worse
     for i, (v, h) in enumerate(zip(train_vals, held_vals)):
-        history.add_checkpoint(i * CHECKPOINT_EVERY, None if i == 0 else ckpt_path(i * CHECKPOINT_EVERY), v, held_out_loss=h)
+        history.add_checkpoint(
+            i * CHECKPOINT_EVERY, None if i == 0 else ckpt_path(i * CHECKPOINT_EVERY), v, held_out_loss=h
+        )
     report = detect_collapse(history)
     assert report is not None and report.signal_names == [VALIDATION_LOSS_RISING]
     assert report.began_step == 200 and report.last_good_step == 150

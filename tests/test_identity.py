@@ -77,8 +77,14 @@ def kinds_by_file(report) -> dict[str, set[str]]:
 def test_every_threshold_has_its_reason():
     reasons = IdentityThresholds().reasons()
     assert set(reasons) == {
-        "small_face_px", "sharpness_side", "blurry_below", "second_face_min_score", "different_person_distance",
-        "min_faces_to_compare", "near_duplicate_bits", "not_ready_share",
+        "small_face_px",
+        "sharpness_side",
+        "blurry_below",
+        "second_face_min_score",
+        "different_person_distance",
+        "min_faces_to_compare",
+        "near_duplicate_bits",
+        "not_ready_share",
     }
     assert all(len(why.split(": ", 1)[1]) > 40 for why in reasons.values()), reasons
     assert reasons["different_person_distance"].startswith("0.6: ")
@@ -142,7 +148,9 @@ def test_contact_sheet_puts_the_farthest_face_first_and_refuses_the_dataset_fold
     path = write_contact_sheet(report, tmp_path / "out" / "sheet.png", title="test")
     sheet = Image.open(path)
     assert sheet.format == "PNG" and sheet.width > 3 * 192 and sheet.height > 2 * 192
-    code = main(["dataset", "check", str(tmp_path / "set"), "--trigger", "kw", "--sheet", str(tmp_path / "set" / "s.png")])
+    code = main(
+        ["dataset", "check", str(tmp_path / "set"), "--trigger", "kw", "--sheet", str(tmp_path / "set" / "s.png")]
+    )
     assert code == 2 and "inside the dataset folder" in capsys.readouterr().err
     assert not (tmp_path / "set" / "s.png").exists()
 
@@ -172,11 +180,25 @@ def test_each_problem_photo_is_named_with_its_kind(mixed_folder: Path, face):
 
 
 @needs_face
-def test_cli_json_lists_each_files_findings_writes_the_sheet_and_leaves_the_folder_untouched(mixed_folder, tmp_path, capsys):
+def test_cli_json_lists_each_files_findings_writes_the_sheet_and_leaves_the_folder_untouched(
+    mixed_folder, tmp_path, capsys
+):
     before = folder_state(mixed_folder)
     sheet = tmp_path / "sheet.png"
-    code = main(["dataset", "check", str(mixed_folder), "--trigger", "kw", "--resolution", str(RESOLUTION), "--json",
-                 "--sheet", str(sheet)])
+    code = main(
+        [
+            "dataset",
+            "check",
+            str(mixed_folder),
+            "--trigger",
+            "kw",
+            "--resolution",
+            str(RESOLUTION),
+            "--json",
+            "--sheet",
+            str(sheet),
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert folder_state(mixed_folder) == before
     files = {f["file"]: f for f in report["identity"]["files"]}

@@ -44,7 +44,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt] if nxt in path else path + [nxt]
+                return path[path.index(nxt) :] + [nxt] if nxt in path else path + [nxt]
             if nxt not in state and (found := visit(nxt, path + [nxt])):
                 return found
         state[node] = 2
@@ -71,8 +71,9 @@ def test_klein_core_imports_no_comfyui():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom) and node.module:
                 names.append(node.module)
-            assert not any(n.split(".")[0] in {"comfy", "comfy_api", "comfy_extras", "folder_paths"} for n in names), path
-
+            assert not any(n.split(".")[0] in {"comfy", "comfy_api", "comfy_extras", "folder_paths"} for n in names), (
+                path
+            )
 
 
 MAX_FUNCTION_LINES = 80  # the house rule: a function reads on one screen
@@ -88,14 +89,19 @@ def _limited_files() -> dict[str, Path]:
 
 def _long_functions(source: str, where: str, limit: int) -> list[str]:
     """``where:line name (N lines)`` of every function in ``source`` over ``limit`` lines, nested ones included."""
-    return [f"{where}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
-            for node in ast.walk(ast.parse(source))
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > limit]
+    return [
+        f"{where}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > limit
+    ]
 
 
 def test_no_function_in_klein_core_or_nodes_is_longer_than_80_lines():
-    offenders = [line for where, path in _limited_files().items()
-                 for line in _long_functions(path.read_text(), where, MAX_FUNCTION_LINES)]
+    offenders = [
+        line
+        for where, path in _limited_files().items()
+        for line in _long_functions(path.read_text(), where, MAX_FUNCTION_LINES)
+    ]
     assert not offenders, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(offenders)
 
 
@@ -107,7 +113,7 @@ def test_no_module_in_klein_core_or_nodes_is_longer_than_600_lines():
 
 def test_the_length_check_counts_nested_and_async_functions_from_def_to_last_line():
     source = (
-        "def outer():\n"          # 1: outer spans lines 1-6 (6 lines)
+        "def outer():\n"  # 1: outer spans lines 1-6 (6 lines)
         "    async def inner():\n"  # 2: inner spans lines 2-5 (4 lines)
         "        a = 1\n"
         "        b = 2\n"

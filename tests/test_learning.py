@@ -50,8 +50,13 @@ MIN_DIRECTION_COSINE = 0.3  # measured 0.46-0.52
 def learned(tiny_diffusers, sample_dataset, tmp_path_factory, training_cache):
     config = quick_config(training_steps=50, learning_rate=1e-2, rank=8, save_every=0, health_previews=False)
     run = train(
-        resolve_model(tiny_diffusers), quick_spec(sample_dataset), config, tmp_path_factory.mktemp("learning_run"),
-        callbacks=TrainCallbacks(log=lambda _m: None), preview_prompts=(PROMPT,), cache_dir=training_cache,
+        resolve_model(tiny_diffusers),
+        quick_spec(sample_dataset),
+        config,
+        tmp_path_factory.mktemp("learning_run"),
+        callbacks=TrainCallbacks(log=lambda _m: None),
+        preview_prompts=(PROMPT,),
+        cache_dir=training_cache,
     )
     references = training_reference_latents(run.vae, dataset_images(sample_dataset), SIZE)
     prompt = PROMPT.replace("[trigger]", run.trigger)
@@ -60,7 +65,9 @@ def learned(tiny_diffusers, sample_dataset, tmp_path_factory, training_cache):
 
     def preview(weights=None, strength: float = 1.0) -> torch.Tensor:
         with patcher.applied(weights, strength):
-            return denoise_base(run.transformer, embeds, run.preview_embeds[""], SIZE, SIZE, SAMPLE_STEPS, CFG, PREVIEW_SEED)
+            return denoise_base(
+                run.transformer, embeds, run.preview_embeds[""], SIZE, SIZE, SAMPLE_STEPS, CFG, PREVIEW_SEED
+            )
 
     control = preview()
     return run, references, preview, control, nearest_training_distance(control, references)

@@ -22,7 +22,6 @@ from klein_core.health.likeness import (
 )
 
 
-
 @pytest.fixture(scope="module")
 def face_backend() -> FaceLikeness:
     return FaceLikeness()

@@ -16,7 +16,9 @@ from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
 from klein_core.train.objective import MicroBatch, accumulate_gradients
 
 INSTALLED = lowvram.available_backends()
-needs_backend = pytest.mark.skipif(not INSTALLED, reason="no 8-bit backend installed (pip install 'klein-lora-trainer[lowvram]')")
+needs_backend = pytest.mark.skipif(
+    not INSTALLED, reason="no 8-bit backend installed (pip install 'klein-lora-trainer[lowvram]')"
+)
 
 
 def tiny_transformer(seed: int = 0):
@@ -28,15 +30,27 @@ def tiny_transformer(seed: int = 0):
 
 def batch(seed: int = 1) -> list[MicroBatch]:
     g = torch.Generator().manual_seed(seed)
-    return [MicroBatch(torch.randn(1, 128, 4, 4, generator=g), torch.randn(1, 512, 48, generator=g),
-                       torch.randn(1, 128, 4, 4, generator=g), torch.tensor([0.5]))]
+    return [
+        MicroBatch(
+            torch.randn(1, 128, 4, 4, generator=g),
+            torch.randn(1, 512, 48, generator=g),
+            torch.randn(1, 128, 4, 4, generator=g),
+            torch.tensor([0.5]),
+        )
+    ]
 
 
 def forward(transformer, seed: int = 2) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        return transformer(hidden_states=torch.randn(1, 16, 128, generator=g), encoder_hidden_states=torch.randn(1, 512, 48, generator=g),
-                           timestep=torch.tensor([0.5]), img_ids=torch.zeros(1, 16, 4), txt_ids=torch.zeros(1, 512, 4), guidance=None).sample
+        return transformer(
+            hidden_states=torch.randn(1, 16, 128, generator=g),
+            encoder_hidden_states=torch.randn(1, 512, 48, generator=g),
+            timestep=torch.tensor([0.5]),
+            img_ids=torch.zeros(1, 16, 4),
+            txt_ids=torch.zeros(1, 512, 4),
+            guidance=None,
+        ).sample
 
 
 def test_asking_for_a_missing_backend_fails_with_the_install_command(monkeypatch):
@@ -47,7 +61,9 @@ def test_asking_for_a_missing_backend_fails_with_the_install_command(monkeypatch
         lowvram.choose_backend("bitsandbytes")
 
 
-def test_training_with_a_missing_backend_fails_before_any_model_loads(monkeypatch, tiny_diffusers, sample_dataset, tmp_path):
+def test_training_with_a_missing_backend_fails_before_any_model_loads(
+    monkeypatch, tiny_diffusers, sample_dataset, tmp_path
+):
     from conftest import quick_config, quick_spec
 
     from klein_core.model.loading import resolve_model
@@ -57,8 +73,14 @@ def test_training_with_a_missing_backend_fails_before_any_model_loads(monkeypatc
     monkeypatch.setattr(lowvram, "backend_available", lambda _backend: False)
     monkeypatch.setattr(session, "load_transformer", lambda *a, **k: pytest.fail("the transformer was loaded"))
     with pytest.raises(ModelError, match="lowvram"):
-        training.train(resolve_model(tiny_diffusers), quick_spec(sample_dataset), quick_config(base_8bit=True), tmp_path,
-                       callbacks=training.TrainCallbacks(log=lambda _m: None), cache_dir=tmp_path / "cache")
+        training.train(
+            resolve_model(tiny_diffusers),
+            quick_spec(sample_dataset),
+            quick_config(base_8bit=True),
+            tmp_path,
+            callbacks=training.TrainCallbacks(log=lambda _m: None),
+            cache_dir=tmp_path / "cache",
+        )
 
 
 @needs_backend
@@ -68,7 +90,9 @@ def test_8bit_base_quantises_the_block_weights_and_the_lora_trains_on_top(backen
     reference = forward(transformer)
     assert lowvram.quantize_base_8bit(transformer, "cpu", backend) == backend
     blocks = lowvram.blocks_of(transformer)
-    assert all(lowvram.is_quantized_weight(m.weight) for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear))
+    assert all(
+        lowvram.is_quantized_weight(m.weight) for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)
+    )
     assert not lowvram.is_quantized_weight(transformer.x_embedder.weight)  # embedders stay in full precision
     quantised = forward(transformer)
     assert not torch.equal(quantised, reference)  # int8 is lossy ...
@@ -119,8 +143,14 @@ def test_the_trainer_runs_with_an_8bit_base(tiny_diffusers, sample_dataset, tmp_
     from klein_core.train.loop import train
 
     logs: list[str] = []
-    result = train(resolve_model(tiny_diffusers), quick_spec(sample_dataset), quick_config(training_steps=2, save_every=0, base_8bit=True),
-                   tmp_path, callbacks=TrainCallbacks(log=logs.append), cache_dir=training_cache)
+    result = train(
+        resolve_model(tiny_diffusers),
+        quick_spec(sample_dataset),
+        quick_config(training_steps=2, save_every=0, base_8bit=True),
+        tmp_path,
+        callbacks=TrainCallbacks(log=logs.append),
+        cache_dir=training_cache,
+    )
     assert any(line.startswith("8-bit base: block weights quantised to int8") for line in logs)
     assert result.final_lora.exists()
     assert len(lora_io.read_lora_file(result.final_lora)) == lora_io.expected_target_count(2, 2)
@@ -146,8 +176,9 @@ def test_checkpointing_the_first_blocks_only_recomputes_them_and_keeps_the_gradi
         generator = torch.Generator().manual_seed(1)
         latents = torch.randn(1, 128, 4, 4, generator=generator)
         embeds = torch.randn(1, 512, transformer.config.joint_attention_dim, generator=generator)
-        flow_matching_loss(transformer, latents, embeds, torch.randn(latents.shape, generator=generator),
-                           torch.tensor([0.5])).backward()
+        flow_matching_loss(
+            transformer, latents, embeds, torch.randn(latents.shape, generator=generator), torch.tensor([0.5])
+        ).backward()
         return [p.grad.clone() for p in lora_io.lora_parameters(transformer)], calls
 
     plain, plain_calls = lora_gradients(None)

@@ -59,7 +59,9 @@ def test_both_formats_load_to_identical_weights_and_outputs(tiny_diffusers, tiny
     te_b, tok_b = load_text_encoder(from_files)
     ids = tok_a(["photo of kleinchar"], return_tensors="pt").input_ids
     assert torch.equal(ids, tok_b(["photo of kleinchar"], return_tensors="pt").input_ids)
-    assert torch.equal(te_a(ids, output_hidden_states=True).hidden_states[27], te_b(ids, output_hidden_states=True).hidden_states[27])
+    assert torch.equal(
+        te_a(ids, output_hidden_states=True).hidden_states[27], te_b(ids, output_hidden_states=True).hidden_states[27]
+    )
 
     tr_a, tr_b = load_transformer(from_folder), load_transformer(from_files)
     g = torch.Generator().manual_seed(0)
@@ -70,7 +72,14 @@ def test_both_formats_load_to_identical_weights_and_outputs(tiny_diffusers, tiny
     img_ids[0, :, 2] = torch.arange(16) % 4
     txt_ids = torch.zeros(1, 8, 4)
     txt_ids[0, :, 3] = torch.arange(8)
-    kw = dict(hidden_states=x, encoder_hidden_states=txt, timestep=torch.tensor([0.5]), img_ids=img_ids, txt_ids=txt_ids, guidance=None)
+    kw = dict(
+        hidden_states=x,
+        encoder_hidden_states=txt,
+        timestep=torch.tensor([0.5]),
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        guidance=None,
+    )
     with torch.no_grad():
         torch.testing.assert_close(tr_a(**kw).sample, tr_b(**kw).sample, rtol=0, atol=1e-6)
 
@@ -107,7 +116,9 @@ def test_model_diffusion_model_prefix_is_optional(tiny_comfy_files, tmp_path):
     state = load_file(tiny_comfy_files["transformer"])
     bare = tmp_path / "flux-2-klein-base-tiny.safetensors"
     save_file({k.removeprefix("model.diffusion_model."): v for k, v in state.items()}, bare)
-    resolved = resolve_model(bare, tiny_comfy_files["text_encoder"], tiny_comfy_files["vae"], tiny_comfy_files["tokenizer"])
+    resolved = resolve_model(
+        bare, tiny_comfy_files["text_encoder"], tiny_comfy_files["vae"], tiny_comfy_files["tokenizer"]
+    )
     a = load_transformer(resolved).state_dict()
     b = load_transformer(comfy(tiny_comfy_files)).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -127,7 +138,9 @@ def test_fp8_transformer_with_scales_loads_dequantised(tiny_comfy_files, tmp_pat
             fp8[key] = tensor
     path = tmp_path / "flux-2-klein-base-tiny-fp8.safetensors"
     save_file(fp8, path)
-    resolved = resolve_model(path, tiny_comfy_files["text_encoder"], tiny_comfy_files["vae"], tiny_comfy_files["tokenizer"])
+    resolved = resolve_model(
+        path, tiny_comfy_files["text_encoder"], tiny_comfy_files["vae"], tiny_comfy_files["tokenizer"]
+    )
     loaded = load_transformer(resolved).state_dict()
     reference = load_transformer(comfy(tiny_comfy_files)).state_dict()
     worst = max(((loaded[k] - reference[k]).abs().max() / (reference[k].abs().max() + 1e-12)).item() for k in reference)
@@ -175,8 +188,16 @@ def _save(tmp_path, name, tensors):
     [
         ({"model.diffusion_model.input_blocks.0.0.weight": (4, 4)}, "Stable Diffusion"),
         ({"double_blocks.0.img_mod.lin.weight": (4, 4), "img_in.weight": (3072, 64)}, "FLUX.1"),
-        ({"img_in.weight": (6144, 128), "txt_in.weight": (6144, 15360), "double_stream_modulation_img.lin.weight": (4, 4),
-          "guidance_in.in_layer.weight": (4, 4), "double_blocks.0.img_attn.norm.key_norm.scale": (128,)}, "FLUX.2 \\[dev\\]"),
+        (
+            {
+                "img_in.weight": (6144, 128),
+                "txt_in.weight": (6144, 15360),
+                "double_stream_modulation_img.lin.weight": (4, 4),
+                "guidance_in.in_layer.weight": (4, 4),
+                "double_blocks.0.img_attn.norm.key_norm.scale": (128,),
+            },
+            "FLUX.2 \\[dev\\]",
+        ),
         ({"model.layers.0.self_attn.q_proj.weight": (4, 4)}, "text encoder"),
     ],
 )
@@ -237,9 +258,13 @@ def test_known_sizes_are_detected_from_shapes_on_the_meta_device():
     from klein_core.model.loading import variant_from_bfl_shapes
 
     for hidden, doubles, singles, joint, name in ((4096, 8, 24, 12288, "9B"), (3072, 5, 20, 7680, "4B")):
-        shapes = {"img_in.weight": (hidden, 128), "txt_in.weight": (hidden, joint),
-                  "double_stream_modulation_img.lin.weight": (6 * hidden * 2, hidden),
-                  "time_in.in_layer.weight": (hidden, 256), "double_blocks.0.img_mlp.2.weight": (hidden, 3 * hidden)}
+        shapes = {
+            "img_in.weight": (hidden, 128),
+            "txt_in.weight": (hidden, joint),
+            "double_stream_modulation_img.lin.weight": (6 * hidden * 2, hidden),
+            "time_in.in_layer.weight": (hidden, 256),
+            "double_blocks.0.img_mlp.2.weight": (hidden, 3 * hidden),
+        }
         shapes.update({f"double_blocks.{i}.img_attn.qkv.weight": (3 * hidden, hidden) for i in range(doubles)})
         shapes.update({f"single_blocks.{i}.linear2.weight": (hidden, 4 * hidden) for i in range(singles)})
         variant, config = variant_from_bfl_shapes(shapes, __import__("pathlib").Path("x.safetensors"))

@@ -52,9 +52,15 @@ def test_tool_comfy_names_the_publisher_the_web_folder_and_the_comfyui_range():
     assert comfy["requires-comfyui"].startswith(">=")
     web = REPO_ROOT / comfy["web"]
     assert (web / "js" / "training_chart.js").is_file()
-    assert sorted(p.stem for p in (web / "docs").glob("*.md")) == sorted([
-        "KleinRepeatsCalculator", "KleinCaptionDataset", "KleinLoRATrainer", "KleinBasePreviewSampler",
-        "KleinTrainingReport"])
+    assert sorted(p.stem for p in (web / "docs").glob("*.md")) == sorted(
+        [
+            "KleinRepeatsCalculator",
+            "KleinCaptionDataset",
+            "KleinLoRATrainer",
+            "KleinBasePreviewSampler",
+            "KleinTrainingReport",
+        ]
+    )
 
 
 def test_web_extension_imports_comfyui_scripts_from_three_levels_up():
@@ -69,7 +75,12 @@ def test_web_extension_imports_comfyui_scripts_from_three_levels_up():
 def test_entry_point_is_v3_only():
     """A NODE_CLASS_MAPPINGS would make ComfyUI load the pack the V1 way and ignore comfy_entrypoint."""
     tree = ast.parse((REPO_ROOT / "__init__.py").read_text())
-    assigned = {target.id for node in tree.body if isinstance(node, ast.Assign) for target in node.targets
-                if isinstance(target, ast.Name)}
+    assigned = {
+        target.id
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
     assert "NODE_CLASS_MAPPINGS" not in assigned and "WEB_DIRECTORY" in assigned
     assert any(isinstance(node, ast.AsyncFunctionDef) and node.name == "comfy_entrypoint" for node in tree.body)

@@ -55,8 +55,15 @@ def test_property_reported_dose_is_s_b_g_over_n(s, n, b, g):
 
 @pytest.mark.parametrize(
     "dose,name",
-    [(10, "under-trained"), (49.9, "under-trained"), (50, "normal identity"), (89.9, "normal identity"),
-     (90, "high likeness"), (120, "high likeness"), (120.1, "over-training risk")],
+    [
+        (10, "under-trained"),
+        (49.9, "under-trained"),
+        (50, "normal identity"),
+        (89.9, "normal identity"),
+        (90, "high likeness"),
+        (120, "high likeness"),
+        (120.1, "over-training risk"),
+    ],
 )
 def test_bands_name_the_dose(dose, name):
     assert band(dose) == name

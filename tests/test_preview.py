@@ -73,13 +73,22 @@ def assert_bit_identical(before: dict[str, torch.Tensor], transformer) -> None:
 
 # --- choosing rows -------------------------------------------------------------------------------------------------
 def _checkpoints(*steps: int) -> list[PreviewCheckpoint]:
-    return [PreviewCheckpoint(step, f"lora_step{step:06d}.safetensors", {"m": (torch.zeros(1, 1), torch.zeros(1, 1))}) for step in steps]
+    return [
+        PreviewCheckpoint(step, f"lora_step{step:06d}.safetensors", {"m": (torch.zeros(1, 1), torch.zeros(1, 1))})
+        for step in steps
+    ]
 
 
 def test_rows_are_the_control_then_each_checkpoint_then_the_strength_sweep_of_the_last():
     checkpoints = _checkpoints(100, 200)
     rows = plan_rows(checkpoints, strengths=(0.6, 1.0, 1.2))
-    assert [(r.checkpoint.training_step, r.strength) for r in rows] == [(0, 0.0), (100, 1.0), (200, 1.0), (200, 0.6), (200, 1.2)]
+    assert [(r.checkpoint.training_step, r.strength) for r in rows] == [
+        (0, 0.0),
+        (100, 1.0),
+        (200, 1.0),
+        (200, 0.6),
+        (200, 1.2),
+    ]
     assert rows[0].checkpoint is CONTROL and rows[0].label == "step 0: no LoRA (control)"
     assert rows[3].label == "step 200, strength 0.6"
 
@@ -111,10 +120,18 @@ def test_strengths_parse_from_text_and_name_a_bad_value():
 # --- rendering -----------------------------------------------------------------------------------------------------
 def test_grid_restores_the_base_weights_bit_for_bit(model):
     before = snapshot(model.transformer)
-    checkpoints = [PreviewCheckpoint(100, "a", random_lora(model.transformer, 1)), PreviewCheckpoint(200, "b", random_lora(model.transformer, 2))]
+    checkpoints = [
+        PreviewCheckpoint(100, "a", random_lora(model.transformer, 1)),
+        PreviewCheckpoint(200, "b", random_lora(model.transformer, 2)),
+    ]
     render_preview_grid(
-        model.transformer, model.vae, PROMPTS[:1], model.embeds[:1], model.negative,
-        plan_rows(checkpoints, strengths=(0.6, 1.2)), SETTINGS,
+        model.transformer,
+        model.vae,
+        PROMPTS[:1],
+        model.embeds[:1],
+        model.negative,
+        plan_rows(checkpoints, strengths=(0.6, 1.2)),
+        SETTINGS,
     )
     assert_bit_identical(before, model.transformer)
 
@@ -130,16 +147,37 @@ def test_cancelling_mid_row_still_restores_the_base_weights(model):
         return len(checks) > settings.sample_steps + 1  # inside the LoRA row, after its first sample step
 
     with pytest.raises(SamplingInterrupted, match="sample step 1/2"):
-        render_preview_grid(model.transformer, model.vae, PROMPTS[:1], model.embeds[:1], model.negative, rows, settings, interrupt=interrupt)
+        render_preview_grid(
+            model.transformer,
+            model.vae,
+            PROMPTS[:1],
+            model.embeds[:1],
+            model.negative,
+            rows,
+            settings,
+            interrupt=interrupt,
+        )
     assert_bit_identical(before, model.transformer)
 
 
 def test_every_cell_uses_one_seed_and_the_control_row_is_the_plain_base_model(model):
     lora = random_lora(model.transformer, 3, scale=0.2)
     rows = plan_rows([PreviewCheckpoint(100, "a", lora)], strengths=(0.5,))
-    result = render_preview_grid(model.transformer, model.vae, PROMPTS[:1], model.embeds[:1], model.negative, rows, SETTINGS)
+    result = render_preview_grid(
+        model.transformer, model.vae, PROMPTS[:1], model.embeds[:1], model.negative, rows, SETTINGS
+    )
     assert len(result.cells) == 3 and {c.seed for c in result.cells} == {SETTINGS.seed}
-    base = sample_base(model.transformer, model.vae, model.embeds[0], model.negative, SIZE, SIZE, SETTINGS.sample_steps, 4.0, SETTINGS.seed)[0]
+    base = sample_base(
+        model.transformer,
+        model.vae,
+        model.embeds[0],
+        model.negative,
+        SIZE,
+        SIZE,
+        SETTINGS.sample_steps,
+        4.0,
+        SETTINGS.seed,
+    )[0]
     control, full, half = (next(c for c in result.cells if c.row == r and c.column == 0) for r in range(3))
     assert torch.equal(control.pixels, base)
     assert (full.pixels - control.pixels).abs().max() > 1e-3  # the LoRA was applied
@@ -150,7 +188,13 @@ def test_progress_counts_all_sample_steps_of_all_cells(model):
     seen = []
     rows = plan_rows([PreviewCheckpoint(100, "a", random_lora(model.transformer, 1))])
     render_preview_grid(
-        model.transformer, model.vae, PROMPTS, model.embeds, model.negative, rows, SETTINGS,
+        model.transformer,
+        model.vae,
+        PROMPTS,
+        model.embeds,
+        model.negative,
+        rows,
+        SETTINGS,
         progress=lambda done, total: seen.append((done, total)),
     )
     total = 2 * 2 * SETTINGS.sample_steps
@@ -158,12 +202,21 @@ def test_progress_counts_all_sample_steps_of_all_cells(model):
 
 
 def test_grid_cells_and_listing_are_saved_with_checkpoint_strength_prompt_and_seed(model, tmp_path):
-    rows = plan_rows([PreviewCheckpoint(500, "lora_step000500.safetensors", random_lora(model.transformer, 1))], strengths=(0.8,))
-    result = render_preview_grid(model.transformer, model.vae, PROMPTS, model.embeds, model.negative, rows, SETTINGS, out_dir=tmp_path)
+    rows = plan_rows(
+        [PreviewCheckpoint(500, "lora_step000500.safetensors", random_lora(model.transformer, 1))], strengths=(0.8,)
+    )
+    result = render_preview_grid(
+        model.transformer, model.vae, PROMPTS, model.embeds, model.negative, rows, SETTINGS, out_dir=tmp_path
+    )
     listing = json.loads((tmp_path / "preview.json").read_text())
     assert listing["grid"] == "grid.png" and listing["seed"] == 7 and listing["sample_steps"] == SETTINGS.sample_steps
     assert [(c["checkpoint_step"], c["strength"], c["prompt"]) for c in listing["cells"]] == [
-        (0, 0.0, PROMPTS[0]), (0, 0.0, PROMPTS[1]), (500, 1.0, PROMPTS[0]), (500, 1.0, PROMPTS[1]), (500, 0.8, PROMPTS[0]), (500, 0.8, PROMPTS[1]),
+        (0, 0.0, PROMPTS[0]),
+        (0, 0.0, PROMPTS[1]),
+        (500, 1.0, PROMPTS[0]),
+        (500, 1.0, PROMPTS[1]),
+        (500, 0.8, PROMPTS[0]),
+        (500, 0.8, PROMPTS[1]),
     ]
     for cell in listing["cells"]:
         assert Image.open(tmp_path / cell["file"]).size == (SIZE, SIZE)
@@ -174,7 +227,9 @@ def test_grid_cells_and_listing_are_saved_with_checkpoint_strength_prompt_and_se
 
 
 def test_labels_are_drawn_above_each_cell(model):
-    result = render_preview_grid(model.transformer, model.vae, PROMPTS[:1], model.embeds[:1], model.negative, plan_rows([]), SETTINGS)
+    result = render_preview_grid(
+        model.transformer, model.vae, PROMPTS[:1], model.embeds[:1], model.negative, plan_rows([]), SETTINGS
+    )
     strip = np.array(result.grid)[: result.grid.height - SIZE]
     assert strip.size and (strip < 128).any()  # dark text pixels on the white label strip
 
@@ -186,10 +241,17 @@ def test_preview_of_an_in_memory_run_uses_its_cached_embeddings_and_training_res
     history = TrainingHistory()
     for step in range(1, 41):
         history.add_training_loss(step, 1.5 - step * 0.01)  # a falling loss: the LoRA is learning
-    run = SimpleNamespace(history=history,
-        transformer=model.transformer, vae=model.vae, trigger="kleinchar", resolution=SIZE, run_dir=tmp_path,
-        checkpoints=[SavedCheckpoint(200, tmp_path / "x_step000200.safetensors", random_lora(model.transformer, 2)),
-                     SavedCheckpoint(100, tmp_path / "x_step000100.safetensors", random_lora(model.transformer, 1))],
+    run = SimpleNamespace(
+        history=history,
+        transformer=model.transformer,
+        vae=model.vae,
+        trigger="kleinchar",
+        resolution=SIZE,
+        run_dir=tmp_path,
+        checkpoints=[
+            SavedCheckpoint(200, tmp_path / "x_step000200.safetensors", random_lora(model.transformer, 2)),
+            SavedCheckpoint(100, tmp_path / "x_step000100.safetensors", random_lora(model.transformer, 1)),
+        ],
         preview_embeds={"photo of [trigger]": model.embeds[0], "": model.negative},
     )
     before = snapshot(model.transformer)
@@ -200,7 +262,9 @@ def test_preview_of_an_in_memory_run_uses_its_cached_embeddings_and_training_res
     assert_bit_identical(before, model.transformer)
     # if it looks weak: at 1 sample step the preview settings come first, more training only after re-rendering
     assert result.weak_lora_advice[0].startswith("Check the preview settings first: sample_steps=1 is below 30")
-    assert result.weak_lora_advice[1].startswith("Only if the re-rendered previews still look weak: the training loss is falling")
+    assert result.weak_lora_advice[1].startswith(
+        "Only if the re-rendered previews still look weak: the training loss is falling"
+    )
     with pytest.raises(PreviewError, match="'a cat' was not encoded during training"):
         preview_run(run, ["a cat"], settings)
 
@@ -214,10 +278,28 @@ def test_a_lora_file_knows_its_training_step(model, tmp_path):
 
 
 def test_cli_preview_renders_the_base_model_alone_and_warns_when_under_sampled(tiny_diffusers, tmp_path, capsys):
-    code = main([
-        "preview", "--model", str(tiny_diffusers), "--prompt", "photo of [trigger]", "--trigger", "kleinchar",
-        "--sample-steps", "1", "--cfg", "4", "--width", str(SIZE), "--height", str(SIZE), "--out", str(tmp_path), "--json",
-    ])
+    code = main(
+        [
+            "preview",
+            "--model",
+            str(tiny_diffusers),
+            "--prompt",
+            "photo of [trigger]",
+            "--trigger",
+            "kleinchar",
+            "--sample-steps",
+            "1",
+            "--cfg",
+            "4",
+            "--width",
+            str(SIZE),
+            "--height",
+            str(SIZE),
+            "--out",
+            str(tmp_path),
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0
     listing = json.loads(captured.out)
@@ -227,14 +309,38 @@ def test_cli_preview_renders_the_base_model_alone_and_warns_when_under_sampled(t
 
 
 def test_cli_preview_with_lora_files_and_a_strength_sweep_on_comfyui_files(tiny_comfy_files, model, tmp_path, capsys):
-    lora = save_lora(tmp_path / "loras" / "kc_step000300.safetensors", random_lora(model.transformer, 4),
-                     {"training_steps": 300, "trigger_word": "kleinchar"})
-    code = main([
-        "preview", "--model", str(tiny_comfy_files["transformer"]), "--text-encoder", str(tiny_comfy_files["text_encoder"]),
-        "--vae", str(tiny_comfy_files["vae"]), "--lora", str(lora), "--prompt", "photo of [trigger]",
-        "--sample-steps", "1", "--width", str(SIZE), "--height", str(SIZE), "--strengths", "0.5", "1.0",
-        "--out", str(tmp_path / "out"), "--json",
-    ])
+    lora = save_lora(
+        tmp_path / "loras" / "kc_step000300.safetensors",
+        random_lora(model.transformer, 4),
+        {"training_steps": 300, "trigger_word": "kleinchar"},
+    )
+    code = main(
+        [
+            "preview",
+            "--model",
+            str(tiny_comfy_files["transformer"]),
+            "--text-encoder",
+            str(tiny_comfy_files["text_encoder"]),
+            "--vae",
+            str(tiny_comfy_files["vae"]),
+            "--lora",
+            str(lora),
+            "--prompt",
+            "photo of [trigger]",
+            "--sample-steps",
+            "1",
+            "--width",
+            str(SIZE),
+            "--height",
+            str(SIZE),
+            "--strengths",
+            "0.5",
+            "1.0",
+            "--out",
+            str(tmp_path / "out"),
+            "--json",
+        ]
+    )
     assert code == 0
     listing = json.loads(capsys.readouterr().out)
     rows = [(c["checkpoint_step"], c["strength"]) for c in listing["cells"]]
@@ -243,7 +349,21 @@ def test_cli_preview_with_lora_files_and_a_strength_sweep_on_comfyui_files(tiny_
 
 
 def test_cli_preview_refuses_a_size_that_is_not_a_multiple_of_16(tiny_diffusers, tmp_path, capsys):
-    code = main(["preview", "--model", str(tiny_diffusers), "--prompt", "x", "--width", "40", "--height", "32", "--out", str(tmp_path)])
+    code = main(
+        [
+            "preview",
+            "--model",
+            str(tiny_diffusers),
+            "--prompt",
+            "x",
+            "--width",
+            "40",
+            "--height",
+            "32",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 2 and "width 40" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 

@@ -13,8 +13,17 @@ import torch
 from harness.comfyui import import_pack_module, require_comfy_api
 
 SIZE = 32
-COMMON = dict(prompts="photo of [trigger]", trigger="", sample_steps=1, cfg=4.0, seed=5, width=SIZE, height=SIZE,
-              checkpoints="all", strengths="")
+COMMON = dict(
+    prompts="photo of [trigger]",
+    trigger="",
+    sample_steps=1,
+    cfg=4.0,
+    seed=5,
+    width=SIZE,
+    height=SIZE,
+    checkpoints="all",
+    strengths="",
+)
 NO_FILES = dict(diffusion_model="(none)", text_encoder="(none)", vae="(none)", lora="(none)")
 
 
@@ -51,8 +60,10 @@ def random_lora(pack, transformer, seed: int):
     generator = torch.Generator().manual_seed(seed)
     modules = dict(transformer.named_modules())
     return {
-        name: (torch.randn(4, modules[name].weight.shape[1], generator=generator) * 0.1,
-               torch.randn(modules[name].weight.shape[0], 4, generator=generator) * 0.1)
+        name: (
+            torch.randn(4, modules[name].weight.shape[1], generator=generator) * 0.1,
+            torch.randn(modules[name].weight.shape[0], 4, generator=generator) * 0.1,
+        )
         for name in pack.lora.target_module_names(transformer)
     }
 
@@ -69,10 +80,20 @@ def run(pack, tiny_diffusers, tmp_path_factory):
     for step in range(1, 21):
         history.add_training_loss(step, 1.4 - 0.02 * step)
     return SimpleNamespace(
-        history=history, transformer=transformer, vae=pack.loading.load_vae(resolved), trigger="kleinchar", resolution=SIZE,
+        history=history,
+        transformer=transformer,
+        vae=pack.loading.load_vae(resolved),
+        trigger="kleinchar",
+        resolution=SIZE,
         run_dir=run_dir,
-        checkpoints=[pack.train_config.SavedCheckpoint(10, run_dir / "kc_step000010.safetensors", random_lora(pack, transformer, 1)),
-                     pack.train_config.SavedCheckpoint(20, run_dir / "kc_step000020.safetensors", random_lora(pack, transformer, 2))],
+        checkpoints=[
+            pack.train_config.SavedCheckpoint(
+                10, run_dir / "kc_step000010.safetensors", random_lora(pack, transformer, 1)
+            ),
+            pack.train_config.SavedCheckpoint(
+                20, run_dir / "kc_step000020.safetensors", random_lora(pack, transformer, 2)
+            ),
+        ],
         preview_embeds={"photo of kleinchar": embeds[0], "": embeds[1]},
     )
 
@@ -118,8 +139,11 @@ def test_standalone_preview_from_comfyui_model_files(pack, tiny_comfy_files, com
     for kind, key in (("diffusion_models", "transformer"), ("text_encoders", "text_encoder"), ("vae", "vae")):
         folder_paths.add_model_folder_path(kind, str(tiny_comfy_files[key].parent))
     output = pack.node.execute(
-        diffusion_model=tiny_comfy_files["transformer"].name, text_encoder=tiny_comfy_files["text_encoder"].name,
-        vae=tiny_comfy_files["vae"].name, lora="(none)", **{**COMMON, "trigger": "kleinchar", "sample_steps": 30},
+        diffusion_model=tiny_comfy_files["transformer"].name,
+        text_encoder=tiny_comfy_files["text_encoder"].name,
+        vae=tiny_comfy_files["vae"].name,
+        lora="(none)",
+        **{**COMMON, "trigger": "kleinchar", "sample_steps": 30},
     )
     grid, cells = output.result
     assert cells.shape == (1, SIZE, SIZE, 3)  # the base model alone: the control row

@@ -19,14 +19,42 @@ REPO = Path(__file__).resolve().parent.parent
 # Moments of a 6-step run with checkpoints every 2 steps, in the order they happen: before any checkpoint, inside
 # the first state's write, between a state and its LoRA file, in the middle of a checkpoint's health work (after
 # the validation pass), inside a LoRA file's write, and between checkpoints.
-KILL_POINTS = ["training_step@1", "partial:training_state.pt", "state@2", "health@4",
-               "partial:klein_lora_step000004.safetensors", "training_step@5"]
+KILL_POINTS = [
+    "training_step@1",
+    "partial:training_state.pt",
+    "state@2",
+    "health@4",
+    "partial:klein_lora_step000004.safetensors",
+    "training_step@5",
+]
 
 
 def train_args(tiny_diffusers, sample_dataset, out: Path, cache: Path) -> list[str]:
-    return ["train", "--model", str(tiny_diffusers), "--images", str(sample_dataset), "--trigger", "kleinchar",
-            "--out", str(out), "--resolution", "64", "--training-steps", "6", "--save-every", "2", "--rank", "4",
-            "--lr", "0.001", "--warmup-steps", "2", "--cache-dir", str(cache)]
+    return [
+        "train",
+        "--model",
+        str(tiny_diffusers),
+        "--images",
+        str(sample_dataset),
+        "--trigger",
+        "kleinchar",
+        "--out",
+        str(out),
+        "--resolution",
+        "64",
+        "--training-steps",
+        "6",
+        "--save-every",
+        "2",
+        "--rank",
+        "4",
+        "--lr",
+        "0.001",
+        "--warmup-steps",
+        "2",
+        "--cache-dir",
+        str(cache),
+    ]
 
 
 def killed_run(args: list[str], kill_at: str) -> subprocess.CompletedProcess:
@@ -52,7 +80,8 @@ def unbroken(tiny_diffusers, sample_dataset, tmp_path_factory, training_cache) -
 
 @pytest.mark.parametrize("kill_at", KILL_POINTS)
 def test_a_sigkill_at_any_moment_leaves_a_run_that_resumes_to_the_unbroken_lora(
-        kill_at, unbroken, tiny_diffusers, sample_dataset, tmp_path, training_cache, capsys):
+    kill_at, unbroken, tiny_diffusers, sample_dataset, tmp_path, training_cache, capsys
+):
     args = train_args(tiny_diffusers, sample_dataset, tmp_path / "run", training_cache)
     killed = killed_run(args, kill_at)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -69,7 +98,8 @@ def test_a_sigkill_at_any_moment_leaves_a_run_that_resumes_to_the_unbroken_lora(
 
 
 def test_without_its_state_a_run_continues_from_the_newest_checkpoint_with_a_fresh_optimizer_and_says_so(
-        tiny_diffusers, sample_dataset, tmp_path, training_cache, capsys):
+    tiny_diffusers, sample_dataset, tmp_path, training_cache, capsys
+):
     args = train_args(tiny_diffusers, sample_dataset, tmp_path / "run", training_cache)
     assert killed_run(args, "training_step@5").returncode == -signal.SIGKILL
     (tmp_path / "run" / "training_state.pt").unlink()
@@ -86,7 +116,8 @@ def test_without_its_state_a_run_continues_from_the_newest_checkpoint_with_a_fre
 
 
 def test_resume_run_alone_continues_with_the_model_dataset_and_settings_in_run_json(
-        unbroken, tiny_diffusers, sample_dataset, tmp_path, training_cache, capsys):
+    unbroken, tiny_diffusers, sample_dataset, tmp_path, training_cache, capsys
+):
     args = train_args(tiny_diffusers, sample_dataset, tmp_path / "run", training_cache)
     assert killed_run(args, "training_step@3").returncode == -signal.SIGKILL
     capsys.readouterr()
@@ -106,7 +137,8 @@ def extend_args(checkpoint: Path, out: Path, repeats: str, *extra: str) -> list[
 
 
 def test_extending_the_newest_state_equals_an_unbroken_run_of_the_same_total(
-        tiny_diffusers, sample_dataset, tmp_path, training_cache):
+    tiny_diffusers, sample_dataset, tmp_path, training_cache
+):
     short = [*train_args(tiny_diffusers, sample_dataset, tmp_path / "parent", training_cache)]
     short[short.index("--training-steps") + 1] = "4"
     assert main(short) == 0
@@ -133,11 +165,18 @@ def test_extending_the_newest_state_equals_an_unbroken_run_of_the_same_total(
 
 
 def test_continuing_from_an_earlier_checkpoint_with_a_lower_lr_records_its_parent_and_warms_up(
-        tiny_diffusers, sample_dataset, tmp_path, training_cache, capsys):
+    tiny_diffusers, sample_dataset, tmp_path, training_cache, capsys
+):
     assert main(train_args(tiny_diffusers, sample_dataset, tmp_path / "parent", training_cache)) == 0
     capsys.readouterr()
-    assert main(extend_args(tmp_path / "parent" / "klein_lora_step000002.safetensors", tmp_path / "lower", "0.5",
-                            "--lr", "0.0005")) == 0
+    assert (
+        main(
+            extend_args(
+                tmp_path / "parent" / "klein_lora_step000002.safetensors", tmp_path / "lower", "0.5", "--lr", "0.0005"
+            )
+        )
+        == 0
+    )
     assert "ceil(6·0.5/(1·1)) = 3 more training steps, 5 in all" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "lower" / "run.json").read_text())
     assert manifest["resumed_from"]["kind"] == "checkpoint"
@@ -146,4 +185,6 @@ def test_continuing_from_an_earlier_checkpoint_with_a_lower_lr_records_its_paren
     assert manifest["lineage"]["changed"] == ["learning_rate (0.001 -> 0.0005)"]
     assert manifest["config"]["learning_rate"] == 0.0005
     assert sorted(p.name for p in (tmp_path / "lower").glob("*_step*.safetensors")) == [
-        "klein_lora_step000004.safetensors", "klein_lora_step000005.safetensors"]
+        "klein_lora_step000004.safetensors",
+        "klein_lora_step000005.safetensors",
+    ]

@@ -62,7 +62,7 @@ def test_the_character_varies_in_place_and_scale_between_images(tmp_path: Path):
     boxes = []
     for path in make_sample_dataset(tmp_path, count=10):
         pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
-        blue = (np.abs(pixels - np.array(BODY_BLUE)).max(axis=-1) <= 40)
+        blue = np.abs(pixels - np.array(BODY_BLUE)).max(axis=-1) <= 40
         ys, xs = np.nonzero(blue)
         boxes.append((xs.mean() / blue.shape[1], blue.mean()))
     centres, areas = [round(b[0], 2) for b in boxes], [b[1] for b in boxes]

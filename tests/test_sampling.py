@@ -48,8 +48,13 @@ def embeds(pipe):
 
 def _pipeline(pipe, prompt, output_type, cfg=CFG, sample_steps=SAMPLE_STEPS, width=WIDTH, height=HEIGHT, seed=SEED):
     return pipe(
-        prompt=prompt, width=width, height=height, num_inference_steps=sample_steps, guidance_scale=cfg,
-        generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type,
+        prompt=prompt,
+        width=width,
+        height=height,
+        num_inference_steps=sample_steps,
+        guidance_scale=cfg,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type=output_type,
     ).images
 
 
@@ -61,16 +66,33 @@ def pipeline_output(pipe):
 
 # --- (a) equality with Flux2KleinPipeline ---------------------------------------------------------------------------
 @pytest.mark.parametrize("batched_cfg", [False, True], ids=["two-pass-cfg", "batched-cfg"])
-def test_preview_equals_diffusers_klein_pipeline_for_same_seed_steps_cfg_and_size(pipe, embeds, pipeline_output, batched_cfg):
+def test_preview_equals_diffusers_klein_pipeline_for_same_seed_steps_cfg_and_size(
+    pipe, embeds, pipeline_output, batched_cfg
+):
     prompts, negative = embeds
     expected_latents, expected_images = pipeline_output
 
-    normalised = denoise_base(pipe.transformer, prompts[:1], negative, WIDTH, HEIGHT, SAMPLE_STEPS, CFG, SEED, batched_cfg=batched_cfg)
+    normalised = denoise_base(
+        pipe.transformer, prompts[:1], negative, WIDTH, HEIGHT, SAMPLE_STEPS, CFG, SEED, batched_cfg=batched_cfg
+    )
     latents_diff = (vae_latents(pipe.vae, normalised) - expected_latents).abs().max().item()
-    images = sample_base(pipe.transformer, pipe.vae, prompts[:1], negative, WIDTH, HEIGHT, SAMPLE_STEPS, CFG, SEED, batched_cfg=batched_cfg)
+    images = sample_base(
+        pipe.transformer,
+        pipe.vae,
+        prompts[:1],
+        negative,
+        WIDTH,
+        HEIGHT,
+        SAMPLE_STEPS,
+        CFG,
+        SEED,
+        batched_cfg=batched_cfg,
+    )
     image_diff = (images - expected_images).abs().max().item()
 
-    print(f"max |ours - pipeline| ({'batched' if batched_cfg else 'two-pass'} CFG): latents {latents_diff:.3g}, images {image_diff:.3g}")
+    print(
+        f"max |ours - pipeline| ({'batched' if batched_cfg else 'two-pass'} CFG): latents {latents_diff:.3g}, images {image_diff:.3g}"
+    )
     assert images.shape == (1, 3, HEIGHT, WIDTH)
     assert 0.0 <= images.min() and images.max() <= 1.0
     assert latents_diff <= PIPELINE_TOLERANCE
@@ -82,14 +104,19 @@ def test_two_pass_cfg_is_bit_identical_to_the_pipeline_for_a_batch_of_prompts(pi
     """The pipeline draws one noise tensor for the whole batch; so do we, in the same shape and order."""
     prompts, negative = embeds
     expected = _pipeline(pipe, ["photo of kleinchar", "a red hat in the city"], "latent")
-    ours = vae_latents(pipe.vae, denoise_base(pipe.transformer, prompts, negative, WIDTH, HEIGHT, SAMPLE_STEPS, CFG, SEED, batched_cfg=False))
+    ours = vae_latents(
+        pipe.vae,
+        denoise_base(pipe.transformer, prompts, negative, WIDTH, HEIGHT, SAMPLE_STEPS, CFG, SEED, batched_cfg=False),
+    )
     assert torch.equal(ours, expected)
 
 
 def test_cfg_one_runs_a_single_prediction_like_the_pipeline(pipe, embeds):
     prompts, _ = embeds
     expected = _pipeline(pipe, "photo of kleinchar", "latent", cfg=1.0)
-    ours = vae_latents(pipe.vae, denoise_base(pipe.transformer, prompts[:1], None, WIDTH, HEIGHT, SAMPLE_STEPS, 1.0, SEED))
+    ours = vae_latents(
+        pipe.vae, denoise_base(pipe.transformer, prompts[:1], None, WIDTH, HEIGHT, SAMPLE_STEPS, 1.0, SEED)
+    )
     assert torch.equal(ours, expected)
 
 
@@ -113,8 +140,12 @@ def test_cached_per_prompt_embeddings_without_batch_dimension_are_accepted(pipe,
 # --- (c) batched CFG equals two-pass CFG ---------------------------------------------------------------------------
 def test_batched_cfg_equals_two_pass_cfg(pipe, embeds):
     prompts, negative = embeds
-    two_pass = denoise_base(pipe.transformer, prompts, negative, WIDTH, HEIGHT, SAMPLE_STEPS, CFG, SEED, batched_cfg=False)
-    batched = denoise_base(pipe.transformer, prompts, negative, WIDTH, HEIGHT, SAMPLE_STEPS, CFG, SEED, batched_cfg=True)
+    two_pass = denoise_base(
+        pipe.transformer, prompts, negative, WIDTH, HEIGHT, SAMPLE_STEPS, CFG, SEED, batched_cfg=False
+    )
+    batched = denoise_base(
+        pipe.transformer, prompts, negative, WIDTH, HEIGHT, SAMPLE_STEPS, CFG, SEED, batched_cfg=True
+    )
     assert (batched - two_pass).abs().max().item() <= PIPELINE_TOLERANCE
 
 
@@ -130,7 +161,17 @@ def test_cfg_mixes_the_empty_prompt_prediction_in(pipe, embeds):
 def test_progress_reports_every_sample_step(pipe, embeds):
     prompts, negative = embeds
     seen = []
-    denoise_base(pipe.transformer, prompts[:1], negative, WIDTH, HEIGHT, 3, CFG, SEED, progress=lambda done, total: seen.append((done, total)))
+    denoise_base(
+        pipe.transformer,
+        prompts[:1],
+        negative,
+        WIDTH,
+        HEIGHT,
+        3,
+        CFG,
+        SEED,
+        progress=lambda done, total: seen.append((done, total)),
+    )
     assert seen == [(1, 3), (2, 3), (3, 3)]
 
 
@@ -207,7 +248,9 @@ def test_sigma_grid_is_bit_identical_to_the_diffusers_scheduler():
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
     for tokens in (12, 1024, 2304, 4096, 4624):
         for sample_steps in (1, 4, 20, 50):
-            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / sample_steps, sample_steps), mu=diffusers_mu(tokens, sample_steps))
+            scheduler.set_timesteps(
+                sigmas=np.linspace(1.0, 1 / sample_steps, sample_steps), mu=diffusers_mu(tokens, sample_steps)
+            )
             assert torch.equal(base_sigmas(sample_steps, tokens), scheduler.sigmas), (tokens, sample_steps)
 
 

@@ -22,22 +22,41 @@ quiet = TrainCallbacks(log=lambda _m: None)
 
 
 def run(tiny_diffusers, folder, out, cache, config=None, spec=None, **kw):
-    return train(resolve_model(tiny_diffusers), spec or quick_spec(folder), config or quick_config(), out, callbacks=kw.pop("callbacks", quiet), cache_dir=cache, **kw)
+    return train(
+        resolve_model(tiny_diffusers),
+        spec or quick_spec(folder),
+        config or quick_config(),
+        out,
+        callbacks=kw.pop("callbacks", quiet),
+        cache_dir=cache,
+        **kw,
+    )
 
 
 def tiny_forward_inputs(timestep: float) -> dict:
     """Seeded inputs for one forward of the tiny transformer (16 image tokens, 8 text tokens)."""
     g = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(1, 16, 128, generator=g), encoder_hidden_states=torch.randn(1, 8, 48, generator=g),
-                timestep=torch.tensor([timestep]), img_ids=torch.zeros(1, 16, 4), txt_ids=torch.zeros(1, 8, 4), guidance=None)
+    return dict(
+        hidden_states=torch.randn(1, 16, 128, generator=g),
+        encoder_hidden_states=torch.randn(1, 8, 48, generator=g),
+        timestep=torch.tensor([timestep]),
+        img_ids=torch.zeros(1, 16, 4),
+        txt_ids=torch.zeros(1, 8, 4),
+        guidance=None,
+    )
 
 
 def state_equal(a: dict, b: dict, atol=0.0) -> bool:
-    return a.keys() == b.keys() and all(torch.allclose(a[k][0], b[k][0], atol=atol, rtol=0) and torch.allclose(a[k][1], b[k][1], atol=atol, rtol=0) for k in a)
+    return a.keys() == b.keys() and all(
+        torch.allclose(a[k][0], b[k][0], atol=atol, rtol=0) and torch.allclose(a[k][1], b[k][1], atol=atol, rtol=0)
+        for k in a
+    )
 
 
 # --- targets -------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant,doubles,singles,expected", [("9B", 8, 24, 112), ("4B", 5, 20, 80), ("tiny", 2, 2, 20)])
+@pytest.mark.parametrize(
+    "variant,doubles,singles,expected", [("9B", 8, 24, 112), ("4B", 5, 20, 80), ("tiny", 2, 2, 20)]
+)
 def test_lora_targets_every_attention_projection_of_every_block(variant, doubles, singles, expected):
     from diffusers import Flux2Transformer2DModel
 
@@ -58,7 +77,9 @@ def test_lora_targets_every_attention_projection_of_every_block(variant, doubles
         lora_io.add_lora(model, rank=16)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if variant == "9B":
-        assert trainable == 112 * 16 * 0 + sum(16 * (m.in_features + m.out_features) for n, m in model.named_modules() if n in set(names))
+        assert trainable == 112 * 16 * 0 + sum(
+            16 * (m.in_features + m.out_features) for n, m in model.named_modules() if n in set(names)
+        )
 
 
 def test_a_fresh_adapter_is_a_no_op_and_removing_a_trained_one_restores_the_base_model(tiny_diffusers):
@@ -82,13 +103,16 @@ def test_a_fresh_adapter_is_a_no_op_and_removing_a_trained_one_restores_the_base
 
 
 # --- optimisation --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("setting, value, message", [
-    ("save_every", -3, "save_every must be a whole number >= 0, got -3"),
-    ("log_every", 0, "log_every must be a whole number >= 1, got 0"),
-    ("rank", 0, "rank must be a whole number >= 1, got 0"),
-    ("learning_rate", 0.0, "learning_rate must be a finite number > 0, got 0.0"),
-    ("regularization_weight", -0.1, "regularization_weight must be a finite number >= 0, got -0.1"),
-])
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("save_every", -3, "save_every must be a whole number >= 0, got -3"),
+        ("log_every", 0, "log_every must be a whole number >= 1, got 0"),
+        ("rank", 0, "rank must be a whole number >= 1, got 0"),
+        ("learning_rate", 0.0, "learning_rate must be a finite number > 0, got 0.0"),
+        ("regularization_weight", -0.1, "regularization_weight must be a finite number >= 0, got -0.1"),
+    ],
+)
 def test_an_impossible_training_setting_is_refused_by_name(setting, value, message):
     from klein_core.errors import ConfigError
     from klein_core.train.config import TrainConfig
@@ -100,8 +124,21 @@ def test_an_impossible_training_setting_is_refused_by_name(setting, value, messa
 def test_the_cli_refuses_a_bad_setting_before_loading_any_model(sample_dataset, tmp_path, capsys):
     from klein_core.cli import main
 
-    code = main(["train", "--model", str(tmp_path / "no-model"), "--images", str(sample_dataset), "--trigger", "kleinchar",
-                 "--out", str(tmp_path / "run"), "--save-every", "-3"])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tmp_path / "no-model"),
+            "--images",
+            str(sample_dataset),
+            "--trigger",
+            "kleinchar",
+            "--out",
+            str(tmp_path / "run"),
+            "--save-every",
+            "-3",
+        ]
+    )
     assert code != 0 and "save_every must be a whole number >= 0, got -3" in capsys.readouterr().err
 
 
@@ -124,7 +161,9 @@ def test_grad_accum_4_of_batch_1_equals_one_batch_of_4(tiny_diffusers):
         return [p.grad.clone() for p in params], start
 
     one_batch, s1 = update([MicroBatch(latents, embeds, noise, sigma)])
-    accumulated, s2 = update([MicroBatch(latents[i : i + 1], embeds[i : i + 1], noise[i : i + 1], sigma[i : i + 1]) for i in range(4)])
+    accumulated, s2 = update(
+        [MicroBatch(latents[i : i + 1], embeds[i : i + 1], noise[i : i + 1], sigma[i : i + 1]) for i in range(4)]
+    )
     assert all(torch.equal(a, b) for a, b in zip(s1, s2))
     for a, b in zip(one_batch, accumulated):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -140,8 +179,13 @@ def test_same_seed_gives_the_identical_lora(tiny_diffusers, sample_dataset, tmp_
 
 
 def test_loss_falls_on_the_sample_dataset(tiny_diffusers, sample_dataset, tmp_path, training_cache):
-    result = run(tiny_diffusers, sample_dataset, tmp_path, training_cache,
-                 config=quick_config(training_steps=30, save_every=15, learning_rate=1e-2))
+    result = run(
+        tiny_diffusers,
+        sample_dataset,
+        tmp_path,
+        training_cache,
+        config=quick_config(training_steps=30, save_every=15, learning_rate=1e-2),
+    )
     checkpoints = result.manifest["history"]["checkpoints"]
     # the fixed-noise validation loss is comparable across steps (step 0 = before training), unlike the training loss
     assert checkpoints[0]["step"] == 0
@@ -152,15 +196,33 @@ def test_loss_falls_on_the_sample_dataset(tiny_diffusers, sample_dataset, tmp_pa
 
 
 # --- run folder ------------------------------------------------------------------------------------------------------
-def test_run_folder_has_step_checkpoints_final_lora_state_and_manifest(tiny_diffusers, sample_dataset, tmp_path, training_cache):
-    result = run(tiny_diffusers, sample_dataset, tmp_path, training_cache, config=quick_config(training_steps=4, save_every=2, output_name="hero"))
+def test_run_folder_has_step_checkpoints_final_lora_state_and_manifest(
+    tiny_diffusers, sample_dataset, tmp_path, training_cache
+):
+    result = run(
+        tiny_diffusers,
+        sample_dataset,
+        tmp_path,
+        training_cache,
+        config=quick_config(training_steps=4, save_every=2, output_name="hero"),
+    )
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["hero.safetensors", "hero_best.safetensors", "hero_step000002.safetensors", "hero_step000004.safetensors",
-                     "report.png", "run.json", "training_state.pt"]
+    assert names == [
+        "hero.safetensors",
+        "hero_best.safetensors",
+        "hero_step000002.safetensors",
+        "hero_step000004.safetensors",
+        "report.png",
+        "run.json",
+        "training_state.pt",
+    ]
     manifest = json.loads((tmp_path / "run.json").read_text())
     assert manifest["plan"]["training_steps"] == 4
     assert manifest["plan"]["repeats_per_image"] == pytest.approx(4 / 6)
-    assert [Path(c).name for c in manifest["checkpoints"]] == ["hero_step000002.safetensors", "hero_step000004.safetensors"]
+    assert [Path(c).name for c in manifest["checkpoints"]] == [
+        "hero_step000002.safetensors",
+        "hero_step000004.safetensors",
+    ]
     records = manifest["history"]["checkpoints"]
     assert [c["step"] for c in records] == [0, 2, 4]  # step 0: the untrained baseline
     assert all(c["validation_loss"] is not None for c in records)
@@ -169,11 +231,21 @@ def test_run_folder_has_step_checkpoints_final_lora_state_and_manifest(tiny_diff
     assert [c.training_step for c in result.checkpoints] == [2, 4]
 
 
-def test_loss_is_read_only_every_log_every_training_steps_yet_every_loss_is_kept(tiny_diffusers, sample_dataset, tmp_path, training_cache):
+def test_loss_is_read_only_every_log_every_training_steps_yet_every_loss_is_kept(
+    tiny_diffusers, sample_dataset, tmp_path, training_cache
+):
     # reading the loss waits for the GPU: the loop does it at log intervals (and checkpoints), never per step
     reads, progress = [], []
-    result = run(tiny_diffusers, sample_dataset, tmp_path, training_cache, config=quick_config(training_steps=5, save_every=0, log_every=2),
-                 callbacks=TrainCallbacks(on_step=reads.append, on_progress=lambda step, total: progress.append(step), log=lambda m: None))
+    result = run(
+        tiny_diffusers,
+        sample_dataset,
+        tmp_path,
+        training_cache,
+        config=quick_config(training_steps=5, save_every=0, log_every=2),
+        callbacks=TrainCallbacks(
+            on_step=reads.append, on_progress=lambda step, total: progress.append(step), log=lambda m: None
+        ),
+    )
     assert [r["training_step"] for r in reads] == [2, 4, 5]
     assert [[step for step, _ in r["losses"]] for r in reads] == [[1, 2], [3, 4], [5]]  # every loss still arrives
     assert progress == [1, 2, 3, 4, 5]  # progress needs no loss, so it moves every training step
@@ -181,11 +253,19 @@ def test_loss_is_read_only_every_log_every_training_steps_yet_every_loss_is_kept
 
 
 def test_keep_last_n_prunes_old_checkpoints(tiny_diffusers, sample_dataset, tmp_path, training_cache):
-    run(tiny_diffusers, sample_dataset, tmp_path, training_cache, config=quick_config(training_steps=6, save_every=2, keep_last=1))
+    run(
+        tiny_diffusers,
+        sample_dataset,
+        tmp_path,
+        training_cache,
+        config=quick_config(training_steps=6, save_every=2, keep_last=1),
+    )
     assert sorted(p.name for p in tmp_path.glob("*_step*")) == [checkpoint_name("klein_lora", 6)]
 
 
-def test_lora_file_has_folded_alpha_no_alpha_keys_and_metadata(tiny_diffusers, sample_dataset, tmp_path, training_cache):
+def test_lora_file_has_folded_alpha_no_alpha_keys_and_metadata(
+    tiny_diffusers, sample_dataset, tmp_path, training_cache
+):
     from safetensors import safe_open
 
     result = run(tiny_diffusers, sample_dataset, tmp_path, training_cache, config=quick_config(rank=4, alpha=8))
@@ -198,10 +278,18 @@ def test_lora_file_has_folded_alpha_no_alpha_keys_and_metadata(tiny_diffusers, s
     assert "repeats_per_image" in meta and "Base" in meta["base_model"]
 
 
-def test_saved_lora_loads_in_diffusers_with_the_same_effect_as_the_in_memory_adapter(tiny_diffusers, sample_dataset, tmp_path, training_cache):
+def test_saved_lora_loads_in_diffusers_with_the_same_effect_as_the_in_memory_adapter(
+    tiny_diffusers, sample_dataset, tmp_path, training_cache
+):
     from diffusers import Flux2KleinPipeline
 
-    result = run(tiny_diffusers, sample_dataset, tmp_path, training_cache, config=quick_config(rank=4, alpha=8, learning_rate=1e-2))
+    result = run(
+        tiny_diffusers,
+        sample_dataset,
+        tmp_path,
+        training_cache,
+        config=quick_config(rank=4, alpha=8, learning_rate=1e-2),
+    )
     weights = lora_io.read_lora_file(result.final_lora)
     pipe = Flux2KleinPipeline.from_pretrained(tiny_diffusers)
     pipe.load_lora_weights(str(result.final_lora))
@@ -215,7 +303,9 @@ def test_saved_lora_loads_in_diffusers_with_the_same_effect_as_the_in_memory_ada
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
-def test_crash_between_write_and_rename_leaves_no_partial_lora(tiny_diffusers, sample_dataset, tmp_path, training_cache, monkeypatch):
+def test_crash_between_write_and_rename_leaves_no_partial_lora(
+    tiny_diffusers, sample_dataset, tmp_path, training_cache, monkeypatch
+):
     import klein_core.atomic as atomic
 
     real_replace = os.replace
@@ -227,7 +317,13 @@ def test_crash_between_write_and_rename_leaves_no_partial_lora(tiny_diffusers, s
 
     monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError):
-        run(tiny_diffusers, sample_dataset, tmp_path, training_cache, config=quick_config(training_steps=4, save_every=2))
+        run(
+            tiny_diffusers,
+            sample_dataset,
+            tmp_path,
+            training_cache,
+            config=quick_config(training_steps=4, save_every=2),
+        )
     files = sorted(p.name for p in tmp_path.iterdir())
     assert "klein_lora_step000002.safetensors" in files
     assert not any(f.endswith(".partial") or "step000004" in f for f in files), files
@@ -247,12 +343,20 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(tiny_diffusers, samp
 
     messages = []
     with pytest.raises(TrainingInterrupted, match="training step 4/6"):
-        run(tiny_diffusers, sample_dataset, tmp_path / "broken", training_cache, config=config,
-            callbacks=TrainCallbacks(should_stop=stop_after_four_steps, log=messages.append))
+        run(
+            tiny_diffusers,
+            sample_dataset,
+            tmp_path / "broken",
+            training_cache,
+            config=config,
+            callbacks=TrainCallbacks(should_stop=stop_after_four_steps, log=messages.append),
+        )
     assert (tmp_path / "broken" / checkpoint_name("klein_lora", 4)).exists()
     assert any(str(tmp_path / "broken") in m for m in messages)
     resumed = run(tiny_diffusers, sample_dataset, tmp_path / "broken", training_cache, config=config, resume=True)
-    assert state_equal(lora_io.read_lora_file(straight.final_lora), lora_io.read_lora_file(resumed.final_lora), atol=1e-6)
+    assert state_equal(
+        lora_io.read_lora_file(straight.final_lora), lora_io.read_lora_file(resumed.final_lora), atol=1e-6
+    )
 
 
 def test_resume_refuses_a_changed_dataset_naming_what_changed(tiny_diffusers, sample_dataset, tmp_path, training_cache):
@@ -265,26 +369,60 @@ def test_resume_refuses_a_changed_dataset_naming_what_changed(tiny_diffusers, sa
     with pytest.raises(ResumeError, match="captions"):
         run(tiny_diffusers, changed, tmp_path / "run", training_cache, resume=True)
     with pytest.raises(ResumeError, match="learning_rate"):
-        run(tiny_diffusers, sample_dataset, tmp_path / "run", training_cache, config=quick_config(learning_rate=5e-5), resume=True)
+        run(
+            tiny_diffusers,
+            sample_dataset,
+            tmp_path / "run",
+            training_cache,
+            config=quick_config(learning_rate=5e-5),
+            resume=True,
+        )
     run(tiny_diffusers, changed, tmp_path / "run", training_cache, resume=True, allow_changes=True)
 
 
-def test_resume_with_a_lowered_learning_rate_trains_at_the_new_rate(tiny_diffusers, sample_dataset, tmp_path, training_cache):
+def test_resume_with_a_lowered_learning_rate_trains_at_the_new_rate(
+    tiny_diffusers, sample_dataset, tmp_path, training_cache
+):
     import shutil
 
     first = quick_config(training_steps=2, save_every=0, learning_rate=1e-2)
     run(tiny_diffusers, sample_dataset, tmp_path / "a", training_cache, config=first)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    same = run(tiny_diffusers, sample_dataset, tmp_path / "a", training_cache, config=replace(first, training_steps=4), resume=True, allow_changes=True)
-    lowered = run(tiny_diffusers, sample_dataset, tmp_path / "b", training_cache,
-                  config=replace(first, training_steps=4, learning_rate=1e-4), resume=True, allow_changes=True)
-    assert not state_equal(lora_io.read_lora_file(same.final_lora), lora_io.read_lora_file(lowered.final_lora), atol=1e-6)
+    same = run(
+        tiny_diffusers,
+        sample_dataset,
+        tmp_path / "a",
+        training_cache,
+        config=replace(first, training_steps=4),
+        resume=True,
+        allow_changes=True,
+    )
+    lowered = run(
+        tiny_diffusers,
+        sample_dataset,
+        tmp_path / "b",
+        training_cache,
+        config=replace(first, training_steps=4, learning_rate=1e-4),
+        resume=True,
+        allow_changes=True,
+    )
+    assert not state_equal(
+        lora_io.read_lora_file(same.final_lora), lora_io.read_lora_file(lowered.final_lora), atol=1e-6
+    )
     assert lowered.manifest["config"]["learning_rate"] == 1e-4
 
 
-def test_non_finite_loss_stops_keeps_last_good_checkpoint_and_advises_lower_lr(tiny_diffusers, sample_dataset, tmp_path, training_cache):
+def test_non_finite_loss_stops_keeps_last_good_checkpoint_and_advises_lower_lr(
+    tiny_diffusers, sample_dataset, tmp_path, training_cache
+):
     with pytest.raises(NonFiniteLoss, match=r"Lower the learning rate \(LR 1e6 → 5e5\)") as info:
-        run(tiny_diffusers, sample_dataset, tmp_path, training_cache, config=quick_config(training_steps=40, save_every=1, learning_rate=1e6))
+        run(
+            tiny_diffusers,
+            sample_dataset,
+            tmp_path,
+            training_cache,
+            config=quick_config(training_steps=40, save_every=1, learning_rate=1e6),
+        )
     assert "last good checkpoint" in str(info.value)
     assert str(info.value.health.collapse.last_good_path) in str(info.value)  # the message and the verdict agree
     assert not (tmp_path / "klein_lora.safetensors").exists()
@@ -293,10 +431,17 @@ def test_non_finite_loss_stops_keeps_last_good_checkpoint_and_advises_lower_lr(t
         assert all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in weights.values())
 
 
-def test_a_non_finite_loss_between_loss_reads_is_named_at_its_first_training_step(tiny_diffusers, sample_dataset, tmp_path, training_cache):
+def test_a_non_finite_loss_between_loss_reads_is_named_at_its_first_training_step(
+    tiny_diffusers, sample_dataset, tmp_path, training_cache
+):
     with pytest.raises(NonFiniteLoss) as info:
-        run(tiny_diffusers, sample_dataset, tmp_path, training_cache,
-            config=quick_config(training_steps=40, save_every=0, log_every=10, learning_rate=1e6))
+        run(
+            tiny_diffusers,
+            sample_dataset,
+            tmp_path,
+            training_cache,
+            config=quick_config(training_steps=40, save_every=0, log_every=10, learning_rate=1e6),
+        )
     history = json.loads((tmp_path / "run.json").read_text())["history"]
     first_bad = next(step for step, v in zip(history["loss_steps"], history["losses"]) if not isinstance(v, float))
     assert first_bad < 10 and f"at training step {first_bad}," in str(info.value)
@@ -311,14 +456,21 @@ def test_a_stop_after_an_unread_non_finite_loss_saves_nothing(tiny_diffusers, sa
 
     messages = []
     with pytest.raises(TrainingInterrupted, match="non-finite at training step [1-5], so nothing was saved"):
-        run(tiny_diffusers, sample_dataset, tmp_path, training_cache,
+        run(
+            tiny_diffusers,
+            sample_dataset,
+            tmp_path,
+            training_cache,
             config=quick_config(training_steps=40, save_every=0, log_every=10, learning_rate=1e6),
-            callbacks=TrainCallbacks(should_stop=stop_at_step_six, log=messages.append))
+            callbacks=TrainCallbacks(should_stop=stop_at_step_six, log=messages.append),
+        )
     assert not list(tmp_path.glob("*_step*.safetensors")) and not (tmp_path / "training_state.pt").exists()
 
 
 # --- memory and data hygiene ---------------------------------------------------------------------------------------------
-def test_second_run_on_an_unchanged_dataset_never_loads_the_text_encoder(tiny_diffusers, sample_dataset, tmp_path, monkeypatch):
+def test_second_run_on_an_unchanged_dataset_never_loads_the_text_encoder(
+    tiny_diffusers, sample_dataset, tmp_path, monkeypatch
+):
     import klein_core.train.session as training
 
     loads = {"n": 0}
@@ -358,49 +510,101 @@ def test_text_encoder_is_released_before_training(tiny_diffusers, sample_dataset
 
     training.load_text_encoder, saved = tracking, training.load_text_encoder
     try:
-        run(tiny_diffusers, sample_dataset, tmp_path / "run", tmp_path / "cache", callbacks=TrainCallbacks(on_step=on_step, log=lambda m: None))
+        run(
+            tiny_diffusers,
+            sample_dataset,
+            tmp_path / "run",
+            tmp_path / "cache",
+            callbacks=TrainCallbacks(on_step=on_step, log=lambda m: None),
+        )
     finally:
         training.load_text_encoder = saved
     assert refs and seen_during_training and not any(seen_during_training)
 
 
 def _folder_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))} | {
-        "__listing__": ",".join(sorted(str(p.relative_to(folder)) for p in folder.rglob("*")))
-    }
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+    } | {"__listing__": ",".join(sorted(str(p.relative_to(folder)) for p in folder.rglob("*")))}
 
 
 def test_full_training_run_never_writes_in_the_dataset_folder(tiny_diffusers, sample_dataset, tmp_path):
     before = _folder_digest(sample_dataset)
-    run(tiny_diffusers, sample_dataset, tmp_path / "run", tmp_path / "cache", config=quick_config(training_steps=3, save_every=1))
+    run(
+        tiny_diffusers,
+        sample_dataset,
+        tmp_path / "run",
+        tmp_path / "cache",
+        config=quick_config(training_steps=3, save_every=1),
+    )
     assert _folder_digest(sample_dataset) == before
 
 
-def test_comfyui_files_train_the_same_as_the_diffusers_folder(tiny_diffusers, tiny_comfy_files, sample_dataset, tmp_path, training_cache):
+def test_comfyui_files_train_the_same_as_the_diffusers_folder(
+    tiny_diffusers, tiny_comfy_files, sample_dataset, tmp_path, training_cache
+):
     a = run(tiny_diffusers, sample_dataset, tmp_path / "a", training_cache)
     files = resolve_model(tiny_comfy_files["transformer"], tiny_comfy_files["text_encoder"], tiny_comfy_files["vae"])
-    b = train(files, quick_spec(sample_dataset), quick_config(), tmp_path / "b", callbacks=quiet, cache_dir=training_cache)
+    b = train(
+        files, quick_spec(sample_dataset), quick_config(), tmp_path / "b", callbacks=quiet, cache_dir=training_cache
+    )
     assert state_equal(lora_io.read_lora_file(a.final_lora), lora_io.read_lora_file(b.final_lora), atol=1e-5)
 
 
 def test_cli_train_json_summary(tiny_diffusers, sample_dataset, tmp_path, capsys):
     from klein_core.cli import main
 
-    code = main(["train", "--model", str(tiny_diffusers), "--images", str(sample_dataset), "--trigger", "kleinchar",
-                 "--out", str(tmp_path / "run"), "--resolution", "64", "--training-steps", "2", "--save-every", "1",
-                 "--rank", "4", "--cache-dir", str(tmp_path / "cache"), "--json"])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tiny_diffusers),
+            "--images",
+            str(sample_dataset),
+            "--trigger",
+            "kleinchar",
+            "--out",
+            str(tmp_path / "run"),
+            "--resolution",
+            "64",
+            "--training-steps",
+            "2",
+            "--save-every",
+            "1",
+            "--rank",
+            "4",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--json",
+        ]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["training_steps"] == 2
     assert summary["repeats_per_image"] == pytest.approx(2 / 6)
     assert Path(summary["final_lora"]).exists() and Path(summary["run_dir"]) == tmp_path / "run"
-    assert [Path(p).name for p in summary["checkpoints"]] == ["klein_lora_step000001.safetensors", "klein_lora_step000002.safetensors"]
+    assert [Path(p).name for p in summary["checkpoints"]] == [
+        "klein_lora_step000001.safetensors",
+        "klein_lora_step000002.safetensors",
+    ]
 
 
 def test_cli_train_reports_a_bad_dataset_before_loading_any_model(tmp_path, capsys):
     from klein_core.cli import main
 
     (tmp_path / "empty").mkdir()
-    code = main(["train", "--model", str(tmp_path / "no-such-model"), "--images", str(tmp_path / "empty"), "--trigger", "x", "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tmp_path / "no-such-model"),
+            "--images",
+            str(tmp_path / "empty"),
+            "--trigger",
+            "x",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
     assert "empty" in capsys.readouterr().err

@@ -21,7 +21,9 @@ def print_json(obj: object) -> None:
 
 def add_model_args(parser, required: bool = True) -> None:
     """The convention of every command that loads Klein: a diffusers folder, or a diffusion-model file + TE + VAE."""
-    parser.add_argument("--model", required=required, help="Klein Base diffusers folder, or a diffusion-model .safetensors")
+    parser.add_argument(
+        "--model", required=required, help="Klein Base diffusers folder, or a diffusion-model .safetensors"
+    )
     parser.add_argument("--text-encoder", help="Qwen3 text-encoder .safetensors (required with a model file)")
     parser.add_argument("--vae", help="Flux2 VAE .safetensors (required with a model file)")
     parser.add_argument("--tokenizer", help="folder with the Qwen tokenizer files (optional)")

@@ -121,8 +121,10 @@ def _sheet_path(sheet: str | None, folder: str) -> Path | None:
     path = Path(sheet).expanduser().resolve()
     dataset = Path(folder).expanduser().resolve()
     if path == dataset or dataset in path.parents:
-        raise DatasetError(f"--sheet {sheet} is inside the dataset folder {dataset}, which is never written to: "
-                           "write the sheet elsewhere")
+        raise DatasetError(
+            f"--sheet {sheet} is inside the dataset folder {dataset}, which is never written to: "
+            "write the sheet elsewhere"
+        )
     return path
 
 
@@ -133,4 +135,3 @@ def run_make_sample(args) -> int:
     print(f"wrote {len(paths)} images with captions to {Path(args.folder).expanduser()}")
     print(f"check it: klein-lora dataset check {args.folder} --trigger kleinchar")
     return 0
-

@@ -51,7 +51,9 @@ def run(args) -> int:
             log(f"  training step {done}/{total}, loss {info['loss']:.3f}, {info['s_per_step']:.2f} s/training step")
 
     result = run_demo(
-        args.out, DemoScale(), log=log,
+        args.out,
+        DemoScale(),
+        log=log,
         on_training_step=_training_progress if interactive else quarterly,
         on_sample_step=partial(show_sample_progress, indent="  ") if interactive else None,
     )
@@ -67,6 +69,8 @@ def run(args) -> int:
     if result.health_report:
         log(f"  health report:    {result.health_report}")
     log(f"  run manifest:     {result.manifest}")
-    log(f"done in {wall:.0f} s. Your own run: klein-lora train --model <Klein Base folder or .safetensors> "
-        "--images <photos> --trigger <word> --out <run folder>")
+    log(
+        f"done in {wall:.0f} s. Your own run: klein-lora train --model <Klein Base folder or .safetensors> "
+        "--images <photos> --trigger <word> --out <run folder>"
+    )
     return 0

@@ -17,10 +17,16 @@ def register(sub) -> None:
     p.add_argument("--grad-accum", type=int, default=PRESET.grad_accum, help="gradient accumulation G")
     p.add_argument("--base-8bit", action="store_true", help="the 8-bit base (low-VRAM mode)")
     gc = p.add_mutually_exclusive_group()
-    gc.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None,
-                    help="force gradient checkpointing (default: automatic, as the trainer decides)")
-    gc.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
-                    help="force it off")
+    gc.add_argument(
+        "--gradient-checkpointing",
+        dest="gradient_checkpointing",
+        action="store_true",
+        default=None,
+        help="force gradient checkpointing (default: automatic, as the trainer decides)",
+    )
+    gc.add_argument(
+        "--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", help="force it off"
+    )
     p.add_argument("--images", type=int, default=20, help="training images N (their cached latents stay on the GPU)")
     p.add_argument("--save-every", type=int, default=PRESET.save_every, help="training steps between checkpoints")
     p.add_argument("--mfu", type=float, default=ASSUMED_MFU, help="model FLOPs utilisation for the times")
@@ -32,9 +38,16 @@ def run(args) -> int:
     from ..tools.fitcheck import FitCheckRequest, fit_check, render_table
 
     request = FitCheckRequest(
-        variant=args.variant, resolution=args.resolution, gpu_memory_gib=args.gpu_memory, rank=args.rank,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, base_8bit=args.base_8bit,
-        gradient_checkpointing=args.gradient_checkpointing, images=args.images, save_every=args.save_every,
+        variant=args.variant,
+        resolution=args.resolution,
+        gpu_memory_gib=args.gpu_memory,
+        rank=args.rank,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        base_8bit=args.base_8bit,
+        gradient_checkpointing=args.gradient_checkpointing,
+        images=args.images,
+        save_every=args.save_every,
         mfu=args.mfu,
     )
     report = fit_check(request)

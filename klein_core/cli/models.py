@@ -9,7 +9,8 @@ from ._common import add_model_args, print_json
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "make-tiny", help="write a tiny Klein Base: random-initialised (for format tests), or --pretrained to draw",
+        "make-tiny",
+        help="write a tiny Klein Base: random-initialised (for format tests), or --pretrained to draw",
         description="Without --pretrained: a tiny random-initialised Klein (seconds; for format and loader tests). "
         "With --pretrained: train on the CPU, from --seed, a tiny Klein Base that draws the generated world of "
         "characters (about 15 minutes on 2 cores) and write it with the part-colour reader and a manifest "
@@ -20,8 +21,11 @@ def register(sub) -> None:
     p.add_argument("--distilled", action="store_true", help="mark it distilled (to exercise the guardrail)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrained", action="store_true", help="pre-train it on the generated world (minutes)")
-    p.add_argument("--smoke", action="store_true",
-                   help="with --pretrained: a few training steps of each part, to check the command runs")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="with --pretrained: a few training steps of each part, to check the command runs",
+    )
     p.set_defaults(func=run_make_tiny)
 
     c = sub.add_parser("check-model", help="check a Klein Base model (guardrails only, no weights loaded)")
@@ -48,8 +52,9 @@ def _run_pretrain(args) -> int:
         raise KleinError("--pretrained trains a Base (no --distilled), and --smoke only goes with --pretrained")
     command = f"klein-lora make-tiny --pretrained --out {args.out} --format {args.format} --seed {args.seed}"
     command += " --smoke" if args.smoke else ""
-    result = pretrain_tiny(args.out, SMOKE_BUDGET if args.smoke else PretrainBudget(), seed=args.seed,
-                           fmt=args.format, command=command)
+    result = pretrain_tiny(
+        args.out, SMOKE_BUDGET if args.smoke else PretrainBudget(), seed=args.seed, fmt=args.format, command=command
+    )
     print(f"wrote {result.out_dir} (manifest: {result.out_dir / 'manifest.json'})")
     return 0
 

@@ -7,7 +7,8 @@ from pathlib import Path
 from ..data.images import is_image_file
 from ..errors import PlanError
 from ..preset import PRESET
-from ..train.estimate import VARIANTS, Mode, estimate, recommend_mode
+from ..train.estimate import VARIANTS, Mode, estimate
+from ..train.memory_mode import recommend_mode
 from ..train.gpu import detect_gpu_memory, detect_gpu_name
 from ..train.planner import plan
 from ._common import print_json
@@ -26,7 +27,12 @@ def register(sub) -> None:
     est.add_argument("--rank", type=int, default=PRESET.rank, help="LoRA rank")
     est.add_argument("--gradient-checkpointing", action="store_true", help="estimate with per-block checkpointing")
     est.add_argument("--base-8bit", action="store_true", help="estimate with an 8-bit base")
-    est.add_argument("--gpu-memory", type=float, metavar="GiB", help="check the fit on a GPU of this size (default: the detected one)")
+    est.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GiB",
+        help="check the fit on a GPU of this size (default: the detected one)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -58,8 +64,10 @@ def run(args) -> int:
         if report["warning"]:
             print(f"warning: {report['warning']}")
         card = f" --gpu-memory {report['gpu_memory_gib']:g}" if report["gpu_memory_gib"] else " --gpu-memory GIB"
-        print(f"every phase of this run, audited at full size: klein-lora fit-check --variant {args.variant} "
-              f"--resolution {args.resolution} --rank {args.rank}{card}")
+        print(
+            f"every phase of this run, audited at full size: klein-lora fit-check --variant {args.variant} "
+            f"--resolution {args.resolution} --rank {args.rank}{card}"
+        )
     return 0
 
 
@@ -70,14 +78,26 @@ def estimate_report(args, result) -> dict:
     mode = Mode(gradient_checkpointing=args.gradient_checkpointing, base_8bit=args.base_8bit)
     gpu_memory = args.gpu_memory if args.gpu_memory is not None else detect_gpu_memory()
     kwargs = dict(
-        training_steps=result.training_steps, batch_size=result.batch_size, grad_accum=result.grad_accum,
-        images=result.images, device_name=detect_gpu_name(),
+        training_steps=result.training_steps,
+        batch_size=result.batch_size,
+        grad_accum=result.grad_accum,
+        images=result.images,
+        device_name=detect_gpu_name(),
     )
     the_estimate = estimate(args.variant, args.resolution, args.rank, mode, **kwargs)
-    report = {**the_estimate.as_dict(), "summary": the_estimate.summary(), "gpu_memory_gib": gpu_memory,
-              "fits": None, "recommended_mode": None, "warning": None}
+    report = {
+        **the_estimate.as_dict(),
+        "summary": the_estimate.summary(),
+        "gpu_memory_gib": gpu_memory,
+        "fits": None,
+        "recommended_mode": None,
+        "warning": None,
+    }
     if gpu_memory is not None:
         advice = recommend_mode(args.variant, args.resolution, args.rank, gpu_memory, mode, **kwargs)
-        report.update(fits=advice.requested_fits, warning=advice.warning,
-                      recommended_mode=advice.mode.label if advice.mode else None)
+        report.update(
+            fits=advice.requested_fits,
+            warning=advice.warning,
+            recommended_mode=advice.mode.label if advice.mode else None,
+        )
     return report

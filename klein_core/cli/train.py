@@ -23,8 +23,18 @@ from ._common import add_model_args, print_json
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a Klein Base LoRA on a folder of images")
     add_model_args(p, required=False)
-    p.add_argument("--images", help="dataset folder (images + optional same-stem .txt captions); required unless "
-                   "--resume RUN")
+    _add_dataset_and_dose_args(p)
+    _add_monitoring_args(p)
+    _add_resume_args(p)
+    p.add_argument("--json", action="store_true", help="print a final JSON summary")
+    p.set_defaults(func=run)
+
+
+def _add_dataset_and_dose_args(p) -> None:
+    """The dataset, the dose and the optimisation: what a first run sets."""
+    p.add_argument(
+        "--images", help="dataset folder (images + optional same-stem .txt captions); required unless --resume RUN"
+    )
     p.add_argument("--trigger", help="the trigger word; replaces [trigger] in captions; required unless --resume RUN")
     p.add_argument("--out", help="run folder (LoRA checkpoints, run.json, training state)")
     p.add_argument("--name", default=PRESET.output_name, help="LoRA file name stem")
@@ -33,8 +43,11 @@ def register(sub) -> None:
     dose.add_argument("--training-steps", type=int, help="optimizer updates S (instead of a target dose)")
     p.add_argument("--batch-size", type=int, default=PRESET.batch_size)
     p.add_argument("--grad-accum", type=int, default=PRESET.grad_accum, help="micro-batches per training step")
-    p.add_argument("--lr", type=float, help=f"learning rate (default {PRESET.learning_rate:g}; "
-                   f"{PRESET.unstable_learning_rate:g} when unstable)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        help=f"learning rate (default {PRESET.learning_rate:g}; {PRESET.unstable_learning_rate:g} when unstable)",
+    )
     p.add_argument("--warmup-steps", type=int, default=0, help="training steps of linear LR warmup")
     p.add_argument("--rank", type=int, default=PRESET.rank)
     p.add_argument("--resolution", type=int, nargs="+", default=[PRESET.resolution], help="e.g. 1024, or 1024 768")
@@ -42,40 +55,86 @@ def register(sub) -> None:
     p.add_argument("--caption-dropout", type=float, default=PRESET.caption_dropout)
     p.add_argument("--save-every", type=int, default=PRESET.save_every, help="training steps between checkpoints")
     p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0 = all)")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="per-block activation checkpointing: ~1.45x compute for a fraction of the activation memory "
-                   "(default: automatic, on when the estimate says the detected GPU needs it)")
-    p.add_argument("--base-8bit", action="store_true",
-                   help="low-VRAM mode: int8 base weights with the LoRA on top (needs the [lowvram] extra: torchao)")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="per-block activation checkpointing: ~1.45x compute for a fraction of the activation memory "
+        "(default: automatic, on when the estimate says the detected GPU needs it)",
+    )
+    p.add_argument(
+        "--base-8bit",
+        action="store_true",
+        help="low-VRAM mode: int8 base weights with the LoRA on top (needs the [lowvram] extra: torchao)",
+    )
     p.add_argument("--compile-blocks", action="store_true", help="torch.compile each transformer block (CUDA)")
+
+
+def _add_monitoring_args(p) -> None:
+    """Seed, logging and the checkpoint health work: previews, validation, regularization, held-out images."""
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=TrainConfig.log_every,
-                   help="training steps between loss reads and progress updates (each read waits for the GPU)")
-    p.add_argument("--preview-prompt", action="append", default=[], metavar="PROMPT",
-                   help="health preview prompt ([trigger] substituted), rendered at each checkpoint for likeness and "
-                   "preview statistics (repeatable)")
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=TrainConfig.log_every,
+        help="training steps between loss reads and progress updates (each read waits for the GPU)",
+    )
+    p.add_argument(
+        "--preview-prompt",
+        action="append",
+        default=[],
+        metavar="PROMPT",
+        help="health preview prompt ([trigger] substituted), rendered at each checkpoint for likeness and "
+        "preview statistics (repeatable)",
+    )
     p.add_argument("--stop-on-collapse", action="store_true", help="stop as soon as a collapse is detected")
-    p.add_argument("--validation-every", type=int, default=0, help="extra fixed-noise validation every K training steps")
+    p.add_argument(
+        "--validation-every", type=int, default=0, help="extra fixed-noise validation every K training steps"
+    )
     p.add_argument("--regularization", metavar="DIR", help="optional folder of class images (e.g. photos of a person)")
-    p.add_argument("--regularization-caption", default=REGULARIZATION_CAPTION,
-                   help="caption of regularization images without a .txt")
-    p.add_argument("--regularization-weight", type=float, default=PRESET.regularization_weight,
-                   help=f"loss weight of the regularization set (default {PRESET.regularization_weight:g}: low)")
-    p.add_argument("--held-out", metavar="DIR",
-                   help="optional folder of images of the same person kept out of training (captions as in --images): "
-                   "their fixed-noise validation loss is recorded at every checkpoint")
+    p.add_argument(
+        "--regularization-caption",
+        default=REGULARIZATION_CAPTION,
+        help="caption of regularization images without a .txt",
+    )
+    p.add_argument(
+        "--regularization-weight",
+        type=float,
+        default=PRESET.regularization_weight,
+        help=f"loss weight of the regularization set (default {PRESET.regularization_weight:g}: low)",
+    )
+    p.add_argument(
+        "--held-out",
+        metavar="DIR",
+        help="optional folder of images of the same person kept out of training (captions as in --images): "
+        "their fixed-noise validation loss is recorded at every checkpoint",
+    )
+
+
+def _add_resume_args(p) -> None:
+    """The cache and the ways to continue a run: resume to its total, or extend from a checkpoint."""
     p.add_argument("--cache-dir", help="latent/embedding cache (default ~/.cache/klein-lora or $KLEIN_LORA_CACHE)")
-    p.add_argument("--resume", nargs="?", const=True, metavar="RUN",
-                   help="continue the run in --out (or RUN) to its planned total; `--resume RUN` alone takes the model, "
-                   "dataset and settings from RUN/run.json")
-    p.add_argument("--from-checkpoint", metavar="FILE",
-                   help="continue from this step checkpoint (its run.json gives the model, data and settings; --lr and "
-                   "--images may change) into --out, the same run folder or a new one; needs --extend-repeats")
-    p.add_argument("--extend-repeats", type=float, metavar="R",
-                   help="extra repeats per image after --from-checkpoint: ceil(N*R/(B*G)) more training steps")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="RUN",
+        help="continue the run in --out (or RUN) to its planned total; `--resume RUN` alone takes the model, "
+        "dataset and settings from RUN/run.json",
+    )
+    p.add_argument(
+        "--from-checkpoint",
+        metavar="FILE",
+        help="continue from this step checkpoint (its run.json gives the model, data and settings; --lr and "
+        "--images may change) into --out, the same run folder or a new one; needs --extend-repeats",
+    )
+    p.add_argument(
+        "--extend-repeats",
+        type=float,
+        metavar="R",
+        help="extra repeats per image after --from-checkpoint: ceil(N*R/(B*G)) more training steps",
+    )
     p.add_argument("--allow-changes", action="store_true", help="resume even though the dataset or config changed")
-    p.add_argument("--json", action="store_true", help="print a final JSON summary")
-    p.set_defaults(func=run)
 
 
 class _Signals:
@@ -120,8 +179,10 @@ class _Console:
 def progress_line(info: dict) -> str:
     done, total = info["training_step"], info["training_steps"]
     bar = "#" * int(20 * done / total)
-    return (f"\rtraining step {done}/{total} [{bar:<20}] loss {info['loss']:.4f} "
-            f"{info['s_per_step']:.2f} s/step ETA {time.strftime('%H:%M:%S', time.gmtime(info['eta_s']))}")
+    return (
+        f"\rtraining step {done}/{total} [{bar:<20}] loss {info['loss']:.4f} "
+        f"{info['s_per_step']:.2f} s/step ETA {time.strftime('%H:%M:%S', time.gmtime(info['eta_s']))}"
+    )
 
 
 def run(args) -> int:
@@ -137,10 +198,20 @@ def run(args) -> int:
     with _Signals() as signals:
         callbacks = TrainCallbacks(on_step=console.progress, should_stop=lambda: signals.stop, log=console.log)
         try:
-            result = train(inputs.resolved, inputs.spec, inputs.config, run_dir, callbacks=callbacks,
-                           cache_dir=inputs.cache_dir, preview_prompts=inputs.preview_prompts,
-                           regularization=inputs.regularization, held_out=inputs.held_out,
-                           resume=bool(args.resume), allow_changes=args.allow_changes, extend=extend)
+            result = train(
+                inputs.resolved,
+                inputs.spec,
+                inputs.config,
+                run_dir,
+                callbacks=callbacks,
+                cache_dir=inputs.cache_dir,
+                preview_prompts=inputs.preview_prompts,
+                regularization=inputs.regularization,
+                held_out=inputs.held_out,
+                resume=bool(args.resume),
+                allow_changes=args.allow_changes,
+                extend=extend,
+            )
         except NonFiniteLoss as exc:  # a collapse: the message leads with the LR advice; --json still says what to keep
             console.end_line()
             print(f"error: {exc}", file=sys.stderr)
@@ -194,33 +265,59 @@ def _extension_inputs(args) -> tuple[RunInputs, Extension]:
 
 def _inputs_from_args(args) -> RunInputs:
     """The full command: every check here runs before any model loads."""
-    missing = [flag for flag, value in (("--model", args.model), ("--images", args.images), ("--trigger", args.trigger))
-               if value is None]
+    missing = [
+        flag
+        for flag, value in (("--model", args.model), ("--images", args.images), ("--trigger", args.trigger))
+        if value is None
+    ]
     if missing:
         raise ConfigError(f"{' and '.join(missing)} required (or `--resume RUN` alone, to continue a run as saved)")
     config = TrainConfig(
-        output_name=args.name, training_steps=args.training_steps, target_repeats=args.target_repeats,
-        batch_size=args.batch_size, grad_accum=args.grad_accum,
-        learning_rate=args.lr if args.lr is not None else PRESET.learning_rate, warmup_steps=args.warmup_steps,
-        rank=args.rank, seed=args.seed, save_every=args.save_every, keep_last=args.keep_last,
-        gradient_checkpointing=args.gradient_checkpointing, base_8bit=args.base_8bit, compile_blocks=args.compile_blocks,
-        stop_on_collapse=args.stop_on_collapse, validation_every=args.validation_every, log_every=args.log_every,
+        output_name=args.name,
+        training_steps=args.training_steps,
+        target_repeats=args.target_repeats,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        learning_rate=args.lr if args.lr is not None else PRESET.learning_rate,
+        warmup_steps=args.warmup_steps,
+        rank=args.rank,
+        seed=args.seed,
+        save_every=args.save_every,
+        keep_last=args.keep_last,
+        gradient_checkpointing=args.gradient_checkpointing,
+        base_8bit=args.base_8bit,
+        compile_blocks=args.compile_blocks,
+        stop_on_collapse=args.stop_on_collapse,
+        validation_every=args.validation_every,
+        log_every=args.log_every,
         regularization_weight=args.regularization_weight,
     )
     spec = DatasetSpec(
-        folder=args.images, trigger=args.trigger, default_caption=args.default_caption,
-        caption_dropout=args.caption_dropout, resolutions=tuple(args.resolution),
+        folder=args.images,
+        trigger=args.trigger,
+        default_caption=args.default_caption,
+        caption_dropout=args.caption_dropout,
+        resolutions=tuple(args.resolution),
     )
     spec.scan()  # dataset errors before any model work
     regularization = None
     if args.regularization:
-        regularization = DatasetSpec(folder=args.regularization, trigger=args.trigger, resolutions=tuple(args.resolution),
-                                     default_caption=args.regularization_caption).as_regularization(args.trigger)
+        regularization = DatasetSpec(
+            folder=args.regularization,
+            trigger=args.trigger,
+            resolutions=tuple(args.resolution),
+            default_caption=args.regularization_caption,
+        ).as_regularization(args.trigger)
         regularization.scan()
     held_out = None
     if args.held_out:
-        held_out = DatasetSpec(folder=args.held_out, trigger=args.trigger, default_caption=args.default_caption,
-                               caption_dropout=0.0, resolutions=tuple(args.resolution))
+        held_out = DatasetSpec(
+            folder=args.held_out,
+            trigger=args.trigger,
+            default_caption=args.default_caption,
+            caption_dropout=0.0,
+            resolutions=tuple(args.resolution),
+        )
         held_out.scan()
     resolved = resolve_model(args.model, args.text_encoder, args.vae, args.tokenizer)
     return RunInputs(resolved, spec, config, regularization, held_out, tuple(args.preview_prompt), args.cache_dir)
@@ -232,7 +329,14 @@ def health_fields(health) -> dict:
         return {"best_checkpoint": None, "collapse": None}
     collapse = None
     if health.collapse is not None:
-        collapse = {"step": health.collapse.began_step, "last_good_checkpoint": health.collapse.last_good_path,
-                    "advice": health.advice, "signals": health.collapse.signal_names}
-    return {"best_checkpoint": str(health.best_lora) if health.best_lora else None, "collapse": collapse,
-            "verdict": health.verdict}
+        collapse = {
+            "step": health.collapse.began_step,
+            "last_good_checkpoint": health.collapse.last_good_path,
+            "advice": health.advice,
+            "signals": health.collapse.signal_names,
+        }
+    return {
+        "best_checkpoint": str(health.best_lora) if health.best_lora else None,
+        "collapse": collapse,
+        "verdict": health.verdict,
+    }

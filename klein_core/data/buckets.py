@@ -144,9 +144,7 @@ class BucketBatchSampler:
         for index, key in enumerate(bucket_keys):
             groups.setdefault(key, []).append(index)
         self._groups = list(groups.values())  # first-appearance order: deterministic for a deterministic scan
-        per_bucket = [
-            len(g) // batch_size if drop_last else math.ceil(len(g) / batch_size) for g in self._groups
-        ]
+        per_bucket = [len(g) // batch_size if drop_last else math.ceil(len(g) / batch_size) for g in self._groups]
         self._global_batches = sum(per_bucket)
         self.batches_per_epoch = self._global_batches // world_size
         self._last_epoch: tuple[int, list[list[int]]] | None = None  # batch_at is called every micro-batch

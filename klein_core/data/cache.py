@@ -174,9 +174,7 @@ class EmbeddingCache:
             out = encode_fn(batch)
         if not isinstance(out, torch.Tensor) or out.ndim < 1 or out.shape[0] != expected:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise CacheError(
-                f"the {what} encoder returned {shape} for a batch of {expected}; expected ({expected}, …)"
-            )
+            raise CacheError(f"the {what} encoder returned {shape} for a batch of {expected}; expected ({expected}, …)")
         return [row.detach().to("cpu").contiguous() for row in out]
 
     # ---- public API

@@ -18,6 +18,7 @@ REGULARIZATION_CAPTION = "photo of a person"  # the caption of a class image wit
 DropoutCaption = Literal["trigger", "empty"]
 DROPOUT_CAPTIONS: tuple[str, ...] = ("trigger", "empty")
 
+
 def validate_trigger(trigger: object) -> str:
     """The trigger word, stripped; a missing, empty or placeholder trigger is an error that says what to give."""
     if not isinstance(trigger, str) or not trigger.strip():

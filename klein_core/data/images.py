@@ -23,6 +23,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 128 * 1024 * 1024
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
+
 def is_image_file(path: str | Path) -> bool:
     """True for a visible file name ending in a supported image extension (any case)."""
     name = Path(path).name

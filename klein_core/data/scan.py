@@ -53,6 +53,8 @@ if TYPE_CHECKING:  # torch is only needed for pixels; keep `dataset check` light
     import torch
 
 TINY_IMAGE_SIDE = 128  # shorter side below this carries too little detail for an identity at any resolution
+
+
 def rows_digest(rows: Sequence[object]) -> str:
     """A sha256 over the rows' reprs, one per line: a stable summary of a file list or a config."""
     hasher = hashlib.sha256()
@@ -215,9 +217,7 @@ class DatasetScan:
             "trigger": self.trigger,
             "trigger_policy": self.trigger_policy,
             "resolutions": list(self.resolutions),
-            "buckets": {
-                str(res): {str(b): n for b, n in self.bucket_counts(res).items()} for res in self.resolutions
-            },
+            "buckets": {str(res): {str(b): n for b, n in self.bucket_counts(res).items()} for res in self.resolutions},
             "captions_from_files": sum(1 for i in self.items if i.caption_source == "file"),
             "captions": [{"file": i.name, "caption": i.caption} for i in items],
             "ignored": list(self.ignored),
@@ -273,8 +273,9 @@ def inspect_dataset(
     listing = _list_folder(root)
     state = _ScanState()
     for path in listing.images:
-        _read_item(path, listing, state, trigger, default_caption, trigger_policy, skip_corrupt, resolutions,
-                   max_image_pixels)
+        _read_item(
+            path, listing, state, trigger, default_caption, trigger_policy, skip_corrupt, resolutions, max_image_pixels
+        )
     _check_caption_files(listing, state)
     _check_folder(root, listing, state, trigger, default_caption)
     _check_duplicates(state)

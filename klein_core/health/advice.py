@@ -36,9 +36,7 @@ def lowered_learning_rate(learning_rate: float) -> float:
 
 
 def _lr_advice(learning_rate: float) -> str:
-    return (
-        f"LR {format_learning_rate(learning_rate)} → {format_learning_rate(lowered_learning_rate(learning_rate))}"
-    )
+    return f"LR {format_learning_rate(learning_rate)} → {format_learning_rate(lowered_learning_rate(learning_rate))}"
 
 
 def collapse_advice(
@@ -56,9 +54,7 @@ def collapse_advice(
     if rank > PRESET.rank:
         rank_line = f"2. Lower the LoRA rank: rank {rank} → {PRESET.rank} (alpha = rank)."
     else:
-        rank_line = (
-            f"2. Lower the LoRA rank: rank is already {rank} (the preset's {PRESET.rank} or lower), keep it."
-        )
+        rank_line = f"2. Lower the LoRA rank: rank is already {rank} (the preset's {PRESET.rank} or lower), keep it."
 
     if has_regularization:
         reg_line = (
@@ -67,14 +63,13 @@ def collapse_advice(
         )
     else:
         reg_line = (
-            f"3. Add a small regularization set (class images such as \"photo of a person\") at low weight "
+            f'3. Add a small regularization set (class images such as "photo of a person") at low weight '
             f"{regularization_weight:g}."
         )
 
     if report.last_good_path:
         stop_line = (
-            f"4. Stop early and keep the last good checkpoint: step {report.last_good_step}, "
-            f"{report.last_good_path}."
+            f"4. Stop early and keep the last good checkpoint: step {report.last_good_step}, {report.last_good_path}."
         )
     else:
         stop_line = (

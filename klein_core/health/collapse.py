@@ -28,7 +28,6 @@ A collapse "begins" at the first bad training-loss reading or the first bad chec
 the last saved LoRA strictly before that step.
 """
 
-
 from __future__ import annotations
 
 import math
@@ -64,8 +63,6 @@ SIGNAL_DESCRIPTIONS = {
     PREVIEW_BLOWOUT: "previews blowing out",
     LIKENESS_DROP: "likeness dropping after its peak",
 }
-
-
 
 
 @dataclass(frozen=True)
@@ -208,9 +205,15 @@ def _ema(values: Sequence[float], alpha: float) -> list[float]:
 
 def _validation_signal(history: TrainingHistory, th: CollapseThresholds) -> CollapseSignal | None:
     """The validation loss on the training images, or on the held-out images, rising clearly: the earlier of the two."""
-    fired = [signal for attr, label in (("validation_loss", "validation loss"), ("held_out_loss", "held-out validation loss"))
-             if (signal := _rising_signal([(c.step, getattr(c, attr)) for c in history.checkpoints
-                                           if getattr(c, attr) is not None], label, th))]
+    fired = [
+        signal
+        for attr, label in (("validation_loss", "validation loss"), ("held_out_loss", "held-out validation loss"))
+        if (
+            signal := _rising_signal(
+                [(c.step, getattr(c, attr)) for c in history.checkpoints if getattr(c, attr) is not None], label, th
+            )
+        )
+    ]
     return min(fired, key=lambda signal: signal.began_step) if fired else None
 
 

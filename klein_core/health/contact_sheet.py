@@ -47,8 +47,12 @@ def contact_sheet(report: IdentityReport, title: str) -> Image.Image:
     draw = ImageDraw.Draw(sheet)
     draw.text((PAD, PAD), _fit(draw, title, sheet.width - 2 * PAD, font), fill=TEXT, font=font)
     verdict = report.verdict() + ("" if report.face_checks else f" ({report.note})")
-    draw.text((PAD, PAD + LINE_HEIGHT), _fit(draw, verdict, sheet.width - 2 * PAD, font),
-              fill=TEXT if report.ready else FLAG, font=font)
+    draw.text(
+        (PAD, PAD + LINE_HEIGHT),
+        _fit(draw, verdict, sheet.width - 2 * PAD, font),
+        fill=TEXT if report.ready else FLAG,
+        font=font,
+    )
     for index, image in enumerate(images):
         row, column = divmod(index, columns)
         _draw_cell(sheet, draw, font, image, PAD + column * (cell_w + PAD), header + PAD + row * (cell_h + PAD))
@@ -63,8 +67,9 @@ def _draw_cell(sheet: Image.Image, draw: ImageDraw.ImageDraw, font, image: Image
     shrink = thumb.width / max(1, round(image.width * image.scale))  # training-scale pixels -> thumbnail pixels
     for box in image.faces:
         scaled = box.scaled(shrink)
-        draw.rectangle((left + scaled.left, top + scaled.top, left + scaled.right, top + scaled.bottom),
-                       outline=FACE_BOX, width=2)
+        draw.rectangle(
+            (left + scaled.left, top + scaled.top, left + scaled.right, top + scaled.bottom), outline=FACE_BOX, width=2
+        )
     frame = FLAG if image.findings else CLEAN
     draw.rectangle((left - 2, top - 2, left + thumb.width + 1, top + thumb.height + 1), outline=frame, width=2)
     text_y = y + THUMBNAIL_SIDE + 2

@@ -20,7 +20,9 @@ class CheckpointRecord:
     validation_loss: float | None = None
     preview_stats: PreviewStats | None = None
     likeness: float | None = None
-    held_out_loss: float | None = None  # the same fixed-noise loss on images kept out of training (if the user has some)
+    held_out_loss: float | None = (
+        None  # the same fixed-noise loss on images kept out of training (if the user has some)
+    )
 
     def as_dict(self) -> dict:
         return {

@@ -271,7 +271,9 @@ def face_sharpness(image: Image.Image, box: FaceBox, side: int) -> float | None:
     crop = image.convert("L").crop((left, top, right, bottom))
     if max(crop.size) > side:
         scale = side / max(crop.size)
-        crop = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))), Image.Resampling.BOX)
+        crop = crop.resize(
+            (max(1, round(crop.width * scale)), max(1, round(crop.height * scale))), Image.Resampling.BOX
+        )
     return float(laplacian(np.asarray(crop, dtype=np.float64)).var())
 
 
@@ -296,8 +298,11 @@ def _flag_faces(images: list[ImageCheck], thresholds: IdentityThresholds) -> lis
     for image in images:
         if not image.faces:
             image.findings.append(
-                Finding("no_face", "no face found: the identity is not visible here (or the face is turned away, "
-                        "covered, or under about 40 px at training scale)")
+                Finding(
+                    "no_face",
+                    "no face found: the identity is not visible here (or the face is turned away, "
+                    "covered, or under about 40 px at training scale)",
+                )
             )
             continue
         if len(image.faces) > 1:
@@ -306,13 +311,19 @@ def _flag_faces(images: list[ImageCheck], thresholds: IdentityThresholds) -> lis
             )
         if image.face_px is not None and image.face_px < thresholds.small_face_px:
             image.findings.append(
-                Finding("small_face", f"the face is {image.face_px} px at {image.face_resolution} (under "
-                        f"{thresholds.small_face_px} px): too few pixels to learn the identity; crop closer")
+                Finding(
+                    "small_face",
+                    f"the face is {image.face_px} px at {image.face_resolution} (under "
+                    f"{thresholds.small_face_px} px): too few pixels to learn the identity; crop closer",
+                )
             )
         if image.sharpness is not None and image.sharpness < thresholds.blurry_below:
             image.findings.append(
-                Finding("blurry", f"the face looks blurred (sharpness {image.sharpness:.0f}, under "
-                        f"{thresholds.blurry_below:g}): a soft face teaches a soft likeness")
+                Finding(
+                    "blurry",
+                    f"the face looks blurred (sharpness {image.sharpness:.0f}, under "
+                    f"{thresholds.blurry_below:g}): a soft face teaches a soft likeness",
+                )
             )
     return []
 
@@ -351,9 +362,12 @@ def _flag_identity(images: list[ImageCheck], thresholds: IdentityThresholds) -> 
     for image in images:
         if image.distance is not None and image.distance > limit:
             image.findings.append(
-                Finding("different_person", f"may be a different person: face distance {image.distance:.2f} to "
-                        f"{image.compared_to} (the set's most typical photo), over {limit:g}; the set's typical "
-                        f"distance is {typical:.2f}")
+                Finding(
+                    "different_person",
+                    f"may be a different person: face distance {image.distance:.2f} to "
+                    f"{image.compared_to} (the set's most typical photo), over {limit:g}; the set's typical "
+                    f"distance is {typical:.2f}",
+                )
             )
     return typical, []
 
@@ -366,7 +380,10 @@ def _flag_near_duplicates(images: list[ImageCheck], thresholds: IdentityThreshol
             bits = (later.dhash ^ earlier.dhash).bit_count()
             if later.sha256 != earlier.sha256 and bits <= thresholds.near_duplicate_bits:
                 later.findings.append(
-                    Finding("near_duplicate", f"near-duplicate of {earlier.name} (perceptual hash differs in {bits} "
-                            f"of {DHASH_BITS} bits): the same shot trains twice as often")
+                    Finding(
+                        "near_duplicate",
+                        f"near-duplicate of {earlier.name} (perceptual hash differs in {bits} "
+                        f"of {DHASH_BITS} bits): the same shot trains twice as often",
+                    )
                 )
                 break

@@ -33,7 +33,9 @@ class HealthSummary:
 
     def as_dict(self) -> dict:
         return {
-            "collapse": None if self.collapse is None else {
+            "collapse": None
+            if self.collapse is None
+            else {
                 **self.collapse.as_dict(),
                 "step": self.collapse.began_step,
                 "last_good_checkpoint": self.collapse.last_good_path,
@@ -62,8 +64,9 @@ class HealthMonitor:
         for offset, value in enumerate(values):
             self.history.add_training_loss(first_step + offset, value)
 
-    def record_checkpoint(self, step: int, lora_path: str | None, val_loss: float | None,
-                          held_out_loss: float | None = None) -> None:
+    def record_checkpoint(
+        self, step: int, lora_path: str | None, val_loss: float | None, held_out_loss: float | None = None
+    ) -> None:
         stats = likeness = None
         if self.preview is not None:
             images = self.preview()
@@ -84,7 +87,9 @@ class HealthMonitor:
     def advice(self) -> list[str]:
         if self.collapse is None:
             return []
-        return collapse_advice(self.collapse, self.learning_rate, self.rank, self.has_regularization, PRESET.regularization_weight)
+        return collapse_advice(
+            self.collapse, self.learning_rate, self.rank, self.has_regularization, PRESET.regularization_weight
+        )
 
     def finish(self, run_dir: Path, output_name: str) -> HealthSummary:
         """Pick the best checkpoint (copied to ``<name>_best.safetensors``), draw the report, write the verdict.
@@ -99,5 +104,7 @@ class HealthMonitor:
             atomic_write_bytes(best_lora, Path(best.path).read_bytes())
         advice = self.advice()
         verdict = verdict_text(self.history, self.collapse, best, advice, best_lora)
-        report_path = save_training_report(render_training_report(self.history, self.collapse, best), run_dir / REPORT_FILE)
+        report_path = save_training_report(
+            render_training_report(self.history, self.collapse, best), run_dir / REPORT_FILE
+        )
         return HealthSummary(self.collapse, advice, best, best_lora, verdict, report_path)

@@ -61,8 +61,9 @@ def chart_geometry(history: TrainingHistory, width: int = 1000, height: int = 64
     loss_bottom = int(height * 0.60)
     likeness_top = loss_bottom + 62
     likeness_bottom = height - 46
-    return ChartGeometry(width, height, left, right, loss_top, loss_bottom, likeness_top, likeness_bottom,
-                         max(1, history.last_step))
+    return ChartGeometry(
+        width, height, left, right, loss_top, loss_bottom, likeness_top, likeness_bottom, max(1, history.last_step)
+    )
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -116,8 +117,12 @@ def _dashed_vline(draw: ImageDraw.ImageDraw, x: int, top: int, bottom: int, colo
 
 def _loss_range(history: TrainingHistory) -> tuple[float, float]:
     values = [v for v in history.losses if math.isfinite(v)]
-    vals = [v for c in history.checkpoints for v in (c.validation_loss, c.held_out_loss)
-            if v is not None and math.isfinite(v)]
+    vals = [
+        v
+        for c in history.checkpoints
+        for v in (c.validation_loss, c.held_out_loss)
+        if v is not None and math.isfinite(v)
+    ]
     if not values and not vals:
         return 0.0, 1.0
     lo_candidates, hi_candidates = [], []
@@ -201,13 +206,19 @@ def _draw_loss_panel(draw, geo: ChartGeometry, history: TrainingHistory, font) -
     for s, v in zip(history.loss_steps, history.losses):
         if not math.isfinite(v):
             x = geo.x_of(s)
-            draw.polygon([(x - 5, geo.loss_top + 1), (x + 5, geo.loss_top + 1), (x, geo.loss_top + 10)],
-                         fill=NON_FINITE_COLOUR)
+            draw.polygon(
+                [(x - 5, geo.loss_top + 1), (x + 5, geo.loss_top + 1), (x, geo.loss_top + 10)], fill=NON_FINITE_COLOUR
+            )
     legend = [("training loss (raw)", RAW_LOSS_COLOUR), ("training loss (smoothed)", SMOOTH_LOSS_COLOUR)]
-    for attr, label, colour in (("validation_loss", "validation loss", VALIDATION_COLOUR),
-                                ("held_out_loss", "held-out validation loss", HELD_OUT_COLOUR)):
-        points = [(geo.x_of(c.step), y_loss(getattr(c, attr))) for c in history.checkpoints
-                  if getattr(c, attr) is not None and math.isfinite(getattr(c, attr))]
+    for attr, label, colour in (
+        ("validation_loss", "validation loss", VALIDATION_COLOUR),
+        ("held_out_loss", "held-out validation loss", HELD_OUT_COLOUR),
+    ):
+        points = [
+            (geo.x_of(c.step), y_loss(getattr(c, attr)))
+            for c in history.checkpoints
+            if getattr(c, attr) is not None and math.isfinite(getattr(c, attr))
+        ]
         _draw_series(draw, points, colour)
         if points or attr == "validation_loss":
             legend.append((label, colour))
@@ -218,8 +229,9 @@ def _draw_loss_panel(draw, geo: ChartGeometry, history: TrainingHistory, font) -
 
 def _draw_likeness_panel(draw, geo: ChartGeometry, history: TrainingHistory, font) -> None:
     """Likeness per checkpoint on an axis that always spans [0, 1], or a note when none was recorded."""
-    likeness = [(c.step, c.likeness) for c in history.checkpoints
-                if c.likeness is not None and math.isfinite(c.likeness)]
+    likeness = [
+        (c.step, c.likeness) for c in history.checkpoints if c.likeness is not None and math.isfinite(c.likeness)
+    ]
     if likeness:
         values = [v for _, v in likeness]
         l_lo = min(0.0, min(values))
@@ -236,8 +248,12 @@ def _draw_likeness_panel(draw, geo: ChartGeometry, history: TrainingHistory, fon
     if not likeness:
         msg = "no likeness score recorded"
         tw = draw.textlength(msg, font=font)
-        draw.text(((geo.left + geo.right) / 2 - tw / 2, (geo.likeness_top + geo.likeness_bottom) / 2 - 7), msg,
-                  fill=AXIS_COLOUR, font=font)
+        draw.text(
+            ((geo.left + geo.right) / 2 - tw / 2, (geo.likeness_top + geo.likeness_bottom) / 2 - 7),
+            msg,
+            fill=AXIS_COLOUR,
+            font=font,
+        )
 
 
 def _mark_best(draw, geo: ChartGeometry, panels, best: BestChoice, collapse: CollapseReport | None, font) -> None:
@@ -310,8 +326,10 @@ def verdict_text(
             f"and {saved} saved checkpoint{'s' if saved != 1 else ''}."
         )
     else:
-        lines.append(f"Collapse detected: it began at training step {collapse.began_step} "
-                     f"(detected at step {collapse.detected_step}).")
+        lines.append(
+            f"Collapse detected: it began at training step {collapse.began_step} "
+            f"(detected at step {collapse.detected_step})."
+        )
         for signal in collapse.signals:
             lines.append(f"  - {SIGNAL_DESCRIPTIONS[signal.name]}: {signal.detail}")
         if collapse.last_good_path:

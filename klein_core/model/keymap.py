@@ -140,7 +140,13 @@ def diffusers_to_bfl_transformer(state_dict: dict[str, torch.Tensor]) -> dict[st
 
 
 # --- VAE (LDM layout used by ComfyUI / BFL ``flux2-vae.safetensors``) ------------------------------------------
-_RESNET = (("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2"), ("nin_shortcut", "conv_shortcut"))
+_RESNET = (
+    ("norm1", "norm1"),
+    ("conv1", "conv1"),
+    ("norm2", "norm2"),
+    ("conv2", "conv2"),
+    ("nin_shortcut", "conv_shortcut"),
+)
 _ATTN = (("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0"))
 _VAE_PLAIN = (
     ("conv_in", "conv_in"),

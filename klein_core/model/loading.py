@@ -60,10 +60,18 @@ class ResolvedModel:
     def source_args(self) -> dict[str, str | None]:
         """The ``resolve_model`` arguments that resolve these files again (a run folder's record of its model)."""
         if self.format == "diffusers":
-            return {"model": str(self.transformer_path.parent), "text_encoder": None, "vae": None,
-                    "tokenizer": None if self.tokenizer_path is None else str(self.tokenizer_path)}
-        return {"model": str(self.transformer_path), "text_encoder": str(self.text_encoder_path),
-                "vae": str(self.vae_path), "tokenizer": None if self.tokenizer_path is None else str(self.tokenizer_path)}
+            return {
+                "model": str(self.transformer_path.parent),
+                "text_encoder": None,
+                "vae": None,
+                "tokenizer": None if self.tokenizer_path is None else str(self.tokenizer_path),
+            }
+        return {
+            "model": str(self.transformer_path),
+            "text_encoder": str(self.text_encoder_path),
+            "vae": str(self.vae_path),
+            "tokenizer": None if self.tokenizer_path is None else str(self.tokenizer_path),
+        }
 
     @property
     def identity(self) -> str:
@@ -74,7 +82,6 @@ class ResolvedModel:
                 st = f.stat()
                 h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
         return h.hexdigest()[:16]
-
 
 
 # --- header reading ---------------------------------------------------------------------------------------------
@@ -112,9 +119,7 @@ def _check_complete(file: Path) -> None:
         raise ModelError(f"{file} is truncated or corrupt ({exc}); re-download it") from exc
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end > size:
-        raise ModelError(
-            f"{file} is truncated: {size} bytes on disk, {8 + header_len + end} expected; re-download it"
-        )
+        raise ModelError(f"{file} is truncated: {size} bytes on disk, {8 + header_len + end} expected; re-download it")
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -136,7 +141,11 @@ def _describe_foreign(keys: set[str]) -> str | None:
     """Name a non-Klein model from its keys, or None when it looks like a Flux2 transformer."""
     if any(k.startswith("input_blocks.") or k.startswith("model.diffusion_model.input_blocks.") for k in keys):
         return "a Stable Diffusion UNet"
-    if any(".img_mod.lin." in k for k in keys) or "x_embedder.weight" in keys and "transformer_blocks.0.norm1.linear.weight" in keys:
+    if (
+        any(".img_mod.lin." in k for k in keys)
+        or "x_embedder.weight" in keys
+        and "transformer_blocks.0.norm1.linear.weight" in keys
+    ):
         return "a FLUX.1 transformer"
     if any(k.startswith("joint_blocks.") for k in keys):
         return "an SD3 transformer"
@@ -149,12 +158,17 @@ def _describe_foreign(keys: set[str]) -> str | None:
 
 def variant_from_bfl_shapes(shapes: dict[str, tuple[int, ...]], path: Path) -> tuple[KleinVariant, dict]:
     """Detect the Klein size from BFL tensor shapes and build the diffusers transformer config locally."""
-    shapes = {k[len(COMFY_TRANSFORMER_PREFIX) :] if k.startswith(COMFY_TRANSFORMER_PREFIX) else k: v for k, v in shapes.items()}
+    shapes = {
+        k[len(COMFY_TRANSFORMER_PREFIX) :] if k.startswith(COMFY_TRANSFORMER_PREFIX) else k: v
+        for k, v in shapes.items()
+    }
     keys = set(shapes)
     foreign = _describe_foreign(keys)
     needed = ("img_in.weight", "txt_in.weight", "double_stream_modulation_img.lin.weight")
     if foreign or not all(k in keys for k in needed):
-        raise ModelError(f"{path} is {foreign or 'not a FLUX.2 transformer'}; expected a FLUX.2 [klein] Base diffusion model")
+        raise ModelError(
+            f"{path} is {foreign or 'not a FLUX.2 transformer'}; expected a FLUX.2 [klein] Base diffusion model"
+        )
     hidden, in_channels = shapes["img_in.weight"]
     joint = shapes["txt_in.weight"][1]
     doubles = len({k.split(".")[1] for k in keys if k.startswith("double_blocks.")})
@@ -167,13 +181,20 @@ def variant_from_bfl_shapes(shapes: dict[str, tuple[int, ...]], path: Path) -> t
     if in_channels != 128 or hidden % 128:
         raise ModelError(f"{path} has {in_channels} input channels / hidden {hidden}: not a FLUX.2 [klein] transformer")
     variant = _name_variant(hidden, doubles, singles, joint)
-    config = transformer_config(hidden, doubles, singles, joint, timestep_channels=shapes["time_in.in_layer.weight"][1],
-                                mlp_ratio=shapes["double_blocks.0.img_mlp.2.weight"][1] / hidden)
+    config = transformer_config(
+        hidden,
+        doubles,
+        singles,
+        joint,
+        timestep_channels=shapes["time_in.in_layer.weight"][1],
+        mlp_ratio=shapes["double_blocks.0.img_mlp.2.weight"][1] / hidden,
+    )
     return variant, config
 
 
-def transformer_config(hidden: int, doubles: int, singles: int, joint: int, timestep_channels: int = 256,
-                       mlp_ratio: float = 3.0) -> dict:
+def transformer_config(
+    hidden: int, doubles: int, singles: int, joint: int, timestep_channels: int = 256, mlp_ratio: float = 3.0
+) -> dict:
     """The diffusers ``Flux2Transformer2DModel`` config of a Klein transformer of these widths (128-wide heads)."""
     return dict(
         patch_size=1,
@@ -262,7 +283,9 @@ def read_metadata(path: Path) -> dict[str, str]:
 VAE_GROUPS_METADATA = "norm_num_groups"  # group norms have no shape to read it from: a tiny VAE may record it here
 
 
-def vae_config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path, metadata: dict[str, str] | None = None) -> dict:
+def vae_config_from_shapes(
+    shapes: dict[str, tuple[int, ...]], path: Path, metadata: dict[str, str] | None = None
+) -> dict:
     if "bn.running_mean" not in shapes or "encoder.conv_in.weight" not in shapes:
         raise ModelError(
             f"{path} is not a FLUX.2 VAE (flux2-vae.safetensors): it has no batch-norm statistics "
@@ -317,7 +340,9 @@ def resolve_model(
         return _resolve_diffusers(model, tokenizer, allow_distilled)
     if text_encoder is None or vae is None:
         missing = " and ".join(n for n, v in (("--text-encoder", text_encoder), ("--vae", vae)) if v is None)
-        raise ModelError(f"{model} is a single diffusion-model file: also give {missing} (ComfyUI's text_encoders/ and vae/ files)")
+        raise ModelError(
+            f"{model} is a single diffusion-model file: also give {missing} (ComfyUI's text_encoders/ and vae/ files)"
+        )
     return _resolve_comfy(model, Path(text_encoder), Path(vae), tokenizer, allow_distilled)
 
 
@@ -339,21 +364,34 @@ def _resolve_diffusers(folder: Path, tokenizer: str | os.PathLike | None, allow_
     for part in ("transformer", "text_encoder", "vae"):
         if not (folder / part / "config.json").exists():
             raise ModelError(f"{folder / part} is missing (config.json not found)")
-    tr_config = {k: v for k, v in json.loads((folder / "transformer/config.json").read_text()).items() if not k.startswith("_")}
+    tr_config = {
+        k: v for k, v in json.loads((folder / "transformer/config.json").read_text()).items() if not k.startswith("_")
+    }
     te_config = json.loads((folder / "text_encoder/config.json").read_text())
-    vae_config = {k: v for k, v in json.loads((folder / "vae/config.json").read_text()).items() if not k.startswith("_")}
+    vae_config = {
+        k: v for k, v in json.loads((folder / "vae/config.json").read_text()).items() if not k.startswith("_")
+    }
     if tr_config.get("guidance_embeds", False):
         raise ModelError(f"{folder} is FLUX.2 [dev] (guidance embedding), not FLUX.2 [klein]")
     for part in ("transformer", "text_encoder", "vae"):
         read_shapes(folder / part)  # truncation check for every weight file
     hidden = tr_config["num_attention_heads"] * tr_config["attention_head_dim"]
-    variant = _name_variant(hidden, tr_config["num_layers"], tr_config["num_single_layers"], tr_config["joint_attention_dim"])
+    variant = _name_variant(
+        hidden, tr_config["num_layers"], tr_config["num_single_layers"], tr_config["joint_attention_dim"]
+    )
     te_config = {k: te_config[k] for k in te_config if not k.startswith("_")}
     _check_text_encoder_matches(variant, te_config, folder / "text_encoder", folder / "transformer")
     tok = Path(tokenizer) if tokenizer else folder / "tokenizer"
     return ResolvedModel(
-        "diffusers", folder / "transformer", folder / "text_encoder", folder / "vae", tok, variant,
-        tr_config, te_config, vae_config,
+        "diffusers",
+        folder / "transformer",
+        folder / "text_encoder",
+        folder / "vae",
+        tok,
+        variant,
+        tr_config,
+        te_config,
+        vae_config,
     )
 
 
@@ -410,7 +448,9 @@ def _instantiate(cls, config: dict, state: dict[str, torch.Tensor], what: Path, 
         module = cls(**config)
     missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
-        raise ModelError(f"{what}: weights do not fit the detected config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ModelError(
+            f"{what}: weights do not fit the detected config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return module.to(device=device, dtype=dtype).eval()
 
 
@@ -428,18 +468,26 @@ def load_transformer(resolved: ResolvedModel, dtype: torch.dtype = torch.float32
     from diffusers import Flux2Transformer2DModel
 
     if resolved.format == "diffusers":
-        model = Flux2Transformer2DModel.from_pretrained(resolved.transformer_path, torch_dtype=dtype, local_files_only=True)
+        model = Flux2Transformer2DModel.from_pretrained(
+            resolved.transformer_path, torch_dtype=dtype, local_files_only=True
+        )
         return model.to(device).eval()
     state = _dequantize_fp8(load_tensors(resolved.transformer_path), dtype)
     state = bfl_to_diffusers_transformer(state)
-    return _instantiate(Flux2Transformer2DModel, resolved.transformer_config, state, resolved.transformer_path, dtype, device)
+    return _instantiate(
+        Flux2Transformer2DModel, resolved.transformer_config, state, resolved.transformer_path, dtype, device
+    )
 
 
 def load_vae(resolved: ResolvedModel, dtype: torch.dtype = torch.float32, device="cpu"):
     from diffusers import AutoencoderKLFlux2
 
     if resolved.format == "diffusers":
-        return AutoencoderKLFlux2.from_pretrained(resolved.vae_path, torch_dtype=dtype, local_files_only=True).to(device).eval()
+        return (
+            AutoencoderKLFlux2.from_pretrained(resolved.vae_path, torch_dtype=dtype, local_files_only=True)
+            .to(device)
+            .eval()
+        )
     state = ldm_to_diffusers_vae(load_tensors(resolved.vae_path))
     state.setdefault("bn.num_batches_tracked", torch.tensor(0))
     with torch.device("meta"):
@@ -463,7 +511,9 @@ def load_text_encoder(resolved: ResolvedModel, dtype: torch.dtype = torch.float3
     missing, unexpected = te.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise ModelError(f"{resolved.text_encoder_path}: weights do not fit Qwen3 (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ModelError(
+            f"{resolved.text_encoder_path}: weights do not fit Qwen3 (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     if config.tie_word_embeddings:
         te.lm_head.weight = te.model.embed_tokens.weight
     te.model.rotary_emb = type(te.model.rotary_emb)(config=config)  # rebuild rope buffers off the meta device

@@ -36,14 +36,20 @@ def expected_target_count(num_layers: int, num_single_layers: int) -> int:
 
 def target_module_names(transformer) -> list[str]:
     pattern = re.compile(LORA_TARGETS)
-    return [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name)]
+    return [
+        name
+        for name, module in transformer.named_modules()
+        if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name)
+    ]
 
 
 def add_lora(transformer, rank: int, alpha: float | None = None, adapter_name: str = "default"):
     """Inject a fresh peft LoRA (fp32 parameters, B = 0 so it starts as a no-op) into ``transformer``."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=LORA_TARGETS, init_lora_weights=True)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=LORA_TARGETS, init_lora_weights=True
+    )
     with warnings.catch_warnings():
         # peft warns that its torchao LoRA layer (8-bit base) cannot merge; previews patch or hook instead of merging
         # through peft. Scoped here so ComfyUI's process keeps its own warning filters.
@@ -120,7 +126,9 @@ def _bfl_module_map() -> dict[str, tuple[str, ...] | str]:
     """Block-local BFL module name -> diffusers name (a tuple for fused qkv that splits in thirds)."""
     table: dict[str, tuple[str, ...] | str] = {}
     table.update({f"double_blocks.{{i}}.{b}": f"transformer_blocks.{{i}}.{d}" for b, d in _DOUBLE_BLOCK})
-    table.update({f"double_blocks.{{i}}.{b}": tuple(f"transformer_blocks.{{i}}.{p}" for p in parts) for b, parts in _DOUBLE_QKV})
+    table.update(
+        {f"double_blocks.{{i}}.{b}": tuple(f"transformer_blocks.{{i}}.{p}" for p in parts) for b, parts in _DOUBLE_QKV}
+    )
     table.update({f"single_blocks.{{i}}.{b}": f"single_transformer_blocks.{{i}}.{d}" for b, d in _SINGLE_BLOCK})
     return table
 
@@ -234,11 +242,15 @@ class LoraPatcher:
                 raise LoraFormatError(f"LoRA module {name} does not exist in this transformer (wrong Klein size?)")
             weight = module.weight
             if (b.shape[0], a.shape[1]) != tuple(weight.shape):
-                raise LoraFormatError(f"LoRA module {name} has shape {(b.shape[0], a.shape[1])}, the model {tuple(weight.shape)}")
+                raise LoraFormatError(
+                    f"LoRA module {name} has shape {(b.shape[0], a.shape[1])}, the model {tuple(weight.shape)}"
+                )
             if type(weight.data) is not torch.Tensor:  # a quantised tensor subclass: patch the output instead
                 self.hooks.append(module.register_forward_hook(_lora_output_hook(a, b, strength, weight.device)))
                 continue
-            self.originals[name] = _offload_copy(weight.data, self.backup_device)  # before the merge: a failure mid-way still restores
+            self.originals[name] = _offload_copy(
+                weight.data, self.backup_device
+            )  # before the merge: a failure mid-way still restores
             _merge_in_place(weight.data, a, b, strength)
 
     def restore(self) -> None:
@@ -287,5 +299,5 @@ def _merge_in_place(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, stre
     a = a.to(weight.device, torch.float32)
     b = b.to(weight.device, torch.float32)
     for start in range(0, weight.shape[0], MERGE_ROWS):
-        rows = weight[start:start + MERGE_ROWS]
-        rows.add_((b[start:start + MERGE_ROWS] @ a) * strength)
+        rows = weight[start : start + MERGE_ROWS]
+        rows.add_((b[start : start + MERGE_ROWS] @ a) * strength)

@@ -32,7 +32,9 @@ def encode_prompts(
     Runs under ``no_grad``: cached embeddings must not hold a graph (a second backward would fail).
     """
     texts = [klein_chat_text(p) for p in prompts]
-    batch = tokenizer(texts, padding="max_length", truncation=True, max_length=text_tokens(tokenizer), return_tensors="pt")
+    batch = tokenizer(
+        texts, padding="max_length", truncation=True, max_length=text_tokens(tokenizer), return_tensors="pt"
+    )
     device = next(text_encoder.parameters()).device
     out = text_encoder(
         input_ids=batch["input_ids"].to(device),

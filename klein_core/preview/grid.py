@@ -78,7 +78,11 @@ class PreviewRow:
     def label(self) -> str:
         if self.checkpoint.is_control:
             return f"step {CONTROL_STEP}: no LoRA (control)"
-        where = f"step {self.checkpoint.training_step}" if self.checkpoint.training_step is not None else self.checkpoint.name
+        where = (
+            f"step {self.checkpoint.training_step}"
+            if self.checkpoint.training_step is not None
+            else self.checkpoint.name
+        )
         return f"{where}, strength {self.strength:g}"
 
 
@@ -207,7 +211,8 @@ def parse_checkpoint_spec(spec: str | None) -> CheckpointSpec:
     if bad or not tokens:
         raise PreviewError(
             f"checkpoints {spec!r}: {bad[0]!r} is not a training step; use 'all', 'last N', 'none' or e.g. '500, 1000'"
-            if bad else f"checkpoints {spec!r}: use 'all', 'last N', 'none' or training steps such as '500, 1000'"
+            if bad
+            else f"checkpoints {spec!r}: use 'all', 'last N', 'none' or training steps such as '500, 1000'"
         )
     return CheckpointSpec("steps", steps=tuple(int(t) for t in tokens))
 
@@ -220,12 +225,14 @@ def select_checkpoints(checkpoints: Sequence[PreviewCheckpoint], spec: str) -> l
     if parsed.kind == "none":
         return []
     if parsed.kind == "last":
-        return list(checkpoints)[-parsed.count:]
+        return list(checkpoints)[-parsed.count :]
     by_step = {c.training_step: c for c in checkpoints}
     available = ", ".join(str(c.training_step) for c in checkpoints) or "none"
     missing = [s for s in parsed.steps if s not in by_step]
     if missing:
-        raise PreviewError(f"checkpoints {spec!r}: no checkpoint at training step {missing[0]} (available: {available})")
+        raise PreviewError(
+            f"checkpoints {spec!r}: no checkpoint at training step {missing[0]} (available: {available})"
+        )
     return [by_step[s] for s in parsed.steps]
 
 
@@ -233,7 +240,9 @@ def parse_strengths(text: str | Sequence[float] | None) -> tuple[float, ...]:
     """``"0.6, 0.8 1.0"`` -> (0.6, 0.8, 1.0); empty means no strength sweep."""
     if text is None:
         return ()
-    tokens = [str(t) for t in text] if not isinstance(text, str) else [t for t in re.split(r"[,\s]+", text.strip()) if t]
+    tokens = (
+        [str(t) for t in text] if not isinstance(text, str) else [t for t in re.split(r"[,\s]+", text.strip()) if t]
+    )
     values = []
     for token in tokens:
         try:
@@ -298,14 +307,25 @@ def render_preview_grid(
     for r, row in enumerate(rows):
         with patcher.applied(row.checkpoint.weights, row.strength):
             for c, (prompt, embeds) in enumerate(zip(prompts, prompt_embeds)):
+
                 def step_progress(done: int, _steps: int, base: int = done_before) -> None:
                     if progress is not None:
                         progress(base + done, total)
 
                 pixels = sample_base(
-                    transformer, vae, embeds, negative_embeds, settings.width, settings.height,
-                    settings.sample_steps, settings.cfg, settings.seed, batched_cfg=settings.batched_cfg,
-                    is_distilled=settings.is_distilled, progress=step_progress, interrupt=interrupt,
+                    transformer,
+                    vae,
+                    embeds,
+                    negative_embeds,
+                    settings.width,
+                    settings.height,
+                    settings.sample_steps,
+                    settings.cfg,
+                    settings.seed,
+                    batched_cfg=settings.batched_cfg,
+                    is_distilled=settings.is_distilled,
+                    progress=step_progress,
+                    interrupt=interrupt,
                 )[0]
                 done_before += settings.sample_steps
                 cell = PreviewCell(
@@ -315,8 +335,12 @@ def render_preview_grid(
                 if on_cell is not None:
                     on_cell(cell)
     result = PreviewResult(
-        grid=compose_grid(cells, rows, len(prompts)), cells=cells, rows=list(rows), prompts=list(prompts),
-        settings=settings, warnings=settings.warnings(),
+        grid=compose_grid(cells, rows, len(prompts)),
+        cells=cells,
+        rows=list(rows),
+        prompts=list(prompts),
+        settings=settings,
+        warnings=settings.warnings(),
     )
     if out_dir is not None:
         save_preview(result, Path(out_dir))
@@ -353,7 +377,9 @@ def compose_grid(cells: Sequence[PreviewCell], rows: Sequence[PreviewRow], colum
     _, top, _, bottom = font.getbbox("Ag")
     line = bottom - top + 2
     strip = LABEL_LINES * line + 4
-    grid = Image.new("RGB", (columns * width + (columns - 1) * GAP, len(rows) * (strip + height) + (len(rows) - 1) * GAP), "white")
+    grid = Image.new(
+        "RGB", (columns * width + (columns - 1) * GAP, len(rows) * (strip + height) + (len(rows) - 1) * GAP), "white"
+    )
     draw = ImageDraw.Draw(grid)
     for cell in cells:
         x = cell.column * (width + GAP)
@@ -367,7 +393,11 @@ def compose_grid(cells: Sequence[PreviewCell], rows: Sequence[PreviewRow], colum
 def _slug(cell: PreviewCell) -> str:
     if cell.checkpoint_step == CONTROL_STEP and cell.strength == 0.0:
         return "control"
-    where = f"step{cell.checkpoint_step:06d}" if cell.checkpoint_step is not None else re.sub(r"[^A-Za-z0-9]+", "-", Path(cell.checkpoint).stem)[:40]
+    where = (
+        f"step{cell.checkpoint_step:06d}"
+        if cell.checkpoint_step is not None
+        else re.sub(r"[^A-Za-z0-9]+", "-", Path(cell.checkpoint).stem)[:40]
+    )
     return f"{where}_x{cell.strength:g}"
 
 
@@ -492,8 +522,17 @@ def preview_run(
     chosen = select_checkpoints(checkpoints_from_run(run), checkpoints)
     rows = plan_rows(chosen, strengths, include_control=include_control)
     result = render_preview_grid(
-        run.transformer, run.vae, names, embeds, negative, rows, settings, out_dir,
-        progress=progress, interrupt=interrupt, on_cell=on_cell,
+        run.transformer,
+        run.vae,
+        names,
+        embeds,
+        negative,
+        rows,
+        settings,
+        out_dir,
+        progress=progress,
+        interrupt=interrupt,
+        on_cell=on_cell,
     )
     losses = run.history.losses
     advice = diagnose_weak_lora(losses, settings.sample_steps, settings.cfg, is_base=not settings.is_distilled)

@@ -41,7 +41,9 @@ def base_sigmas(sample_steps: int, image_tokens: int) -> torch.Tensor:
     is done in fp32 like the diffusers scheduler, so the grid is the pipeline's to the last bit.
     """
     if sample_steps < 1:
-        raise PreviewError(f"sample_steps must be at least 1 (got {sample_steps}); Klein Base wants about {PRESET.sample_steps}")
+        raise PreviewError(
+            f"sample_steps must be at least 1 (got {sample_steps}); Klein Base wants about {PRESET.sample_steps}"
+        )
     unshifted = torch.linspace(1.0, 1.0 / sample_steps, sample_steps, dtype=torch.float64).to(torch.float32)
     shifted = exponential_shift(unshifted, sampling_shift_mu(image_tokens, sample_steps))
     return torch.cat([shifted, torch.zeros(1, dtype=torch.float32)])
@@ -86,6 +88,14 @@ def _as_batch(embeds: torch.Tensor) -> torch.Tensor:
     return embeds.unsqueeze(0) if embeds.ndim == 2 else embeds  # cached embeds are stored per prompt as (512, 3H)
 
 
+def _negative_batch(negative_embeds: torch.Tensor | None, prompt_embeds: torch.Tensor) -> torch.Tensor:
+    """The empty prompt's embeddings, one per prompt, on the prompts' device and dtype (true CFG needs them)."""
+    if negative_embeds is None:
+        raise PreviewError('true CFG needs the empty-prompt negative embeddings (encode "" with the text encoder)')
+    negative = _as_batch(negative_embeds).to(prompt_embeds.device, prompt_embeds.dtype)
+    return negative.expand(prompt_embeds.shape[0], -1, -1)
+
+
 @torch.no_grad()
 def denoise_base(
     transformer,
@@ -118,9 +128,7 @@ def denoise_base(
     prompt_embeds = prompt_embeds.to(device)
     use_cfg = cfg > 1.0 and not is_distilled
     if use_cfg:
-        if negative_embeds is None:
-            raise PreviewError("true CFG needs the empty-prompt negative embeddings (encode \"\" with the text encoder)")
-        negative_embeds = _as_batch(negative_embeds).to(device, prompt_embeds.dtype).expand(batch, -1, -1)
+        negative_embeds = _negative_batch(negative_embeds, prompt_embeds)
 
     h, w = height // PIXEL_MULTIPLE, width // PIXEL_MULTIPLE
     # Latents start in the embeddings' dtype, like the pipeline; after the first step they carry the model's dtype.
@@ -132,12 +140,20 @@ def denoise_base(
 
     if use_cfg and batched_cfg:
         both_embeds = torch.cat([prompt_embeds, negative_embeds])
-        both_img_ids, both_txt_ids = image_ids(2 * batch, h, w, device=device), text_ids(2 * batch, prompt_embeds.shape[1], device=device)
+        both_img_ids, both_txt_ids = (
+            image_ids(2 * batch, h, w, device=device),
+            text_ids(2 * batch, prompt_embeds.shape[1], device=device),
+        )
 
     def predict(x: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, img, txt) -> torch.Tensor:
         return transformer(
-            hidden_states=x, timestep=timestep, guidance=None, encoder_hidden_states=embeds,
-            txt_ids=txt, img_ids=img, return_dict=False,
+            hidden_states=x,
+            timestep=timestep,
+            guidance=None,
+            encoder_hidden_states=embeds,
+            txt_ids=txt,
+            img_ids=img,
+            return_dict=False,
         )[0]
 
     for i in range(sample_steps):

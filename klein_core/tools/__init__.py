@@ -1,2 +1,1 @@
-"""Tools around the core: the tiny offline Klein model factory, the generated sample dataset and the demo.
-"""
+"""Tools around the core: the tiny offline Klein model factory, the generated sample dataset and the demo."""

@@ -34,8 +34,9 @@ class PartColourReader(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.shape[-1] != READER_SIZE or pixels.shape[-2] != READER_SIZE:
-            pixels = nn.functional.interpolate(pixels, size=(READER_SIZE, READER_SIZE), mode="bilinear",
-                                               antialias=True, align_corners=False)
+            pixels = nn.functional.interpolate(
+                pixels, size=(READER_SIZE, READER_SIZE), mode="bilinear", antialias=True, align_corners=False
+            )
         features = self.features(pixels * 2 - 1).flatten(1)
         return self.head(features).view(-1, len(PARTS), len(COLOUR_NAMES))
 
@@ -45,8 +46,9 @@ def look_labels(looks: Sequence[Look]) -> torch.Tensor:
     return torch.tensor([[COLOUR_NAMES.index(c) for c in look.colours] for look in looks])
 
 
-def train_reader(pixels: torch.Tensor, labels: torch.Tensor, seed: int, training_steps: int,
-                 batch_size: int = 64) -> PartColourReader:
+def train_reader(
+    pixels: torch.Tensor, labels: torch.Tensor, seed: int, training_steps: int, batch_size: int = 64
+) -> PartColourReader:
     """Fit a reader on pictures (N, 3, 64, 64) in [0, 1] with their (N, 3) colour labels; deterministic from seed."""
     torch.manual_seed(seed)
     reader = PartColourReader()

@@ -35,7 +35,9 @@ RUN_FOLDER = "run"
 PREVIEW_FOLDER = "preview"
 CACHE_FOLDER = "cache"
 DEMO_TRIGGER = "kleinchar"
-PART_COLOUR_LABEL = "part-colour likeness (share of kleinchar's hat, scarf and body colours the part-colour reader finds)"
+PART_COLOUR_LABEL = (
+    "part-colour likeness (share of kleinchar's hat, scarf and body colours the part-colour reader finds)"
+)
 
 
 # --- the learning metrics (shared with the tests) ------------------------------------------------------------------
@@ -47,7 +49,9 @@ def training_reference_latents(vae, image_paths: Sequence[str | Path], size: int
 
 def training_reference_pixels(image_paths: Sequence[str | Path], size: int) -> torch.Tensor:
     """The training images centre-cropped to ``size`` x ``size`` (as aspect buckets crop): (N, 3, size, size) in [0, 1]."""
-    return torch.stack([pixels_from_image(fit_to_bucket(load_image_rgb(p), (size, size))) for p in image_paths]) / 2 + 0.5
+    return (
+        torch.stack([pixels_from_image(fit_to_bucket(load_image_rgb(p), (size, size))) for p in image_paths]) / 2 + 0.5
+    )
 
 
 def nearest_training_distance(previews: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
@@ -154,8 +158,12 @@ class DemoResult:
 
     def as_dict(self) -> dict:
         out = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
-        out.update(control_distance=self.control_distance, lora_distance=self.lora_distance,
-                   distance_ratio=self.distance_ratio, part_colour_label=PART_COLOUR_LABEL)
+        out.update(
+            control_distance=self.control_distance,
+            lora_distance=self.lora_distance,
+            distance_ratio=self.distance_ratio,
+            part_colour_label=PART_COLOUR_LABEL,
+        )
         return out
 
 
@@ -167,8 +175,10 @@ def _ensure_identity_dataset(folder: Path, scale: DemoScale, log: Callable[[str]
         log(f"  reusing {scale.images} pictures of {DEMO_TRIGGER} in {folder}")
         return folder
     make_identity_dataset(folder, count=scale.images, seed=0, size=scale.image_size)
-    log(f"  made {scale.images} pictures of {DEMO_TRIGGER} ({IDENTITY.hat} hat, {IDENTITY.scarf} scarf, "
-        f"{IDENTITY.body} body with a white star: a look the base never saw) with captions in {folder}")
+    log(
+        f"  made {scale.images} pictures of {DEMO_TRIGGER} ({IDENTITY.hat} hat, {IDENTITY.scarf} scarf, "
+        f"{IDENTITY.body} body with a white star: a look the base never saw) with captions in {folder}"
+    )
     return folder
 
 
@@ -179,9 +189,11 @@ def _log_model(model_dir: Path, log: Callable[[str], None]) -> None:
 
     manifest = json.loads((model_dir.parent / MANIFEST_FILE).read_text())
     accuracy = manifest["colour_accuracy"]
-    log(f"  the pre-trained tiny Klein Base in {model_dir} (real diffusers classes; draws hat/scarf/body characters: "
+    log(
+        f"  the pre-trained tiny Klein Base in {model_dir} (real diffusers classes; draws hat/scarf/body characters: "
         f"VAE PSNR {manifest['psnr_db']:.1f} dB, {100 * accuracy['all_parts']:.0f}% of samples with all three "
-        f"prompted part colours at {accuracy['sample_steps']} sample steps, CFG {accuracy['cfg']:g})")
+        f"prompted part colours at {accuracy['sample_steps']} sample steps, CFG {accuracy['cfg']:g})"
+    )
 
 
 def _plan(dataset_dir: Path, scale: DemoScale, log: Callable[[str], None]):
@@ -189,36 +201,60 @@ def _plan(dataset_dir: Path, scale: DemoScale, log: Callable[[str], None]):
 
     the_plan = plan(len(dataset_images(dataset_dir)), scale.target_repeats, scale.batch_size, scale.grad_accum)
     log("[2/5] plan (repeats planner: S = ceil(N*R/(B*G)), repeats_per_image = S*B*G/N)")
-    log(f"  N={the_plan.images} images, R={scale.target_repeats:g}, B={the_plan.batch_size}, G={the_plan.grad_accum} "
-        f"-> S={the_plan.training_steps} training steps")
+    log(
+        f"  N={the_plan.images} images, R={scale.target_repeats:g}, B={the_plan.batch_size}, G={the_plan.grad_accum} "
+        f"-> S={the_plan.training_steps} training steps"
+    )
     log(f"  repeats per image {the_plan.repeats_per_image:.1f} -> band: {the_plan.band}; epochs {the_plan.epochs:.1f}")
     return the_plan
 
 
-def _train(model_dir: Path, dataset_dir: Path, scale: DemoScale, training_steps: int, out: Path,
-           log: Callable[[str], None], on_training_step: Callable[[dict], None] | None):
+def _train(
+    model_dir: Path,
+    dataset_dir: Path,
+    scale: DemoScale,
+    training_steps: int,
+    out: Path,
+    log: Callable[[str], None],
+    on_training_step: Callable[[dict], None] | None,
+):
     from ..model.loading import resolve_model
     from ..train.config import TrainCallbacks, TrainConfig
     from ..train.loop import train
 
     log("[3/5] train: the starter preset, scaled to the tiny model")
-    log(f"  kept from the preset: batch {scale.batch_size}, grad accum {scale.grad_accum}, rank {scale.rank} "
+    log(
+        f"  kept from the preset: batch {scale.batch_size}, grad accum {scale.grad_accum}, rank {scale.rank} "
         f"(alpha = rank), caption dropout {scale.caption_dropout:g}, target {scale.target_repeats:g} repeats per image, "
-        f"health previews {'on' if scale.health_previews else 'off'}")
+        f"health previews {'on' if scale.health_previews else 'off'}"
+    )
     log(f"  scaled to the tiny model: {'; '.join(scale.changes())}")
     spec = DatasetSpec(
-        folder=str(dataset_dir), trigger=DEMO_TRIGGER, default_caption=PRESET.default_caption,
-        caption_dropout=scale.caption_dropout, resolutions=(scale.resolution,),
+        folder=str(dataset_dir),
+        trigger=DEMO_TRIGGER,
+        default_caption=PRESET.default_caption,
+        caption_dropout=scale.caption_dropout,
+        resolutions=(scale.resolution,),
     )
     config = TrainConfig(
-        output_name=DEMO_TRIGGER, target_repeats=scale.target_repeats, batch_size=scale.batch_size,
-        grad_accum=scale.grad_accum, learning_rate=scale.learning_rate, rank=scale.rank, seed=scale.training_seed,
-        save_every=max(1, math.ceil(training_steps / scale.step_checkpoints)), health_previews=scale.health_previews,
+        output_name=DEMO_TRIGGER,
+        target_repeats=scale.target_repeats,
+        batch_size=scale.batch_size,
+        grad_accum=scale.grad_accum,
+        learning_rate=scale.learning_rate,
+        rank=scale.rank,
+        seed=scale.training_seed,
+        save_every=max(1, math.ceil(training_steps / scale.step_checkpoints)),
+        health_previews=scale.health_previews,
     )
     return train(
-        resolve_model(model_dir), spec, config, out / RUN_FOLDER,
+        resolve_model(model_dir),
+        spec,
+        config,
+        out / RUN_FOLDER,
         callbacks=TrainCallbacks(on_step=on_training_step, log=lambda m: log(f"  {m}".replace("\n", "\n  "))),
-        preview_prompts=(scale.prompt,), cache_dir=out / CACHE_FOLDER,
+        preview_prompts=(scale.prompt,),
+        cache_dir=out / CACHE_FOLDER,
     )
 
 
@@ -226,17 +262,24 @@ def _grid(run, scale: DemoScale, out: Path, log: Callable[[str], None], on_sampl
     from ..preview.grid import PreviewSettings, preview_run
 
     settings = PreviewSettings(
-        width=scale.resolution, height=scale.resolution, sample_steps=scale.sample_steps, cfg=scale.cfg, seed=scale.seed,
+        width=scale.resolution,
+        height=scale.resolution,
+        sample_steps=scale.sample_steps,
+        cfg=scale.cfg,
+        seed=scale.seed,
     )  # training runs only on Base (a distilled model is refused), so the previews are Base previews
-    log(f"[4/5] preview grid: rows = no-LoRA control (step 0) + {len(run.checkpoints)} checkpoints, "
-        f"{settings.sample_steps} sample steps, CFG {settings.cfg:g}, seed {settings.seed} for every cell")
+    log(
+        f"[4/5] preview grid: rows = no-LoRA control (step 0) + {len(run.checkpoints)} checkpoints, "
+        f"{settings.sample_steps} sample steps, CFG {settings.cfg:g}, seed {settings.seed} for every cell"
+    )
     for warning in settings.warnings():
         log(f"  warning: {warning}")
     return preview_run(run, [scale.prompt], settings, out_dir=out / PREVIEW_FOLDER, progress=on_sample_step)
 
 
-def render_checkpoint(run, weights, scale: DemoScale, sample_steps: int | None = None, cfg: float | None = None,
-                      progress=None) -> torch.Tensor:
+def render_checkpoint(
+    run, weights, scale: DemoScale, sample_steps: int | None = None, cfg: float | None = None, progress=None
+) -> torch.Tensor:
     """``scale.score_seeds`` previews of the demo prompt with ``weights`` (None: the control): (B, 3, H, W) in [0, 1]."""
     from ..model.lora import LoraPatcher
     from ..preview.sampling import denoise_base, latents_to_images
@@ -244,9 +287,17 @@ def render_checkpoint(run, weights, scale: DemoScale, sample_steps: int | None =
     prompt = scale.prompt.replace(PRESET.trigger_placeholder, run.trigger)
     embeds = run.preview_embeds[prompt].expand(scale.score_seeds, -1, -1)
     with LoraPatcher(run.transformer).applied(weights):
-        latents = denoise_base(run.transformer, embeds, run.preview_embeds[""], scale.resolution, scale.resolution,
-                               sample_steps or scale.sample_steps, scale.cfg if cfg is None else cfg, scale.seed,
-                               progress=progress)
+        latents = denoise_base(
+            run.transformer,
+            embeds,
+            run.preview_embeds[""],
+            scale.resolution,
+            scale.resolution,
+            sample_steps or scale.sample_steps,
+            scale.cfg if cfg is None else cfg,
+            scale.seed,
+            progress=progress,
+        )
     return latents_to_images(run.vae, latents)
 
 
@@ -260,10 +311,14 @@ def score_checkpoints(run, reader, references: torch.Tensor, scale: DemoScale, p
     scores = []
     for step, weights in rows:
         previews = render_checkpoint(run, weights, scale, progress=progress)
-        scores.append(CheckpointScore(
-            training_step=step, part_colour=part_colour_score(reader, previews, IDENTITY),
-            pixel_distance=float(nearest_training_distance(previews, references).mean()), likeness=likeness.get(step),
-        ))
+        scores.append(
+            CheckpointScore(
+                training_step=step,
+                part_colour=part_colour_score(reader, previews, IDENTITY),
+                pixel_distance=float(nearest_training_distance(previews, references).mean()),
+                likeness=likeness.get(step),
+            )
+        )
     return scores
 
 
@@ -275,8 +330,10 @@ def _log_scores(scores: list[CheckpointScore], likeness_backend: str | None, log
         likeness = "-" if score.likeness is None else f"{score.likeness:.3f}"
         log(f"  {name:<22} {100 * score.part_colour:>9.0f}%  {score.pixel_distance:>14.3f}  {likeness}")
     final = scores[-1]
-    log(f"  final LoRA vs control: part colours {100 * control.part_colour:.0f}% -> {100 * final.part_colour:.0f}%, "
-        f"{100 * (1 - final.pixel_distance / control.pixel_distance):.0f}% closer to the training pictures in pixels")
+    log(
+        f"  final LoRA vs control: part colours {100 * control.part_colour:.0f}% -> {100 * final.part_colour:.0f}%, "
+        f"{100 * (1 - final.pixel_distance / control.pixel_distance):.0f}% closer to the training pictures in pixels"
+    )
 
 
 def run_demo(
@@ -314,8 +371,10 @@ def run_demo(
     lap("train")
     result = _grid(run, scale, out, log, on_sample_step)
     lap("preview")
-    log(f"[5/5] did it learn? {scale.score_seeds} previews per row (seeds {scale.seed}+), {PART_COLOUR_LABEL}; "
-        "RMS pixel distance to the nearest training picture")
+    log(
+        f"[5/5] did it learn? {scale.score_seeds} previews per row (seeds {scale.seed}+), {PART_COLOUR_LABEL}; "
+        "RMS pixel distance to the nearest training picture"
+    )
     references = training_reference_pixels(dataset_images(dataset_dir), scale.resolution)
     scores = score_checkpoints(run, load_reader(shipped_tiny() / READER_FILE), references, scale)
     _log_scores(scores, run.history.likeness_backend, log)
@@ -323,9 +382,20 @@ def run_demo(
     seconds["total"] = round(sum(seconds.values()), 1)
     health = run.health
     return DemoResult(
-        out_dir=out, model_dir=model_dir, dataset_dir=dataset_dir, run_dir=run.run_dir, final_lora=run.final_lora,
-        best_lora=health.best_lora if health else None, grid=result.grid_file, preview_listing=result.listing_file,
-        health_report=health.report_path if health else None, manifest=run.run_dir / MANIFEST_FILE,
-        plan=the_plan.as_dict(), verdict=health.verdict if health else "", scores=scores,
-        likeness_backend=run.history.likeness_backend, preview_warnings=list(result.warnings), seconds=seconds,
+        out_dir=out,
+        model_dir=model_dir,
+        dataset_dir=dataset_dir,
+        run_dir=run.run_dir,
+        final_lora=run.final_lora,
+        best_lora=health.best_lora if health else None,
+        grid=result.grid_file,
+        preview_listing=result.listing_file,
+        health_report=health.report_path if health else None,
+        manifest=run.run_dir / MANIFEST_FILE,
+        plan=the_plan.as_dict(),
+        verdict=health.verdict if health else "",
+        scores=scores,
+        likeness_backend=run.history.likeness_backend,
+        preview_warnings=list(result.warnings),
+        seconds=seconds,
     )

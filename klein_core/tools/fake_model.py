@@ -56,8 +56,9 @@ def meta_vae(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         return AutoencoderKLFlux2().to(dtype).eval()
 
 
-def meta_text_encoder(shape: KleinShape, num_hidden_layers: int | None = None,
-                      dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+def meta_text_encoder(
+    shape: KleinShape, num_hidden_layers: int | None = None, dtype: torch.dtype = torch.bfloat16
+) -> torch.nn.Module:
     """The released Qwen3 text encoder of ``shape`` (optionally truncated to its first ``num_hidden_layers``)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -124,9 +125,15 @@ class LoraMemTracker(MemTracker):
         self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
 
 
-CATEGORIES = {_MemRefType.PARAM: "parameters", _MemRefType.BUFFER: "buffers", _MemRefType.GRAD: "gradients",
-              _MemRefType.OPT: "optimizer state", _MemRefType.ACT: "activations", _MemRefType.TEMP: "temporaries",
-              _MemRefType.OTH: "other"}
+CATEGORIES = {
+    _MemRefType.PARAM: "parameters",
+    _MemRefType.BUFFER: "buffers",
+    _MemRefType.GRAD: "gradients",
+    _MemRefType.OPT: "optimizer state",
+    _MemRefType.ACT: "activations",
+    _MemRefType.TEMP: "temporaries",
+    _MemRefType.OTH: "other",
+}
 
 
 def peak_by_category(tracker: MemTracker, device: str = STAND_IN_DEVICE) -> tuple[float, dict[str, float]]:

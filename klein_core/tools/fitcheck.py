@@ -42,10 +42,10 @@ from ..train.estimate import (
     CONTEXT_GIB,
     REFERENCE_DEVICE,
     Mode,
-    decide_memory_mode,
     peak_tflops,
     usable_gib,
 )
+from ..train.memory_mode import decide_memory_mode
 from ..train.objective import MicroBatch, accumulate_gradients, validation_losses, validation_subset
 from ..train.session import adapt_transformer, health_preview_size, make_optimizer, optimizer_step
 from .fake_model import (
@@ -96,9 +96,15 @@ class FitCheckRequest:
         return KLEIN_SHAPES[self.variant]
 
     def train_config(self, mode: Mode) -> TrainConfig:
-        return TrainConfig(rank=self.rank, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                           base_8bit=self.base_8bit, gradient_checkpointing=mode.gradient_checkpointing,
-                           checkpointed_blocks=mode.checkpointed_blocks, save_every=self.save_every)
+        return TrainConfig(
+            rank=self.rank,
+            batch_size=self.batch_size,
+            grad_accum=self.grad_accum,
+            base_8bit=self.base_8bit,
+            gradient_checkpointing=mode.gradient_checkpointing,
+            checkpointed_blocks=mode.checkpointed_blocks,
+            save_every=self.save_every,
+        )
 
 
 @dataclass
@@ -140,8 +146,11 @@ class FitReport:
 
     def on_card(self, gpu_memory_gib: float) -> "FitReport":
         """The same run judged against another card (the memory mode stays what was audited)."""
-        judged = replace(self, request=replace(self.request, gpu_memory_gib=gpu_memory_gib),
-                         phases=[replace(phase) for phase in self.phases])
+        judged = replace(
+            self,
+            request=replace(self.request, gpu_memory_gib=gpu_memory_gib),
+            phases=[replace(phase) for phase in self.phases],
+        )
         judged.judge()
         return judged
 
@@ -158,16 +167,24 @@ class FitReport:
     def as_dict(self) -> dict:
         request = self.request
         return {
-            "variant": request.variant, "resolution": request.resolution, "rank": request.rank,
-            "batch_size": request.batch_size, "base_8bit": request.base_8bit,
-            "gradient_checkpointing": self.mode.gradient_checkpointing, "mode": self.mode.label,
+            "variant": request.variant,
+            "resolution": request.resolution,
+            "rank": request.rank,
+            "batch_size": request.batch_size,
+            "base_8bit": request.base_8bit,
+            "gradient_checkpointing": self.mode.gradient_checkpointing,
+            "mode": self.mode.label,
             "checkpointed_blocks": self.mode.checkpointed(request.shape.num_layers + request.shape.num_single_layers),
             "gpu_memory_gib": request.gpu_memory_gib,
-            "usable_gib": usable_gib(request.gpu_memory_gib), "fits": self.fits, "peak_gib": self.peak_gib,
+            "usable_gib": usable_gib(request.gpu_memory_gib),
+            "fits": self.fits,
+            "peak_gib": self.peak_gib,
             "phases": [phase.as_dict() for phase in self.phases],
-            "training_step_tflop": self.training_step_flops / 1e12, "checkpoint_tflop": self.checkpoint_flops / 1e12,
+            "training_step_tflop": self.training_step_flops / 1e12,
+            "checkpoint_tflop": self.checkpoint_flops / 1e12,
             "checkpoint_work_fraction": self.checkpoint_work_fraction,
-            "training_step_s": self.seconds(self.training_step_flops), "checkpoint_s": self.seconds(self.checkpoint_flops),
+            "training_step_s": self.seconds(self.training_step_flops),
+            "checkpoint_s": self.seconds(self.checkpoint_flops),
             "time_basis": f"{REFERENCE_DEVICE} bf16 at {request.mfu:.0%} MFU",
         }
 
@@ -187,17 +204,25 @@ def released_shape(variant: str) -> KleinShape:
         raise PlanError(f"--variant {variant!r} is neither 9B, 4B, a Klein diffusers folder nor a model file")
     known = [shape for shape in KLEIN_SHAPES.values() if shape.hidden_size == hidden]
     if not known:
-        raise PlanError(f"{path} is a Klein transformer of hidden size {hidden}, not a released size (9B: 4096, "
-                        "4B: 3072); fit-check audits the released sizes")
+        raise PlanError(
+            f"{path} is a Klein transformer of hidden size {hidden}, not a released size (9B: 4096, "
+            "4B: 3072); fit-check audits the released sizes"
+        )
     return known[0]
 
 
 def decide_mode(request: FitCheckRequest) -> Mode:
     """The memory mode as the trainer decides it for this card (automatic unless the request says)."""
     mode, _lines = decide_memory_mode(
-        released_transformer_config(request.shape), request.resolution, request.rank, request.gradient_checkpointing,
-        request.base_8bit, gpu_memory_gib=request.gpu_memory_gib, batch_size=request.batch_size,
-        grad_accum=request.grad_accum, images=request.images,
+        released_transformer_config(request.shape),
+        request.resolution,
+        request.rank,
+        request.gradient_checkpointing,
+        request.base_8bit,
+        gpu_memory_gib=request.gpu_memory_gib,
+        batch_size=request.batch_size,
+        grad_accum=request.grad_accum,
+        images=request.images,
     )
     return mode
 
@@ -249,7 +274,10 @@ class _FakeTokenizer:
 
     def __call__(self, texts, max_length: int = TEXT_TOKENS, **_kwargs) -> dict:
         shape = (len(texts), max_length)
-        return {"input_ids": torch.zeros(shape, dtype=torch.long), "attention_mask": torch.ones(shape, dtype=torch.long)}
+        return {
+            "input_ids": torch.zeros(shape, dtype=torch.long),
+            "attention_mask": torch.ones(shape, dtype=torch.long),
+        }
 
 
 def fit_check(request: FitCheckRequest) -> FitReport:
@@ -270,8 +298,11 @@ def fit_check(request: FitCheckRequest) -> FitReport:
 def _cache_phases(request: FitCheckRequest, text_encoder, vae, meter: _Meter) -> list[torch.Tensor]:
     """The text encoder on one prompt, then the VAE encode of one image; returns the cached embeddings (one per
     caption, plus the dropped caption and "", as the trainer keeps them on the device)."""
-    meter.run("text encoder (one prompt)", lambda: encode_prompts(text_encoder, _FakeTokenizer(), ["photo of kleinchar"]),
-              [text_encoder])
+    meter.run(
+        "text encoder (one prompt)",
+        lambda: encode_prompts(text_encoder, _FakeTokenizer(), ["photo of kleinchar"]),
+        [text_encoder],
+    )
     width = request.shape.joint_attention_dim
     embeds = [torch.empty(TEXT_TOKENS, width, dtype=BF16) for _ in range(request.images + 2)]
     pixels = torch.empty(1, 3, request.resolution, request.resolution)
@@ -279,8 +310,9 @@ def _cache_phases(request: FitCheckRequest, text_encoder, vae, meter: _Meter) ->
     return embeds
 
 
-def _training_phases(request: FitCheckRequest, mode: Mode, transformer, vae, embeds: list[torch.Tensor],
-                     meter: _Meter, report: FitReport) -> None:
+def _training_phases(
+    request: FitCheckRequest, mode: Mode, transformer, vae, embeds: list[torch.Tensor], meter: _Meter, report: FitReport
+) -> None:
     """A training step, one image of the validation pass and one sample step of the health preview, each with
     what training keeps on the device: weights, LoRA, AdamW moments, the cached dataset and the VAE."""
     config = request.train_config(mode)
@@ -305,11 +337,15 @@ def _training_phases(request: FitCheckRequest, mode: Mode, transformer, vae, emb
     report.training_step_flops = meter.run("training step", training_step, resident, has_backward=True).flops
     validated = len(validation_subset(request.images, config.validation_images))
     captions = [embed.unsqueeze(0) for embed in embeds]
-    validation = meter.run("validation pass (one image of it)",
-                           lambda: validation_losses(transformer, latents, captions, [0]), resident)
+    validation = meter.run(
+        "validation pass (one image of it)", lambda: validation_losses(transformer, latents, captions, [0]), resident
+    )
     size = health_preview_size(request.resolution, config)
-    health = meter.run("health preview (one CFG sample step)",
-                       lambda: denoise_base(transformer, embeds[0], embeds[-1], size, size, sample_steps=1), resident)
+    health = meter.run(
+        "health preview (one CFG sample step)",
+        lambda: denoise_base(transformer, embeds[0], embeds[-1], size, size, sample_steps=1),
+        resident,
+    )
     report.checkpoint_flops = validation.flops * validated + health.flops * config.health_sample_steps
     lora_io.remove_lora(transformer)  # what the trainer hands the preview: the plain base
     _preview_phases(request, transformer, vae, embeds, meter)
@@ -331,9 +367,14 @@ def _preview_phases(request: FitCheckRequest, transformer, vae, embeds: list[tor
     """After training: one sample step of the preview grid with a checkpoint merged (then restored), and the VAE
     decode of one preview. The optimizer and the cached latents are gone; the preview prompt embeddings stay."""
     targets = set(lora_io.target_module_names(transformer))
-    weights = {name: (torch.empty(request.rank, module.in_features, device=OFF_DEVICE),
-                      torch.empty(module.out_features, request.rank, device=OFF_DEVICE))
-               for name, module in transformer.named_modules() if name in targets}
+    weights = {
+        name: (
+            torch.empty(request.rank, module.in_features, device=OFF_DEVICE),
+            torch.empty(module.out_features, request.rank, device=OFF_DEVICE),
+        )
+        for name, module in transformer.named_modules()
+        if name in targets
+    }
     prompt, negative = embeds[0], embeds[-1]
     patcher = lora_io.LoraPatcher(transformer, backup_device=OFF_DEVICE)
     size = request.resolution
@@ -347,25 +388,31 @@ def _preview_phases(request: FitCheckRequest, transformer, vae, embeds: list[tor
     meter.run("preview decode (VAE, one image)", lambda: decode_latents(vae, latents), [transformer, vae])
 
 
-
 def render_table(report: FitReport) -> str:
     """The audit for people: one row per phase, the verdict, and the time of a training step and a checkpoint."""
     request, limit = report.request, usable_gib(report.request.gpu_memory_gib)
     mode = report.mode.label
-    lines = [f"fit-check: Klein Base {request.variant} at {request.resolution} px, batch {request.batch_size}, "
-             f"rank {request.rank}, {mode}, on a {request.gpu_memory_gib:g} GiB card "
-             f"(a phase may peak at {limit:.1f} GiB: 5% allocator slack and {CONTEXT_GIB:g} GiB CUDA context)",
-             f"  {'phase':46s} {'peak GiB':>8s}  {'fits':4s}  largest parts"]
+    lines = [
+        f"fit-check: Klein Base {request.variant} at {request.resolution} px, batch {request.batch_size}, "
+        f"rank {request.rank}, {mode}, on a {request.gpu_memory_gib:g} GiB card "
+        f"(a phase may peak at {limit:.1f} GiB: 5% allocator slack and {CONTEXT_GIB:g} GiB CUDA context)",
+        f"  {'phase':46s} {'peak GiB':>8s}  {'fits':4s}  largest parts",
+    ]
     for phase in report.phases:
         parts = sorted(((v, k) for k, v in phase.categories.items() if v >= 0.05), reverse=True)[:3]
         described = ", ".join(f"{k} {v:.1f}" for v, k in parts)
         lines.append(f"  {phase.name:46s} {phase.peak_gib:8.2f}  {'yes' if phase.fits else 'NO':4s}  {described}")
     figures = report.as_dict()
-    lines.append(f"  training step {figures['training_step_tflop']:.0f} TFLOP ({figures['training_step_s']:.2f} s), "
-                 f"checkpoint health work {figures['checkpoint_tflop']:.0f} TFLOP ({figures['checkpoint_s']:.0f} s) "
-                 f"= {report.checkpoint_work_fraction:.0%} of the {request.save_every} training steps between "
-                 f"checkpoints; times on {figures['time_basis']} (predictions)")
+    lines.append(
+        f"  training step {figures['training_step_tflop']:.0f} TFLOP ({figures['training_step_s']:.2f} s), "
+        f"checkpoint health work {figures['checkpoint_tflop']:.0f} TFLOP ({figures['checkpoint_s']:.0f} s) "
+        f"= {report.checkpoint_work_fraction:.0%} of the {request.save_every} training steps between "
+        f"checkpoints; times on {figures['time_basis']} (predictions)"
+    )
     failing = [phase.name for phase in report.phases if not phase.fits]
-    lines.append("verdict: fits in every phase" if not failing else
-                 f"verdict: does NOT fit: {', '.join(failing)} peak above {limit:.1f} GiB")
+    lines.append(
+        "verdict: fits in every phase"
+        if not failing
+        else f"verdict: does NOT fit: {', '.join(failing)} peak above {limit:.1f} GiB"
+    )
     return "\n".join(lines)

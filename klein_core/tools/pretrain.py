@@ -46,8 +46,10 @@ PRETRAINED_VAE_CONFIG = dict(
     norm_num_groups=4,  # 4-8 channels per group: one channel per group would normalise each colour channel away
     latent_channels=32,
 )
-PRETRAINED_TOKENIZER_CORPUS = TOKENIZER_CORPUS + " user assistant " + " ".join(
-    f"photo of a character with a {c} hat, a {c} scarf and a {c} body" for c in COLOUR_NAMES
+PRETRAINED_TOKENIZER_CORPUS = (
+    TOKENIZER_CORPUS
+    + " user assistant "
+    + " ".join(f"photo of a character with a {c} hat, a {c} scarf and a {c} body" for c in COLOUR_NAMES)
 )
 READER_FILE = "reader.safetensors"
 REGENERATE_FILE = "regenerate.sh"
@@ -78,8 +80,15 @@ class PretrainBudget:
     cfg: float = PRESET.cfg
 
 
-SMOKE_BUDGET = PretrainBudget(world_images=48, held_out_images=8, vae_training_steps=3, reader_training_steps=3,
-                              transformer_training_steps=3, colour_samples=4, sample_steps=2)
+SMOKE_BUDGET = PretrainBudget(
+    world_images=48,
+    held_out_images=8,
+    vae_training_steps=3,
+    reader_training_steps=3,
+    transformer_training_steps=3,
+    colour_samples=4,
+    sample_steps=2,
+)
 
 
 @dataclass
@@ -144,8 +153,9 @@ def reconstruction_psnr(vae, pictures: torch.Tensor) -> float:
     """Mean PSNR (dB, pixels in [0, 1]) of decode(encode(x)) through the latent mode."""
     from ..model.latents import decode_latents, encode_images
 
-    decoded = torch.cat([(decode_latents(vae, encode_images(vae, c * 2 - 1)) / 2 + 0.5).clamp(0, 1)
-                         for c in pictures.split(64)])
+    decoded = torch.cat(
+        [(decode_latents(vae, encode_images(vae, c * 2 - 1)) / 2 + 0.5).clamp(0, 1) for c in pictures.split(64)]
+    )
     mse = (decoded - pictures).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
     return float((10 * torch.log10(1 / mse)).mean())
 
@@ -168,13 +178,19 @@ def caption_embeddings(text_encoder, tokenizer, captions: list[str]) -> dict[str
     from ..model.text import encode_prompts
 
     texts = list(dict.fromkeys(["", *captions]))
-    chunks = [encode_prompts(text_encoder, tokenizer, texts[i:i + 256]) for i in range(0, len(texts), 256)]
+    chunks = [encode_prompts(text_encoder, tokenizer, texts[i : i + 256]) for i in range(0, len(texts), 256)]
     return dict(zip(texts, torch.cat(chunks)))
 
 
 # --- the transformer ---------------------------------------------------------------------------------------------
-def fit_transformer(latents: torch.Tensor, captions: list[str], embeds: dict[str, torch.Tensor], budget: PretrainBudget,
-                    seed: int, log: Callable[[str], None]):
+def fit_transformer(
+    latents: torch.Tensor,
+    captions: list[str],
+    embeds: dict[str, torch.Tensor],
+    budget: PretrainBudget,
+    seed: int,
+    log: Callable[[str], None],
+):
     """Pre-train a tiny Flux2 transformer as a text-to-image Base with the trainer's flow-matching objective."""
     from diffusers import Flux2Transformer2DModel
 
@@ -206,14 +222,16 @@ def fit_transformer(latents: torch.Tensor, captions: list[str], embeds: dict[str
 
 
 @torch.no_grad()
-def sample_looks(transformer, vae, embeds: dict[str, torch.Tensor], looks: list, budget: PretrainBudget,
-                 seed: int) -> torch.Tensor:
+def sample_looks(
+    transformer, vae, embeds: dict[str, torch.Tensor], looks: list, budget: PretrainBudget, seed: int
+) -> torch.Tensor:
     """Base samples (50 sample steps, CFG 4 by default) of each look's caption: (N, 3, H, W) in [0, 1]."""
     from ..preview.sampling import denoise_base, latents_to_images
 
     prompt = torch.stack([embeds[look.caption()] for look in looks])
-    latents = denoise_base(transformer, prompt, embeds[""], budget.resolution, budget.resolution,
-                           budget.sample_steps, budget.cfg, seed)
+    latents = denoise_base(
+        transformer, prompt, embeds[""], budget.resolution, budget.resolution, budget.sample_steps, budget.cfg, seed
+    )
     return latents_to_images(vae, latents)
 
 
@@ -227,8 +245,11 @@ def colour_accuracy(reader, transformer, vae, embeds, looks: list, budget: Pretr
 # --- the whole command ---------------------------------------------------------------------------------------------
 def file_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` but the manifest, by POSIX path relative to it."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_FILE
+    }
 
 
 def _write_model(out: Path, components: tuple, reader, fmt: str) -> None:
@@ -246,8 +267,14 @@ def _write_model(out: Path, components: tuple, reader, fmt: str) -> None:
             module.float()
 
 
-def pretrain_tiny(out: str | Path, budget: PretrainBudget = PretrainBudget(), seed: int = 0, fmt: str = "both",
-                  command: str = "", log: Callable[[str], None] = print) -> PretrainResult:
+def pretrain_tiny(
+    out: str | Path,
+    budget: PretrainBudget = PretrainBudget(),
+    seed: int = 0,
+    fmt: str = "both",
+    command: str = "",
+    log: Callable[[str], None] = print,
+) -> PretrainResult:
     """Pre-train the tiny Klein into ``out`` (``diffusers/`` and/or ``comfyui/``, reader, manifest, regenerate.sh).
 
     ``out`` must be new, empty, or a previous output (it has a manifest): nothing else is ever overwritten."""
@@ -296,16 +323,34 @@ def _pretrain(out: Path, budget: PretrainBudget, seed: int, fmt: str, command: s
     transformer = fit_transformer(latents, [look.caption() for look in looks], embeds, budget, seed, log)
     lap("transformer")
     accuracy = colour_accuracy(reader, transformer, vae, embeds, evaluated, budget, PRESET.preview_seed)
-    log(f"samples ({budget.sample_steps} sample steps, CFG {budget.cfg:g}): {100 * accuracy['all_parts']:.0f}% with "
-        f"all three part colours right, {100 * accuracy['parts']:.0f}% of parts")
+    log(
+        f"samples ({budget.sample_steps} sample steps, CFG {budget.cfg:g}): {100 * accuracy['all_parts']:.0f}% with "
+        f"all three part colours right, {100 * accuracy['parts']:.0f}% of parts"
+    )
     lap("evaluation")
-    components = (transformer, vae, text_encoder, tokenizer, FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER_CONFIG))
+    components = (
+        transformer,
+        vae,
+        text_encoder,
+        tokenizer,
+        FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER_CONFIG),
+    )
     _write_model(out, components, reader, fmt)
-    atomic_write_bytes(out / REGENERATE_FILE, f"#!/bin/sh\n# Rebuilds this folder from the repository root (same bytes with the same torch build).\n{command}\n".encode())
+    atomic_write_bytes(
+        out / REGENERATE_FILE,
+        f"#!/bin/sh\n# Rebuilds this folder from the repository root (same bytes with the same torch build).\n{command}\n".encode(),
+    )
     manifest = {
-        "seed": seed, "command": command, "budget": asdict(budget), "torch": torch.__version__,
-        "threads": PRETRAIN_THREADS, "psnr_db": round(psnr, 2), "colour_accuracy": accuracy,
-        "reader_accuracy_held_out": reader_accuracy, "seconds": seconds, "files": file_hashes(out),
+        "seed": seed,
+        "command": command,
+        "budget": asdict(budget),
+        "torch": torch.__version__,
+        "threads": PRETRAIN_THREADS,
+        "psnr_db": round(psnr, 2),
+        "colour_accuracy": accuracy,
+        "reader_accuracy_held_out": reader_accuracy,
+        "seconds": seconds,
+        "files": file_hashes(out),
     }
     atomic_write_json(out / MANIFEST_FILE, manifest)
     return PretrainResult(out, manifest, components)
@@ -321,6 +366,8 @@ def shipped_tiny() -> Path:
     from ..errors import ModelError
 
     if not (SHIPPED_FOLDER / MANIFEST_FILE).is_file():
-        raise ModelError(f"the pre-trained tiny Klein is missing from {SHIPPED_FOLDER} (a broken install?); "
-                         f"rebuild it from a source checkout with: {REGENERATE_COMMAND}")
+        raise ModelError(
+            f"the pre-trained tiny Klein is missing from {SHIPPED_FOLDER} (a broken install?); "
+            f"rebuild it from a source checkout with: {REGENERATE_COMMAND}"
+        )
     return SHIPPED_FOLDER

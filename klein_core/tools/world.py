@@ -83,8 +83,12 @@ def _background(draw: ImageDraw.ImageDraw, size: int, rng: random.Random) -> Non
         for y in range(size):
             draw.line((0, y, size, y), fill=tuple(int(c * (1 - 0.4 * y / size)) for c in top))
         return
-    sky, ground = [((150, 195, 240), (80, 150, 75)), ((215, 195, 165), (130, 90, 60)),
-                   ((20, 25, 65), (35, 45, 40)), ((120, 185, 245), (230, 210, 160))][kind - 1]
+    sky, ground = [
+        ((150, 195, 240), (80, 150, 75)),
+        ((215, 195, 165), (130, 90, 60)),
+        ((20, 25, 65), (35, 45, 40)),
+        ((120, 185, 245), (230, 210, 160)),
+    ][kind - 1]
     draw.rectangle((0, 0, size, horizon), fill=_tint(rng, sky))
     draw.rectangle((0, horizon, size, size), fill=_tint(rng, ground))
     if kind == 3:
@@ -102,7 +106,9 @@ def _star(draw: ImageDraw.ImageDraw, cx: float, cy: float, radius: float) -> Non
     draw.polygon(points, fill=(255, 255, 255), outline=INK)
 
 
-def _character(draw: ImageDraw.ImageDraw, look: Look, cx: float, ground: float, u: float, pose: str, facing: int) -> None:
+def _character(
+    draw: ImageDraw.ImageDraw, look: Look, cx: float, ground: float, u: float, pose: str, facing: int
+) -> None:
     """Draw ``look`` with its feet at (cx, ground); ``u`` is a tenth of its height."""
     hat, scarf, body = (COLOURS[c] for c in look.colours)
     line = max(2, int(u * 0.5))
@@ -115,21 +121,34 @@ def _character(draw: ImageDraw.ImageDraw, look: Look, cx: float, ground: float, 
         hx, hy = cx + side * (1.3 * u + math.sin(rad) * 2.4 * u), shoulder_y + 0.4 * u + math.cos(rad) * 2.4 * u
         draw.line((cx + side * 1.3 * u, shoulder_y + 0.4 * u, hx, hy), fill=body, width=int(line * 1.8))
         draw.ellipse((hx - 0.45 * u, hy - 0.45 * u, hx + 0.45 * u, hy + 0.45 * u), fill=SKIN)
-    draw.rounded_rectangle((cx - 1.6 * u, shoulder_y, cx + 1.6 * u, hip_y + 0.3 * u), radius=0.6 * u, fill=body,
-                           outline=INK, width=max(1, line // 2))
+    draw.rounded_rectangle(
+        (cx - 1.6 * u, shoulder_y, cx + 1.6 * u, hip_y + 0.3 * u),
+        radius=0.6 * u,
+        fill=body,
+        outline=INK,
+        width=max(1, line // 2),
+    )
     if look.star:
         _star(draw, cx, (shoulder_y + hip_y) / 2 + 0.3 * u, 1.2 * u)
-    draw.rectangle((cx - 1.5 * u, neck_y, cx + 1.5 * u, shoulder_y + 0.5 * u), fill=scarf, outline=INK,
-                   width=max(1, line // 2))
+    draw.rectangle(
+        (cx - 1.5 * u, neck_y, cx + 1.5 * u, shoulder_y + 0.5 * u), fill=scarf, outline=INK, width=max(1, line // 2)
+    )
     draw.ellipse((cx - head_r, head_y - head_r, cx + head_r, head_y + head_r), fill=SKIN)
     for side in (-1, 1):
         ex = cx + side * 0.5 * u + facing * 0.2 * u
         draw.ellipse((ex - 0.2 * u, head_y - 0.4 * u, ex + 0.2 * u, head_y + 0.05 * u), fill=INK)
     brim_y = head_y - 0.7 * head_r
-    draw.polygon([(cx - 1.1 * head_r, brim_y), (cx + 1.1 * head_r, brim_y), (cx + facing * 0.5 * u, brim_y - 2.4 * u)],
-                 fill=hat, outline=INK)
-    draw.rounded_rectangle((cx - 1.5 * head_r, brim_y - 0.25 * u, cx + 1.5 * head_r, brim_y + 0.35 * u),
-                           radius=0.2 * u, fill=hat, outline=INK)
+    draw.polygon(
+        [(cx - 1.1 * head_r, brim_y), (cx + 1.1 * head_r, brim_y), (cx + facing * 0.5 * u, brim_y - 2.4 * u)],
+        fill=hat,
+        outline=INK,
+    )
+    draw.rounded_rectangle(
+        (cx - 1.5 * head_r, brim_y - 0.25 * u, cx + 1.5 * head_r, brim_y + 0.35 * u),
+        radius=0.2 * u,
+        fill=hat,
+        outline=INK,
+    )
 
 
 def render(look: Look, rng: random.Random, size: int = 64) -> Image.Image:
@@ -168,8 +187,10 @@ def make_identity_dataset(folder: str | Path, count: int = 4, seed: int = 0, siz
     if root.is_dir():
         foreign = sorted(p.name for p in root.iterdir() if p.name not in ours)
         if foreign:
-            raise DatasetError(f"{root} already holds other files ({', '.join(foreign[:3])}…): give a new or empty "
-                               "folder for the identity dataset")
+            raise DatasetError(
+                f"{root} already holds other files ({', '.join(foreign[:3])}…): give a new or empty "
+                "folder for the identity dataset"
+            )
     elif root.exists():
         raise DatasetError(f"{root} exists and is not a folder")
     root.mkdir(parents=True, exist_ok=True)

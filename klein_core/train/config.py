@@ -61,9 +61,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Refuse an impossible setting by name before anything runs (the planner checks steps, batch and accum)."""
-        at_least = {"rank": 1, "log_every": 1, "health_sample_steps": 1, "save_every": 0, "keep_last": 0,
-                    "warmup_steps": 0, "validation_every": 0,
-                    "validation_images": 1, "health_preview_resolution": 16}
+        at_least = {
+            "rank": 1,
+            "log_every": 1,
+            "health_sample_steps": 1,
+            "save_every": 0,
+            "keep_last": 0,
+            "warmup_steps": 0,
+            "validation_every": 0,
+            "validation_images": 1,
+            "health_preview_resolution": 16,
+        }
         for name, low in at_least.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

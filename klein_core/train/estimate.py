@@ -59,8 +59,12 @@ from ..facts import TEXT_TOKENS
 from ..preset import PRESET
 
 GIB = 2**30
-ACTIVATION_BYTES = 57.6  # bytes per token per hidden unit per block without GC (calibrated to the published per-block figures)
-CHECKPOINT_BYTES = 3.2  # what a checkpointed block keeps per token per hidden unit: its inputs, modulation and rope (fit-check audit)
+ACTIVATION_BYTES = (
+    57.6  # bytes per token per hidden unit per block without GC (calibrated to the published per-block figures)
+)
+CHECKPOINT_BYTES = (
+    3.2  # what a checkpointed block keeps per token per hidden unit: its inputs, modulation and rope (fit-check audit)
+)
 CONTEXT_GIB = 1.0
 USABLE_FRACTION = 0.95  # of the card: the caching allocator's fragmentation needs the rest
 VAE_GIB = 84.05e6 * 4 / 2**30  # FLUX.2's VAE in fp32, resident through training for the health previews
@@ -176,7 +180,9 @@ class ModelShape:
 
 
 def _shape_of(facts) -> "ModelShape":
-    return ModelShape(facts.name, facts.hidden_size, facts.num_layers, facts.num_single_layers, facts.joint_attention_dim)
+    return ModelShape(
+        facts.name, facts.hidden_size, facts.num_layers, facts.num_single_layers, facts.joint_attention_dim
+    )
 
 
 KLEIN_9B = _shape_of(facts.KLEIN_9B)
@@ -223,7 +229,11 @@ class Mode:
     @property
     def flags(self) -> str:
         """The ``klein-lora train`` options that select this mode ("" for the default)."""
-        return " ".join(f for f, on in (("--gradient-checkpointing", self.gradient_checkpointing), ("--base-8bit", self.base_8bit)) if on)
+        return " ".join(
+            f
+            for f, on in (("--gradient-checkpointing", self.gradient_checkpointing), ("--base-8bit", self.base_8bit))
+            if on
+        )
 
 
 # Fastest first. Gradient checkpointing is exact (same numbers, ~1.45x compute); the 8-bit base changes the weights
@@ -262,7 +272,9 @@ def flops(variant: "str | ModelShape | dict", resolution: int, rank: int = PRESE
     d, n = shape.hidden_size, shape.blocks
     img = image_tokens(resolution)
     tokens = img + TEXT_TOKENS
-    edges = img * (shape.in_channels * d * 2) + TEXT_TOKENS * shape.joint_attention_dim * d  # x_embedder, proj_out, context
+    edges = (
+        img * (shape.in_channels * d * 2) + TEXT_TOKENS * shape.joint_attention_dim * d
+    )  # x_embedder, proj_out, context
     linear = 2.0 * (shape.effective_params * tokens + edges) * batch_size
     attention = 4.0 * tokens * tokens * d * n * batch_size
     lora = 2.0 * shape.lora_params_per_token(rank) * tokens * batch_size
@@ -433,7 +445,13 @@ def estimate(
     """Estimate VRAM and time of a run. ``device_name`` picks the peak from ``PEAK_TFLOPS`` (``peak`` overrides it);
     with neither, times are for ``REFERENCE_DEVICE``. ``resolution`` is the largest training resolution."""
     shape = model_shape(variant)
-    for name, value in (("resolution", resolution), ("rank", rank), ("batch_size", batch_size), ("grad_accum", grad_accum), ("images", images)):
+    for name, value in (
+        ("resolution", resolution),
+        ("rank", rank),
+        ("batch_size", batch_size),
+        ("grad_accum", grad_accum),
+        ("images", images),
+    ):
         _positive(name, value)
     if resolution % PATCH_PIXELS:
         raise PlanError(f"resolution must be a multiple of {PATCH_PIXELS} px, got {resolution}")
@@ -491,106 +509,3 @@ def usable_gib(gpu_memory_gib: float) -> float:
 def fits(estimate_: Estimate, gpu_memory_gib: float) -> bool:
     """True when every estimated phase fits a GPU of ``gpu_memory_gib``."""
     return estimate_.memory.peak - estimate_.memory.context <= usable_gib(gpu_memory_gib)
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    """The mode to use on a given GPU, and what to tell the user about the requested one."""
-
-    requested: Estimate
-    mode: Mode | None  # the fastest mode that fits; None when nothing fits
-    fitting: Estimate | None
-    gpu_memory_gib: float
-
-    @property
-    def requested_fits(self) -> bool:
-        return fits(self.requested, self.gpu_memory_gib)
-
-    @property
-    def warning(self) -> str | None:
-        """None when the requested mode fits; else a sentence naming the mode (and options) that would."""
-        if self.requested_fits:
-            return None
-        have = f"{self.requested.memory.peak:.1f} GiB estimated"
-        card = f"your {self.gpu_memory_gib:.0f} GiB GPU"
-        if self.mode is None:
-            return (
-                f"will not fit {card} in any mode ({have} as requested); train at a lower resolution "
-                f"(e.g. {max(512, self.requested.resolution // 2)}), a smaller rank or the 4B"
-            )
-        missing = [
-            what for what, needed, have_it in (
-                ("gradient checkpointing", self.mode.gradient_checkpointing, self.requested.mode.gradient_checkpointing),
-                ("an 8-bit base", self.mode.base_8bit, self.requested.mode.base_8bit),
-            ) if needed and not have_it
-        ]
-        return (
-            f"will not fit {card} without {' and '.join(missing)} ({have}, "
-            f"{self.fitting.memory.peak:.1f} GiB with it); use {self.mode.flags}"
-        )
-
-
-def recommend_mode(
-    variant: "str | ModelShape | dict",
-    resolution: int,
-    rank: int,
-    gpu_memory_gib: float,
-    requested: Mode = Mode(),
-    **estimate_kwargs,
-) -> Recommendation:
-    """The fastest mode that fits ``gpu_memory_gib``, never dropping what ``requested`` already turned on."""
-    asked = estimate(variant, resolution, rank, requested, **estimate_kwargs)
-    for mode in MODES_BY_PREFERENCE:
-        if (requested.gradient_checkpointing and not mode.gradient_checkpointing) or (requested.base_8bit and not mode.base_8bit):
-            continue
-        candidate = asked if mode == requested else estimate(variant, resolution, rank, mode, **estimate_kwargs)
-        if fits(candidate, gpu_memory_gib):
-            return Recommendation(asked, mode, candidate, gpu_memory_gib)
-    return Recommendation(asked, None, None, gpu_memory_gib)
-
-
-def fewest_checkpointed_blocks(variant: "str | ModelShape | dict", resolution: int, rank: int, gpu_memory_gib: float,
-                               base_8bit: bool = False, **estimate_kwargs) -> int | None:
-    """The fewest blocks to checkpoint for the training step to fit (every block not checkpointed saves a block's
-    recompute, ~1/n of a forward per training step); None when even checkpointing every block does not fit."""
-    blocks = model_shape(variant).blocks
-    for count in range(1, blocks + 1):
-        mode = Mode(True, base_8bit, count)
-        if fits(estimate(variant, resolution, rank, mode, **estimate_kwargs), gpu_memory_gib):
-            return count
-    return None
-
-
-def decide_memory_mode(
-    variant: "str | ModelShape | dict",
-    resolution: int,
-    rank: int,
-    gradient_checkpointing: bool | None,
-    base_8bit: bool = False,
-    gpu_memory_gib: float | None = None,
-    **estimate_kwargs,
-) -> tuple[Mode, list[str]]:
-    """The trainer's pre-flight: what to checkpoint, and the lines to log before step 1.
-
-    ``gradient_checkpointing=None`` means automatic: with a known GPU size, no checkpointing when the run fits
-    without, else the fewest blocks that make it fit (all of them when nothing smaller does); the 8-bit base always
-    checkpoints (every block). An explicit True (every block) or False is kept; if the run will not fit, a warning
-    names the mode that would.
-    """
-    mode = Mode(bool(gradient_checkpointing) or (base_8bit and gradient_checkpointing is None), base_8bit)
-    lines = []
-    if base_8bit and gradient_checkpointing is None:
-        lines.append("gradient checkpointing: on (automatic: the 8-bit base needs it)")
-    if gpu_memory_gib is not None:
-        advice = recommend_mode(variant, resolution, rank, gpu_memory_gib, mode, **estimate_kwargs)
-        if gradient_checkpointing is None and not base_8bit and not advice.requested_fits:
-            count = fewest_checkpointed_blocks(variant, resolution, rank, gpu_memory_gib, **estimate_kwargs)
-            blocks = model_shape(variant).blocks
-            mode = Mode(True, False, count if count is not None and count < blocks else None)
-            shown = f"{count} of {blocks} blocks" if mode.checkpointed_blocks is not None else "every block"
-            lines.append(f"gradient checkpointing: {shown} (automatic: the run {advice.warning})")
-            advice = recommend_mode(variant, resolution, rank, gpu_memory_gib, mode, **estimate_kwargs)
-        if advice.warning:
-            lines.append(f"warning: this run {advice.warning}")
-    lines.append(estimate(variant, resolution, rank, mode, **estimate_kwargs).summary())
-    return mode, lines

@@ -22,4 +22,3 @@ def detect_gpu_name() -> str | None:
     except ImportError:
         return None
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-

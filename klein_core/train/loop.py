@@ -66,9 +66,20 @@ def train(
     log = callbacks.log if dist.is_main else (lambda _msg: None)
     run_dir = Path(run_dir)
 
-    checked = preflight(resolved, spec, config, run_dir, preview_prompts=preview_prompts, regularization=regularization,
-                        held_out=held_out, resume=resume, allow_changes=allow_changes, extend=extend, device=device,
-                        log=log)
+    checked = preflight(
+        resolved,
+        spec,
+        config,
+        run_dir,
+        preview_prompts=preview_prompts,
+        regularization=regularization,
+        held_out=held_out,
+        resume=resume,
+        allow_changes=allow_changes,
+        extend=extend,
+        device=device,
+        log=log,
+    )
     session = TrainingSession(resolved, checked, run_dir, cache_dir, device, dist, log, callbacks.on_checkpoint)
     progress = session.start()
     start_step = progress.step
@@ -116,7 +127,9 @@ def run_training_steps(session: TrainingSession, progress: Progress, callbacks: 
             return
 
 
-def read_losses(session: TrainingSession, progress: Progress, callbacks: TrainCallbacks, seconds_per_step: float) -> None:
+def read_losses(
+    session: TrainingSession, progress: Progress, callbacks: TrainCallbacks, seconds_per_step: float
+) -> None:
     """Read the pending losses back (one sync), record them, stop on a non-finite one, and report progress."""
     values = torch.stack(progress.pending).tolist()
     progress.pending.clear()
@@ -128,7 +141,12 @@ def read_losses(session: TrainingSession, progress: Progress, callbacks: TrainCa
         raise NonFiniteLoss(first_step + bad[0])
     if callbacks.on_step:
         callbacks.on_step(
-            {"training_step": step, "training_steps": total, "loss": values[-1],
-             "losses": [[first_step + i, v] for i, v in enumerate(values)],
-             "s_per_step": seconds_per_step, "eta_s": seconds_per_step * (total - step)}
+            {
+                "training_step": step,
+                "training_steps": total,
+                "loss": values[-1],
+                "losses": [[first_step + i, v] for i, v in enumerate(values)],
+                "s_per_step": seconds_per_step,
+                "eta_s": seconds_per_step * (total - step),
+            }
         )

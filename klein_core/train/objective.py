@@ -32,7 +32,9 @@ def micro_batch_generator(seed: int, training_step: int, micro: int) -> torch.Ge
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def flow_matching_loss(transformer, latents: torch.Tensor, embeds: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def flow_matching_loss(
+    transformer, latents: torch.Tensor, embeds: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
     """MSE between the prediction at xt = (1-σ)x0 + σ·noise and the target noise - x0 (latents: B,128,h,w)."""
     b, _, h, w = latents.shape
     s = sigma.view(b, 1, 1, 1).to(latents.dtype)
@@ -60,7 +62,9 @@ class MicroBatch:
     is_regularization: bool = False
 
 
-def accumulate_gradients(transformer, micro_batches: list[MicroBatch], should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+def accumulate_gradients(
+    transformer, micro_batches: list[MicroBatch], should_stop: Callable[[], bool] | None = None
+) -> torch.Tensor:
     """Backward over the micro-batches of one training step, each loss scaled by weight/G (G = identity
     micro-batches). Returns the mean identity loss (plus the weighted regularization loss)."""
     grad_accum = sum(not m.is_regularization for m in micro_batches)
@@ -68,7 +72,11 @@ def accumulate_gradients(transformer, micro_batches: list[MicroBatch], should_st
     for micro in micro_batches:
         if should_stop is not None and should_stop():
             raise TrainingInterrupted("cancelled")
-        loss = flow_matching_loss(transformer, micro.latents, micro.embeds, micro.noise, micro.sigma) * micro.weight / grad_accum
+        loss = (
+            flow_matching_loss(transformer, micro.latents, micro.embeds, micro.noise, micro.sigma)
+            * micro.weight
+            / grad_accum
+        )
         loss.backward()
         total = total + loss.detach()
     return total
@@ -88,8 +96,9 @@ def validation_subset(images: int, limit: int) -> list[int]:
 
 
 @torch.no_grad()
-def validation_losses(transformer, latents: Sequence[torch.Tensor], embeds: Sequence[torch.Tensor],
-                      indices: Sequence[int] | None = None) -> torch.Tensor:
+def validation_losses(
+    transformer, latents: Sequence[torch.Tensor], embeds: Sequence[torch.Tensor], indices: Sequence[int] | None = None
+) -> torch.Tensor:
     """Per image, the flow-matching loss at the fixed σ values with fixed noise, on the device (no host sync).
 
     One image at one σ per forward: the pass needs one training forward's activations at most (a batch of the four σ
@@ -103,15 +112,18 @@ def validation_losses(transformer, latents: Sequence[torch.Tensor], embeds: Sequ
         latent, embed = latents[index].unsqueeze(0), embeds[index]
         generator = torch.Generator().manual_seed(VALIDATION_SEED + index)
         noise = torch.randn(latent.shape, generator=generator).to(latent.device, latent.dtype)
-        per_sigma = [flow_matching_loss(transformer, latent, embed, noise, torch.full((1,), sigma, device=latent.device))
-                     for sigma in VALIDATION_SIGMAS]
+        per_sigma = [
+            flow_matching_loss(transformer, latent, embed, noise, torch.full((1,), sigma, device=latent.device))
+            for sigma in VALIDATION_SIGMAS
+        ]
         losses.append(torch.stack(per_sigma).mean())
     transformer.train(was_training)
     return torch.stack(losses) if losses else torch.zeros(0)
 
 
-def validation_loss(transformer, latents: Sequence[torch.Tensor], embeds: Sequence[torch.Tensor],
-                    indices: Sequence[int] | None = None) -> float:
+def validation_loss(
+    transformer, latents: Sequence[torch.Tensor], embeds: Sequence[torch.Tensor], indices: Sequence[int] | None = None
+) -> float:
     """Mean of :func:`validation_losses`: identical inputs at every evaluation, so the numbers are comparable across
     training steps (unlike the noisy training loss). One host sync."""
     losses = validation_losses(transformer, latents, embeds, indices)

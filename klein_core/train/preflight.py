@@ -61,8 +61,10 @@ def preflight(
 ) -> Preflight:
     """Scan, plan and check; log the plan, the warnings and the memory estimate. Raises before any model loads."""
     if spec.trigger_policy == "exclude":
-        raise DatasetError(f"{spec.folder}: trigger_policy 'exclude' is for a regularization set of class images; "
-                           "the identity dataset needs 'prepend', 'append' or 'keep'")
+        raise DatasetError(
+            f"{spec.folder}: trigger_policy 'exclude' is for a regularization set of class images; "
+            "the identity dataset needs 'prepend', 'append' or 'keep'"
+        )
     scan = spec.scan()
     if regularization is not None:
         regularization = regularization.as_regularization(scan.trigger)
@@ -86,10 +88,17 @@ def preflight(
         f"S={the_plan.training_steps} training steps, {the_plan.repeats_per_image:.1f} repeats per image ({the_plan.band})"
     )
     if reg_scan is not None:
-        log(regularization_summary(len(reg_scan.items), config.regularization_weight,
-                                   regularization_repeats(the_plan, config, len(reg_scan.items))))
+        log(
+            regularization_summary(
+                len(reg_scan.items),
+                config.regularization_weight,
+                regularization_repeats(the_plan, config, len(reg_scan.items)),
+            )
+        )
     if held_scan is not None:
-        log(f"held out: {len(held_scan.items)} images, never trained on; their validation loss is recorded per checkpoint")
+        log(
+            f"held out: {len(held_scan.items)} images, never trained on; their validation loss is recorded per checkpoint"
+        )
         for warning in _held_out_overlap(scan, held_scan):
             log(f"warning: {warning}")
     if config.base_8bit:
@@ -97,17 +106,32 @@ def preflight(
 
         choose_backend()  # a missing optional backend fails here, before any model loads
     mode = _estimate_memory_mode(resolved, spec, scan, config, device, log)
-    config = replace(config, gradient_checkpointing=mode.gradient_checkpointing,
-                     checkpointed_blocks=mode.checkpointed_blocks)
+    config = replace(
+        config, gradient_checkpointing=mode.gradient_checkpointing, checkpointed_blocks=mode.checkpointed_blocks
+    )
     prompts = tuple(dict.fromkeys(substitute_trigger(p, scan.trigger) for p in preview_prompts))
-    return Preflight(spec, scan, config, the_plan, fingerprint, prompts, regularization, reg_scan, held_out, held_scan,
-                     resume_point, lineage)
+    return Preflight(
+        spec,
+        scan,
+        config,
+        the_plan,
+        fingerprint,
+        prompts,
+        regularization,
+        reg_scan,
+        held_out,
+        held_scan,
+        resume_point,
+        lineage,
+    )
 
 
 def regularization_summary(images: int, weight: float, repeats_per_image: float) -> str:
     """One line for the log and the node summary: the class images' share, shown apart from the identity dose."""
-    return (f"regularization: {images} class images at weight {weight:g} "
-            f"({repeats_per_image:.1f} repeats each; not counted in the identity dose)")
+    return (
+        f"regularization: {images} class images at weight {weight:g} "
+        f"({repeats_per_image:.1f} repeats each; not counted in the identity dose)"
+    )
 
 
 def regularization_repeats(the_plan: Plan, config: TrainConfig, images: int) -> float:
@@ -118,20 +142,34 @@ def regularization_repeats(the_plan: Plan, config: TrainConfig, images: int) -> 
 def _held_out_overlap(scan: DatasetScan, held_scan: DatasetScan) -> list[str]:
     """Held-out images that are byte-identical to a training image are not held out at all: say which."""
     trained = {item.sha256: item.name for item in scan.items}
-    return [f"held-out image {item.name} is the same file as training image {trained[item.sha256]}: its loss is not "
-            "held out" for item in held_scan.items if item.sha256 in trained]
+    return [
+        f"held-out image {item.name} is the same file as training image {trained[item.sha256]}: its loss is not "
+        "held out"
+        for item in held_scan.items
+        if item.sha256 in trained
+    ]
 
 
-def _estimate_memory_mode(resolved: ResolvedModel, spec: DatasetSpec, scan: DatasetScan, config: TrainConfig, device, log):
+def _estimate_memory_mode(
+    resolved: ResolvedModel, spec: DatasetSpec, scan: DatasetScan, config: TrainConfig, device, log
+):
     """Log the VRAM/time estimate before step 1 and decide what to checkpoint (automatic when ``None``)."""
-    from .estimate import decide_memory_mode
+    from .memory_mode import decide_memory_mode
     from .gpu import detect_gpu_memory, detect_gpu_name
 
     mode, lines = decide_memory_mode(
-        resolved.transformer_config, max(spec.resolutions), config.rank, config.gradient_checkpointing, config.base_8bit,
+        resolved.transformer_config,
+        max(spec.resolutions),
+        config.rank,
+        config.gradient_checkpointing,
+        config.base_8bit,
         gpu_memory_gib=detect_gpu_memory() if str(device).startswith("cuda") else None,
-        batch_size=config.batch_size, grad_accum=config.grad_accum, images=len(scan.items),
-        resolutions=len(spec.resolutions), training_steps=config.training_steps or 0, device_name=detect_gpu_name(),
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        images=len(scan.items),
+        resolutions=len(spec.resolutions),
+        training_steps=config.training_steps or 0,
+        device_name=detect_gpu_name(),
     )
     for line in lines:
         log(line)

@@ -32,7 +32,16 @@ from .planner import training_steps_for
 STATE_FILE = "training_state.pt"
 MANIFEST_FILE = "run.json"
 # Settings whose change a resume names (and refuses without --allow-changes); the rank is refused always.
-COMPARED_SETTINGS = ("batch_size", "grad_accum", "learning_rate", "rank", "alpha", "seed", "warmup_steps", "training_steps")
+COMPARED_SETTINGS = (
+    "batch_size",
+    "grad_accum",
+    "learning_rate",
+    "rank",
+    "alpha",
+    "seed",
+    "warmup_steps",
+    "training_steps",
+)
 
 
 @dataclass
@@ -53,12 +62,17 @@ class ResumePoint:
 
     def as_dict(self) -> dict:
         """The manifest's record of this resume."""
-        return {"kind": self.kind, "training_step": self.step, "source": str(self.source),
-                "fresh_optimizer_warmup_steps": self.warmup_steps if self.kind == "checkpoint" else None}
+        return {
+            "kind": self.kind,
+            "training_step": self.step,
+            "source": str(self.source),
+            "fresh_optimizer_warmup_steps": self.warmup_steps if self.kind == "checkpoint" else None,
+        }
 
 
-def find_resume_point(run_dir: Path, config: TrainConfig, fingerprint: dict[str, str], allow_changes: bool,
-                      log: Callable[[str], None]) -> ResumePoint:
+def find_resume_point(
+    run_dir: Path, config: TrainConfig, fingerprint: dict[str, str], allow_changes: bool, log: Callable[[str], None]
+) -> ResumePoint:
     """The newest exact point to continue from (see the module docstring); refuses changed settings by name."""
     state = torch.load(run_dir / STATE_FILE, weights_only=False) if (run_dir / STATE_FILE).exists() else None
     manifest = read_manifest(run_dir)
@@ -70,18 +84,24 @@ def find_resume_point(run_dir: Path, config: TrainConfig, fingerprint: dict[str,
     else:
         _check_changes(manifest["config"], manifest["dataset"]["fingerprint"], config, fingerprint, allow_changes)
     if state is not None and (newest is None or state["training_step"] >= newest[0]):
-        return ResumePoint(state["training_step"], run_dir / STATE_FILE, _newest_history(state, manifest),
-                           state["lora"], state)
+        return ResumePoint(
+            state["training_step"], run_dir / STATE_FILE, _newest_history(state, manifest), state["lora"], state
+        )
     history = manifest["history"] if manifest is not None else state["manifest"]["history"]
     if newest is None:
         log(f"nothing saved yet in {run_dir} (no checkpoint, no {STATE_FILE}): starting from training step 0")
         return ResumePoint(0, run_dir / MANIFEST_FILE, TrainingHistory().as_dict())
     step, path = newest
     warmup = max(1, min(PRESET.fresh_optimizer_warmup_steps, config.training_steps - step))
-    why = (f"no {STATE_FILE}" if state is None else
-           f"{STATE_FILE} is at training step {state['training_step']}, older than the newest checkpoint")
-    log(f"{why}: continuing from {path.name} (training step {step}) with a fresh optimizer and a {warmup}-step LR "
-        "warmup (the run will differ slightly from an unbroken one)")
+    why = (
+        f"no {STATE_FILE}"
+        if state is None
+        else f"{STATE_FILE} is at training step {state['training_step']}, older than the newest checkpoint"
+    )
+    log(
+        f"{why}: continuing from {path.name} (training step {step}) with a fresh optimizer and a {warmup}-step LR "
+        "warmup (the run will differ slightly from an unbroken one)"
+    )
     return ResumePoint(step, path, _history_until(history, step), lora_io.read_lora_file(path), None, warmup)
 
 
@@ -106,17 +126,26 @@ def inputs_from_manifest(run_dir: Path, cache_dir: str | None = None) -> RunInpu
         raise ResumeError(f"nothing to resume in {run_dir}: no {MANIFEST_FILE}")
     source = manifest["model"].get("source")
     if source is None:
-        raise ResumeError(f"{run_dir / MANIFEST_FILE} does not record its model files (an older run): resume it with "
-                          "the full command and --resume")
+        raise ResumeError(
+            f"{run_dir / MANIFEST_FILE} does not record its model files (an older run): resume it with "
+            "the full command and --resume"
+        )
     spec = _spec_from_dict(manifest["dataset"])
     spec.scan()  # dataset errors before any model work
-    extra = [_spec_from_dict(manifest[key]["spec"]) if manifest.get(key) else None
-             for key in ("regularization", "held_out")]
+    extra = [
+        _spec_from_dict(manifest[key]["spec"]) if manifest.get(key) else None for key in ("regularization", "held_out")
+    ]
     for extra_spec in extra:
         if extra_spec is not None:
             extra_spec.scan()
-    return RunInputs(resolve_model(**source), spec, TrainConfig(**manifest["config"]), *extra,
-                     tuple(manifest.get("preview_prompts", ())), cache_dir or manifest.get("cache_dir"))
+    return RunInputs(
+        resolve_model(**source),
+        spec,
+        TrainConfig(**manifest["config"]),
+        *extra,
+        tuple(manifest.get("preview_prompts", ())),
+        cache_dir or manifest.get("cache_dir"),
+    )
 
 
 def _spec_from_dict(saved: dict) -> DatasetSpec:
@@ -132,16 +161,23 @@ class Extension:
     extra_repeats: float
 
 
-def plan_extension(extension: Extension, config: TrainConfig, images: int, fingerprint: dict[str, str],
-                   log: Callable[[str], None]) -> tuple[ResumePoint, dict]:
+def plan_extension(
+    extension: Extension, config: TrainConfig, images: int, fingerprint: dict[str, str], log: Callable[[str], None]
+) -> tuple[ResumePoint, dict]:
     """Where an extended run starts and its lineage. The extra training steps follow the dose formula
     ceil(N·R/(B·G)); checkpoints are named by the cumulative training step. From the step of its run's newest
     state the optimizer, scheduler and RNG continue exactly; from an earlier checkpoint a fresh optimizer warms up."""
     file = Path(extension.checkpoint)
     parent = read_manifest(file.parent) if file.is_file() else None
     if parent is None:
-        raise ResumeError(f"cannot continue from {file}: " + ("no such file" if not file.is_file() else
-                          f"no {MANIFEST_FILE} beside it, so the run it belongs to is unknown"))
+        raise ResumeError(
+            f"cannot continue from {file}: "
+            + (
+                "no such file"
+                if not file.is_file()
+                else f"no {MANIFEST_FILE} beside it, so the run it belongs to is unknown"
+            )
+        )
     found = re.search(r"_step(\d+)\.safetensors$", file.name)
     if found is None:
         raise ResumeError(f"cannot continue from {file}: not a step checkpoint (<name>_stepNNNNNN.safetensors)")
@@ -151,18 +187,29 @@ def plan_extension(extension: Extension, config: TrainConfig, images: int, finge
     state_path = file.parent / STATE_FILE
     state = torch.load(state_path, weights_only=False) if state_path.exists() else None
     if state is not None and state["training_step"] == step:
-        point = ResumePoint(step, state_path, _history_until(_newest_history(state, parent), step), state["lora"], state)
+        point = ResumePoint(
+            step, state_path, _history_until(_newest_history(state, parent), step), state["lora"], state
+        )
     else:
         warmup = max(1, min(PRESET.fresh_optimizer_warmup_steps, extra))
-        point = ResumePoint(step, file, _history_until(parent["history"], step), lora_io.read_lora_file(file), None,
-                            warmup)
-    log(f"extending {file.name} (training step {step}) by {extension.extra_repeats:g} repeats per image: "
+        point = ResumePoint(
+            step, file, _history_until(parent["history"], step), lora_io.read_lora_file(file), None, warmup
+        )
+    log(
+        f"extending {file.name} (training step {step}) by {extension.extra_repeats:g} repeats per image: "
         f"ceil(N·R/(B·G)) = ceil({images}·{extension.extra_repeats:g}/({config.batch_size}·{config.grad_accum})) = "
-        f"{extra} more training steps, {step + extra} in all"
-        + (", changed: " + ", ".join(changed) if changed else ""))
-    lineage = {"parent_run": str(file.parent.resolve()), "parent_step": step, "parent_checkpoint": str(file.resolve()),
-               "extra_repeats_per_image": extension.extra_repeats, "extra_training_steps": extra,
-               "training_steps": step + extra, "changed": changed, "continued_with": point.kind}
+        f"{extra} more training steps, {step + extra} in all" + (", changed: " + ", ".join(changed) if changed else "")
+    )
+    lineage = {
+        "parent_run": str(file.parent.resolve()),
+        "parent_step": step,
+        "parent_checkpoint": str(file.resolve()),
+        "extra_repeats_per_image": extension.extra_repeats,
+        "extra_training_steps": extra,
+        "training_steps": step + extra,
+        "changed": changed,
+        "continued_with": point.kind,
+    }
     return point, lineage
 
 
@@ -174,8 +221,11 @@ def read_manifest(run_dir: Path) -> dict | None:
 def newest_checkpoint(run_dir: Path, output_name: str) -> tuple[int, Path] | None:
     """(training step, file) of the highest-step ``<name>_stepNNNNNN.safetensors`` in the run folder."""
     pattern = re.compile(rf"{re.escape(output_name)}_step(\d+)\.safetensors")
-    found = [(int(m.group(1)), p) for p in run_dir.glob(f"{output_name}_step*.safetensors")
-             if (m := pattern.fullmatch(p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in run_dir.glob(f"{output_name}_step*.safetensors")
+        if (m := pattern.fullmatch(p.name))
+    ]
     return max(found) if found else None
 
 
@@ -189,8 +239,9 @@ def remove_partial_files(run_dir: Path) -> list[Path]:
     return leftovers
 
 
-def _check_changes(old_config: dict, old_fingerprint: dict, config: TrainConfig, fingerprint: dict[str, str],
-                   allow_changes: bool) -> None:
+def _check_changes(
+    old_config: dict, old_fingerprint: dict, config: TrainConfig, fingerprint: dict[str, str], allow_changes: bool
+) -> None:
     changed = _changes(old_config, old_fingerprint, config, fingerprint)
     if changed and not allow_changes:
         raise ResumeError(
@@ -199,15 +250,25 @@ def _check_changes(old_config: dict, old_fingerprint: dict, config: TrainConfig,
         )
 
 
-def _changes(old_config: dict, old_fingerprint: dict, config: TrainConfig, fingerprint: dict[str, str],
-             expected: tuple[str, ...] = ()) -> list[str]:
+def _changes(
+    old_config: dict,
+    old_fingerprint: dict,
+    config: TrainConfig,
+    fingerprint: dict[str, str],
+    expected: tuple[str, ...] = (),
+) -> list[str]:
     """What changed since the run started, by name; the rank never may (the LoRA's matrices have its shape)."""
     if old_config.get("rank") != config.rank:
-        raise ResumeError(f"cannot resume: rank ({old_config.get('rank')} -> {config.rank}) changed; a LoRA keeps its "
-                          "rank: start a new run for another one")
+        raise ResumeError(
+            f"cannot resume: rank ({old_config.get('rank')} -> {config.rank}) changed; a LoRA keeps its "
+            "rank: start a new run for another one"
+        )
     changed = changed_fingerprint_parts(old_fingerprint, fingerprint)
-    return changed + [f"{key} ({old_config.get(key)} -> {getattr(config, key)})" for key in COMPARED_SETTINGS
-                      if key not in expected and old_config.get(key) != getattr(config, key)]
+    return changed + [
+        f"{key} ({old_config.get(key)} -> {getattr(config, key)})"
+        for key in COMPARED_SETTINGS
+        if key not in expected and old_config.get(key) != getattr(config, key)
+    ]
 
 
 def _newest_history(state: dict, manifest: dict | None) -> dict:

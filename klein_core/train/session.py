@@ -78,16 +78,20 @@ def encode_datasets(
     vae = load_vae(resolved, dtype=torch.float32, device=device)
     encoded = []
     for scan, _spec in datasets:
-        latents = cache.get_or_compute_latents(latent_requests(scan), lambda pixels: encode_images(vae, pixels.to(device)))
+        latents = cache.get_or_compute_latents(
+            latent_requests(scan), lambda pixels: encode_images(vae, pixels.to(device))
+        )
         samples = scan.samples()
-        encoded.append(EncodedDataset(
-            latents=[latent.to(device) for latent in latents],
-            captions=[scan.items[s.item_index].caption for s in samples],
-            embeds=embeds,
-            sample_buckets=[(s.resolution, tuple(s.bucket)) for s in samples],
-            text_encoder_calls=cache.stats.text_misses,
-            vae_encoder_calls=cache.stats.latent_misses,
-        ))
+        encoded.append(
+            EncodedDataset(
+                latents=[latent.to(device) for latent in latents],
+                captions=[scan.items[s.item_index].caption for s in samples],
+                embeds=embeds,
+                sample_buckets=[(s.resolution, tuple(s.bucket)) for s in samples],
+                text_encoder_calls=cache.stats.text_misses,
+                vae_encoder_calls=cache.stats.latent_misses,
+            )
+        )
     return encoded, vae
 
 
@@ -144,8 +148,17 @@ class Progress:
 class TrainingSession:
     """The working set of one run. Rank 0 writes every file; all ranks compute."""
 
-    def __init__(self, resolved: ResolvedModel, pre: Preflight, run_dir: Path, cache_dir, device,
-                 dist: DistributedContext, log: Callable[[str], None], on_checkpoint=None) -> None:
+    def __init__(
+        self,
+        resolved: ResolvedModel,
+        pre: Preflight,
+        run_dir: Path,
+        cache_dir,
+        device,
+        dist: DistributedContext,
+        log: Callable[[str], None],
+        on_checkpoint=None,
+    ) -> None:
         self.resolved, self.pre, self.config, self.spec, self.scan = resolved, pre, pre.config, pre.spec, pre.scan
         self.run_dir, self.device, self.dist, self.log, self.on_checkpoint = run_dir, device, dist, log, on_checkpoint
         encoded, self.vae = encode_datasets(resolved, pre.datasets(), pre.prompts, cache_dir, device, log)
@@ -154,23 +167,29 @@ class TrainingSession:
         self.reg_data = next(extra) if pre.reg_scan is not None else None
         self.held_data = next(extra) if pre.held_scan is not None else None
         self.transformer = self._load_transformer()
-        self.optimizer, self.scheduler = make_optimizer(adapt_transformer(self.transformer, self.config), self.config, device)
+        self.optimizer, self.scheduler = make_optimizer(
+            adapt_transformer(self.transformer, self.config), self.config, device
+        )
         self.sampler = self._sampler(self.data, self.config.seed)
         self.reg_sampler = self._sampler(self.reg_data, self.config.seed + 1) if self.reg_data is not None else None
         self.dropout = self.spec.dropout(self.config.seed)
         with_preview = self.config.health_previews and bool(pre.prompts)
         self.monitor = HealthMonitor(
-            self.config.learning_rate, self.config.rank, has_regularization=self.reg_data is not None,
+            self.config.learning_rate,
+            self.config.rank,
+            has_regularization=self.reg_data is not None,
             preview=_health_preview(self.transformer, self.vae, self.data, pre.prompts, self.spec, self.config)
-            if with_preview else None,
+            if with_preview
+            else None,
             references=[_reference_image(item) for item in self.scan.items] if with_preview else None,
         )
         self.manifest = _new_manifest(resolved, pre, cache_dir)
 
     def _load_transformer(self) -> torch.nn.Module:
         # The 8-bit base loads on the CPU and reaches the device block by block, already quantised.
-        transformer = load_transformer(self.resolved, dtype=model_dtype(self.device),
-                                       device="cpu" if self.config.base_8bit else self.device)
+        transformer = load_transformer(
+            self.resolved, dtype=model_dtype(self.device), device="cpu" if self.config.base_8bit else self.device
+        )
         if self.config.base_8bit:
             from ..model.lowvram import quantize_base_8bit
 
@@ -178,8 +197,9 @@ class TrainingSession:
         return transformer
 
     def _sampler(self, data: EncodedDataset, seed: int) -> BucketBatchSampler:
-        return BucketBatchSampler(data.sample_buckets, self.config.batch_size, seed=seed, rank=self.dist.rank,
-                                  world_size=self.dist.world_size)
+        return BucketBatchSampler(
+            data.sample_buckets, self.config.batch_size, seed=seed, rank=self.dist.rank, world_size=self.dist.world_size
+        )
 
     # --- start: resume, or the step-0 baseline ----------------------------------------------------------------------
     def start(self) -> Progress:
@@ -204,7 +224,11 @@ class TrainingSession:
         if self.pre.lineage and Path(self.pre.lineage["parent_run"]) != self.run_dir.resolve():
             for record in self.monitor.history.checkpoints:  # the parent's files stay the parent's (never pruned here)
                 record.lora_path = None
-        how = "its optimizer state" if point.state is not None else f"a fresh optimizer ({point.warmup_steps}-step warmup)"
+        how = (
+            "its optimizer state"
+            if point.state is not None
+            else f"a fresh optimizer ({point.warmup_steps}-step warmup)"
+        )
         self.log(f"resuming {self.run_dir} at training step {point.step}/{self.config.training_steps} with {how}")
         if self.dist.is_main and point.source.parent.resolve() == self.run_dir.resolve():
             self._complete_checkpoint(point)
@@ -335,20 +359,32 @@ class TrainingSession:
         if self.dist.is_main:
             lora_io.save_lora(final_path, lora_io.adapter_weights(self.transformer), self.lora_metadata(step))
             summary = self.monitor.finish(self.run_dir, self.config.output_name)
-            self.manifest.update(final_lora=str(final_path), history=self.monitor.history.as_dict(),
-                                 health=summary.as_dict())
+            self.manifest.update(
+                final_lora=str(final_path), history=self.monitor.history.as_dict(), health=summary.as_dict()
+            )
             atomic_write_json(self.run_dir / MANIFEST_FILE, self.manifest)
             self.log(summary.verdict)
         lora_io.remove_lora(self.transformer)
         self.transformer.eval()
-        kept = [SavedCheckpoint(c.step, Path(c.lora_path), lora_io.read_lora_file(c.lora_path))
-                for c in self.monitor.history.checkpoints if c.lora_path and Path(c.lora_path).exists()]
+        kept = [
+            SavedCheckpoint(c.step, Path(c.lora_path), lora_io.read_lora_file(c.lora_path))
+            for c in self.monitor.history.checkpoints
+            if c.lora_path and Path(c.lora_path).exists()
+        ]
         return TrainedRun(
-            transformer=self.transformer, vae=self.vae, checkpoints=kept,
+            transformer=self.transformer,
+            vae=self.vae,
+            checkpoints=kept,
             preview_embeds={p: self.data.embeds[p] for p in (*self.pre.prompts, "")},
-            trigger=self.scan.trigger, resolution=self.spec.resolutions[0], run_dir=self.run_dir,
-            final_lora=final_path, plan=self.pre.plan, manifest=self.manifest, history=self.monitor.history,
-            health=summary, regularization=self._regularization_line(),
+            trigger=self.scan.trigger,
+            resolution=self.spec.resolutions[0],
+            run_dir=self.run_dir,
+            final_lora=final_path,
+            plan=self.pre.plan,
+            manifest=self.manifest,
+            history=self.monitor.history,
+            health=summary,
+            regularization=self._regularization_line(),
         )
 
     def _regularization_line(self) -> str | None:
@@ -380,16 +416,22 @@ class TrainingSession:
             self.monitor.record_losses(step - len(values) + 1, values)
             bad = [step - len(values) + 1 + i for i, v in enumerate(values) if not math.isfinite(v)]
             if bad:  # never save weights a non-finite loss has touched
-                return (f"training stopped at training step {step}/{config.training_steps}; the loss had gone "
-                        f"non-finite at training step {bad[0]}, so nothing was saved; {last}")
+                return (
+                    f"training stopped at training step {step}/{config.training_steps}; the loss had gone "
+                    f"non-finite at training step {bad[0]}, so nothing was saved; {last}"
+                )
         if step > start_step and self.dist.is_main and self.monitor.history.checkpoint_at(step) is None:
             saved_path = self.save_checkpoint(step, with_health=False)
-            return (f"training stopped at training step {step}/{config.training_steps}; saved {saved_path} "
-                    f"(resume with --resume, run folder {self.run_dir})")
+            return (
+                f"training stopped at training step {step}/{config.training_steps}; saved {saved_path} "
+                f"(resume with --resume, run folder {self.run_dir})"
+            )
         return f"training stopped at training step {step}/{config.training_steps}; {last}"
 
 
-def _micro_batch(data: EncodedDataset, batch: list[int], captions: list[str], generator: torch.Generator, device) -> MicroBatch:
+def _micro_batch(
+    data: EncodedDataset, batch: list[int], captions: list[str], generator: torch.Generator, device
+) -> MicroBatch:
     latents = torch.stack([data.latents[i] for i in batch])
     noise = _host_to_device(torch.randn(latents.shape, generator=generator), device).to(latents.dtype)
     sigma = _host_to_device(sample_sigmas(len(batch), latents.shape[-1] * latents.shape[-2], generator), device)
@@ -415,7 +457,9 @@ def _reference_image(item) -> np.ndarray:
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
-def _health_preview(transformer, vae, data: EncodedDataset, prompts: tuple[str, ...], spec: DatasetSpec, config: TrainConfig):
+def _health_preview(
+    transformer, vae, data: EncodedDataset, prompts: tuple[str, ...], spec: DatasetSpec, config: TrainConfig
+):
     """The first preview prompt rendered Base-correctly with the current adapter (for preview stats and likeness)."""
     from ..preview.sampling import sample_base
 
@@ -425,8 +469,16 @@ def _health_preview(transformer, vae, data: EncodedDataset, prompts: tuple[str, 
         was_training = transformer.training
         transformer.eval()
         try:
-            images = sample_base(transformer, vae, data.embeds[prompts[0]], data.embeds[""], size, size,
-                                 sample_steps=config.health_sample_steps, seed=PRESET.preview_seed)
+            images = sample_base(
+                transformer,
+                vae,
+                data.embeds[prompts[0]],
+                data.embeds[""],
+                size,
+                size,
+                sample_steps=config.health_sample_steps,
+                seed=PRESET.preview_seed,
+            )
         finally:
             transformer.train(was_training)
         return images.permute(0, 2, 3, 1)  # (B, H, W, 3)
@@ -472,15 +524,24 @@ def _new_manifest(resolved: ResolvedModel, pre: Preflight, cache_dir) -> dict:
         "config": config.as_dict(),
         "plan": pre.plan.as_dict(),
         "dataset": {**pre.spec.as_dict(), "images": len(pre.scan.items), "fingerprint": pre.fingerprint},
-        "regularization": None if reg_scan is None else {
-            "folder": str(reg_scan.folder), "images": len(reg_scan.items), "weight": config.regularization_weight,
+        "regularization": None
+        if reg_scan is None
+        else {
+            "folder": str(reg_scan.folder),
+            "images": len(reg_scan.items),
+            "weight": config.regularization_weight,
             "repeats_per_image": regularization_repeats(pre.plan, config, len(reg_scan.items)),
             "spec": pre.regularization.as_dict(),
         },
-        "held_out": None if held_scan is None else {"folder": str(held_scan.folder), "images": len(held_scan.items),
-                                                    "spec": pre.held_out.as_dict()},
-        "model": {"variant": resolved.variant.name, "format": resolved.format, "identity": resolved.identity,
-                  "source": resolved.source_args()},
+        "held_out": None
+        if held_scan is None
+        else {"folder": str(held_scan.folder), "images": len(held_scan.items), "spec": pre.held_out.as_dict()},
+        "model": {
+            "variant": resolved.variant.name,
+            "format": resolved.format,
+            "identity": resolved.identity,
+            "source": resolved.source_args(),
+        },
         "preview_prompts": list(pre.prompts),
         "lineage": pre.lineage,
         "cache_dir": None if cache_dir is None else str(cache_dir),

@@ -59,6 +59,7 @@ FIT_JS = r"""
 })
 """
 
+
 class JavaScriptError(RuntimeError):
     pass
 
@@ -103,12 +104,13 @@ class Browser:
             raise RuntimeError(f"Chromium's DevTools endpoint did not come up within {timeout_s} s")
         import websocket  # websocket-client
 
-        self._socket = websocket.create_connection(targets[0]["webSocketDebuggerUrl"], timeout=60,
-                                                   suppress_origin=True)
+        self._socket = websocket.create_connection(targets[0]["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
         self.send("Runtime.enable")
         self.send("Page.enable")
-        self.send("Emulation.setDeviceMetricsOverride",
-                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
 
     def stop(self) -> None:
         if self._socket is not None:
@@ -158,8 +160,11 @@ class Browser:
 
     def evaluate(self, expression: str, timeout_s: float = 60) -> Any:
         """Evaluate JavaScript (awaiting a returned promise) and return its JSON value."""
-        result = self.send("Runtime.evaluate", {"expression": expression, "awaitPromise": True, "returnByValue": True,
-                                                "timeout": int(timeout_s * 1000)}, timeout_s=timeout_s + 5)
+        result = self.send(
+            "Runtime.evaluate",
+            {"expression": expression, "awaitPromise": True, "returnByValue": True, "timeout": int(timeout_s * 1000)},
+            timeout_s=timeout_s + 5,
+        )
         if "exceptionDetails" in result:
             details = result["exceptionDetails"]
             text = details.get("exception", {}).get("description") or details.get("text")
@@ -193,8 +198,11 @@ class Browser:
             status, body = server.request("POST", f"/settings/{setting}", value)
             assert status == 200, f"POST /settings/{setting} -> HTTP {status}: {body!r}"
         self.navigate(server.base_url + "/")
-        self.wait_for("window.app && app.graph && window.LiteGraph && "
-                      "'KleinLoRATrainer' in LiteGraph.registered_node_types && !!window.KleinTrainingCharts", timeout_s)
+        self.wait_for(
+            "window.app && app.graph && window.LiteGraph && "
+            "'KleinLoRATrainer' in LiteGraph.registered_node_types && !!window.KleinTrainingCharts",
+            timeout_s,
+        )
         time.sleep(1.0)  # the canvas and late dialogs settle
         self.evaluate("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape'})); true")
 

@@ -105,9 +105,7 @@ class EventReader:
 
         self.client_id = client_id
         self.received: list[dict] = []
-        self._socket = websocket.create_connection(
-            f"ws://127.0.0.1:{port}/ws?clientId={client_id}", timeout=timeout_s
-        )
+        self._socket = websocket.create_connection(f"ws://127.0.0.1:{port}/ws?clientId={client_id}", timeout=timeout_s)
 
     def next_event(self, timeout_s: float) -> dict:
         import websocket
@@ -192,9 +190,16 @@ class ComfyServer:
         extra = self.workdir / "extra_model_paths.yaml"
         # is_default: these folders come first, so files the pack saves (models/loras/klein/) land here and never in
         # the ComfyUI tree's own models/ folder.
-        lines = ["klein_tests:", f"    base_path: {self.workdir}", "    is_default: true", "    custom_nodes: custom_nodes"]
-        lines += [f"    {kind}: models/{kind}" for kind in ("diffusion_models", "text_encoders", "vae", "loras",
-                                                           "checkpoints", "diffusers")]
+        lines = [
+            "klein_tests:",
+            f"    base_path: {self.workdir}",
+            "    is_default: true",
+            "    custom_nodes: custom_nodes",
+        ]
+        lines += [
+            f"    {kind}: models/{kind}"
+            for kind in ("diffusion_models", "text_encoders", "vae", "loras", "checkpoints", "diffusers")
+        ]
         extra.write_text("\n".join(lines) + "\n")
         return extra
 
@@ -233,8 +238,9 @@ class ComfyServer:
         atexit.register(self.stop)
         while time.monotonic() - started < timeout_s:
             if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with code {self.process.returncode} during startup:\n"
-                                   f"{self.log_tail()}")
+                raise RuntimeError(
+                    f"ComfyUI exited with code {self.process.returncode} during startup:\n{self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.base_url}/system_stats", timeout=2) as response:
                     if response.status == 200:
@@ -265,8 +271,9 @@ class ComfyServer:
     # ---- HTTP -------------------------------------------------------------------------------------------------------
     def request(self, method: str, path: str, body: Any = None, timeout_s: float = 30) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode("utf-8")
-        req = urllib.request.Request(f"{self.base_url}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{self.base_url}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout_s) as response:
                 status, raw = response.status, response.read()
@@ -443,5 +450,6 @@ def pytest_terminal_summary(terminalreporter) -> None:
     """Say which ComfyUI the server tests ran against (CI logs and notes need the version)."""
     for server in STARTED_SERVERS:
         ready = f"ready in {server.startup_seconds:.1f} s" if server.startup_seconds else "did not start"
-        terminalreporter.write_line(f"ComfyUI server tests ran against ComfyUI {server.env.version} "
-                                    f"({server.env.tree}), {ready}")
+        terminalreporter.write_line(
+            f"ComfyUI server tests ran against ComfyUI {server.env.version} ({server.env.tree}), {ready}"
+        )

@@ -41,15 +41,22 @@ def main(transformer_path: str, lora_path: str, deltas_out: str) -> None:
     patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
     patched.patch_model(force_patch_weights=True)
     after = patched.model.diffusion_model.state_dict()
-    deltas = {k: (after[k].float() - original[k]).contiguous() for k in original
-              if not torch.equal(after[k].float(), original[k])}
+    deltas = {
+        k: (after[k].float() - original[k]).contiguous()
+        for k in original
+        if not torch.equal(after[k].float(), original[k])
+    }
     save_file(deltas, deltas_out)
-    print(json.dumps({
-        "model_class": type(model.model).__name__,
-        "warnings": collect.messages,
-        "patched_keys": sorted(patched.patches),
-        "changed_keys": sorted(deltas),
-    }))
+    print(
+        json.dumps(
+            {
+                "model_class": type(model.model).__name__,
+                "warnings": collect.messages,
+                "patched_keys": sorted(patched.patches),
+                "changed_keys": sorted(deltas),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

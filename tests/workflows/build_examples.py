@@ -44,65 +44,75 @@ MODEL_FILES = {
 }
 TRIGGER = "kleinchar"
 
-MODELS_NOTE = "\n".join([
-    "**Models**: Klein **Base**, never the distilled klein (LoRAs trained on distilled weights collapse).",
-    "",
-    f"- `models/diffusion_models/{MODEL_FILES['diffusion_model']}` (or the 4B file)",
-    f"- `models/text_encoders/{MODEL_FILES['text_encoder']}` (Qwen3-8B; Qwen3-4B for 4B; fp8 files work)",
-    f"- `models/vae/{MODEL_FILES['vae']}`",
-    "",
-    "Or a diffusers folder in `models/diffusers/` (the `diffusers_model` list wins over the three files).",
-])
+MODELS_NOTE = "\n".join(
+    [
+        "**Models**: Klein **Base**, never the distilled klein (LoRAs trained on distilled weights collapse).",
+        "",
+        f"- `models/diffusion_models/{MODEL_FILES['diffusion_model']}` (or the 4B file)",
+        f"- `models/text_encoders/{MODEL_FILES['text_encoder']}` (Qwen3-8B; Qwen3-4B for 4B; fp8 files work)",
+        f"- `models/vae/{MODEL_FILES['vae']}`",
+        "",
+        "Or a diffusers folder in `models/diffusers/` (the `diffusers_model` list wins over the three files).",
+    ]
+)
 
-BASE_NOTE = (f"**Base sampling**: Klein Base is undistilled. Preview at about **{PRESET.sample_steps} sample steps** "
-             f"with real **CFG {PRESET.cfg:g}**; fewer steps or CFG near 1 make a good LoRA look weak or noisy.")
+BASE_NOTE = (
+    f"**Base sampling**: Klein Base is undistilled. Preview at about **{PRESET.sample_steps} sample steps** "
+    f"with real **CFG {PRESET.cfg:g}**; fewer steps or CFG near 1 make a good LoRA look weak or noisy."
+)
 
-TRAIN_NOTE = "\n".join([
-    "## Klein LoRA: train, then preview",
-    "",
-    "1. Put your images (optionally with same-name `.txt` captions) in a subfolder of `ComfyUI/input/`, choose it "
-    "in **Klein Caption Dataset** and type a rare **trigger** word. `[trigger]` in captions and prompts becomes it.",
-    "2. **Repeats Calculator**: the dose. S = ceil(N·R/(B·G)) training steps give each of the N images R repeats; "
-    "N comes from the dataset, S goes to the trainer (both linked).",
-    f"3. **Trainer**, starter preset for 9B Base: {PRESET.resolution} px, LR {PRESET.learning_rate:g}, rank "
-    f"{PRESET.rank}, batch {PRESET.batch_size}, grad accum {PRESET.grad_accum}, {PRESET.target_repeats:g} repeats "
-    "per image. Its chart shows the loss, the validation loss, s/step, ETA and the health verdict live.",
-    "4. **Preview**: one row per checkpoint (first a no-LoRA control row), one column per prompt, one seed. "
-    "**Report**: collapse check, advice and the best checkpoint.",
-    "5. Re-queueing with the same inputs is cached (nothing retrains); change the trainer's **seed** to train again.",
-    "",
-    "LoRAs land in `output/klein_lora/<output_name>/` and `models/loras/klein/` (for LoraLoader).",
-    "",
-    MODELS_NOTE,
-    "",
-    BASE_NOTE,
-])
+TRAIN_NOTE = "\n".join(
+    [
+        "## Klein LoRA: train, then preview",
+        "",
+        "1. Put your images (optionally with same-name `.txt` captions) in a subfolder of `ComfyUI/input/`, choose it "
+        "in **Klein Caption Dataset** and type a rare **trigger** word. `[trigger]` in captions and prompts becomes it.",
+        "2. **Repeats Calculator**: the dose. S = ceil(N·R/(B·G)) training steps give each of the N images R repeats; "
+        "N comes from the dataset, S goes to the trainer (both linked).",
+        f"3. **Trainer**, starter preset for 9B Base: {PRESET.resolution} px, LR {PRESET.learning_rate:g}, rank "
+        f"{PRESET.rank}, batch {PRESET.batch_size}, grad accum {PRESET.grad_accum}, {PRESET.target_repeats:g} repeats "
+        "per image. Its chart shows the loss, the validation loss, s/step, ETA and the health verdict live.",
+        "4. **Preview**: one row per checkpoint (first a no-LoRA control row), one column per prompt, one seed. "
+        "**Report**: collapse check, advice and the best checkpoint.",
+        "5. Re-queueing with the same inputs is cached (nothing retrains); change the trainer's **seed** to train again.",
+        "",
+        "LoRAs land in `output/klein_lora/<output_name>/` and `models/loras/klein/` (for LoraLoader).",
+        "",
+        MODELS_NOTE,
+        "",
+        BASE_NOTE,
+    ]
+)
 
-PREVIEW_NOTE = "\n".join([
-    "## Klein LoRA: preview an existing LoRA",
-    "",
-    "A grid at one seed: a no-LoRA control row, the LoRA at strength 1, then the strength sweep (`strengths`). "
-    "Reads our LoRAs and diffusers/peft, ai-toolkit and kohya files from `models/loras/`. An empty `trigger` "
-    "uses the word the LoRA file records.",
-    "",
-    MODELS_NOTE,
-    "",
-    BASE_NOTE,
-])
+PREVIEW_NOTE = "\n".join(
+    [
+        "## Klein LoRA: preview an existing LoRA",
+        "",
+        "A grid at one seed: a no-LoRA control row, the LoRA at strength 1, then the strength sweep (`strengths`). "
+        "Reads our LoRAs and diffusers/peft, ai-toolkit and kohya files from `models/loras/`. An empty `trigger` "
+        "uses the word the LoRA file records.",
+        "",
+        MODELS_NOTE,
+        "",
+        BASE_NOTE,
+    ]
+)
 
-PLAN_NOTE = "\n".join([
-    "## Klein LoRA: plan a run",
-    "",
-    "The dose of an identity LoRA is **repeats per image**, not raw steps: S = ceil(N·R/(B·G)) training steps "
-    "(optimizer updates) give each of N images R repeats at batch size B and grad accum G.",
-    "",
-    "Same dose, two ways: grad accum 4 needs a quarter of the training steps.",
-    "",
-    f"Bands: below 50 under-trained, 50-90 normal identity, 90-120 high likeness ({PRESET.target_repeats:g} is the "
-    "starter), above 120 over-training risk. The summary adds a VRAM and time estimate.",
-    "",
-    "To count a real dataset, link a Klein Caption Dataset's `image_count` into `image count`.",
-])
+PLAN_NOTE = "\n".join(
+    [
+        "## Klein LoRA: plan a run",
+        "",
+        "The dose of an identity LoRA is **repeats per image**, not raw steps: S = ceil(N·R/(B·G)) training steps "
+        "(optimizer updates) give each of N images R repeats at batch size B and grad accum G.",
+        "",
+        "Same dose, two ways: grad accum 4 needs a quarter of the training steps.",
+        "",
+        f"Bands: below 50 under-trained, 50-90 normal identity, 90-120 high likeness ({PRESET.target_repeats:g} is the "
+        "starter), above 120 over-training risk. The summary adds a VRAM and time estimate.",
+        "",
+        "To count a real dataset, link a Klein Caption Dataset's `image_count` into `image count`.",
+    ]
+)
 
 TRAINER_DEFAULTS = {
     "diffusers_model": "(none)", **MODEL_FILES,
@@ -120,19 +130,54 @@ WORKFLOWS = {
     "train_then_preview": {
         "nodes": [
             {"key": "note", "type": "MarkdownNote", "pos": [0, 0], "size": [620, 560], "text": TRAIN_NOTE},
-            {"key": "dataset", "type": "KleinCaptionDataset", "pos": [0, 680], "size": [300, 330],
-             "widgets": {"folder": "my_character", "trigger": TRIGGER, "resolutions": str(PRESET.resolution)}},
-            {"key": "calculator", "type": "KleinRepeatsCalculator", "pos": [340, 680], "size": [280, 230],
-             "widgets": {"target_repeats": PRESET.target_repeats, "batch_size": PRESET.batch_size,
-                         "grad_accum": PRESET.grad_accum, "variant": "9B", "resolution": PRESET.resolution}},
-            {"key": "trainer", "type": "KleinLoRATrainer", "pos": [660, 0], "size": [420, 760],
-             "widgets": TRAINER_DEFAULTS},
-            {"key": "preview", "type": "KleinBasePreviewSampler", "pos": [1120, 0], "size": [400, 560],
-             "widgets": {"diffusion_model": "(none)", "text_encoder": "(none)", "vae": "(none)", "lora": "(none)",
-                         **PREVIEW_DEFAULTS}},
+            {
+                "key": "dataset",
+                "type": "KleinCaptionDataset",
+                "pos": [0, 680],
+                "size": [300, 330],
+                "widgets": {"folder": "my_character", "trigger": TRIGGER, "resolutions": str(PRESET.resolution)},
+            },
+            {
+                "key": "calculator",
+                "type": "KleinRepeatsCalculator",
+                "pos": [340, 680],
+                "size": [280, 230],
+                "widgets": {
+                    "target_repeats": PRESET.target_repeats,
+                    "batch_size": PRESET.batch_size,
+                    "grad_accum": PRESET.grad_accum,
+                    "variant": "9B",
+                    "resolution": PRESET.resolution,
+                },
+            },
+            {
+                "key": "trainer",
+                "type": "KleinLoRATrainer",
+                "pos": [660, 0],
+                "size": [420, 760],
+                "widgets": TRAINER_DEFAULTS,
+            },
+            {
+                "key": "preview",
+                "type": "KleinBasePreviewSampler",
+                "pos": [1120, 0],
+                "size": [400, 560],
+                "widgets": {
+                    "diffusion_model": "(none)",
+                    "text_encoder": "(none)",
+                    "vae": "(none)",
+                    "lora": "(none)",
+                    **PREVIEW_DEFAULTS,
+                },
+            },
             {"key": "report", "type": "KleinTrainingReport", "pos": [1120, 660], "size": [400, 330]},
-            {"key": "save", "type": "SaveImage", "pos": [1560, 0], "size": [420, 560],
-             "widgets": {"filename_prefix": "klein_lora/preview_grid"}},
+            {
+                "key": "save",
+                "type": "SaveImage",
+                "pos": [1560, 0],
+                "size": [420, 560],
+                "widgets": {"filename_prefix": "klein_lora/preview_grid"},
+            },
         ],
         "links": [
             ("dataset", "image_count", "calculator", "images"),
@@ -151,11 +196,26 @@ WORKFLOWS = {
     "preview_existing_lora": {
         "nodes": [
             {"key": "note", "type": "MarkdownNote", "pos": [0, 0], "size": [460, 520], "text": PREVIEW_NOTE},
-            {"key": "preview", "type": "KleinBasePreviewSampler", "pos": [500, 0], "size": [400, 560],
-             "widgets": {**MODEL_FILES, "lora": "klein/my_character.safetensors", **PREVIEW_DEFAULTS,
-                         "prompts": PRESET.default_caption, "strengths": "0.8, 1.2"}},
-            {"key": "save", "type": "SaveImage", "pos": [940, 0], "size": [420, 560],
-             "widgets": {"filename_prefix": "klein_lora/lora_preview"}},
+            {
+                "key": "preview",
+                "type": "KleinBasePreviewSampler",
+                "pos": [500, 0],
+                "size": [400, 560],
+                "widgets": {
+                    **MODEL_FILES,
+                    "lora": "klein/my_character.safetensors",
+                    **PREVIEW_DEFAULTS,
+                    "prompts": PRESET.default_caption,
+                    "strengths": "0.8, 1.2",
+                },
+            },
+            {
+                "key": "save",
+                "type": "SaveImage",
+                "pos": [940, 0],
+                "size": [420, 560],
+                "widgets": {"filename_prefix": "klein_lora/lora_preview"},
+            },
         ],
         "links": [("preview", "grid", "save", "images")],
         "groups": [],
@@ -163,14 +223,36 @@ WORKFLOWS = {
     "plan_only": {
         "nodes": [
             {"key": "note", "type": "MarkdownNote", "pos": [0, 0], "size": [420, 400], "text": PLAN_NOTE},
-            {"key": "plan_g1", "type": "KleinRepeatsCalculator", "pos": [460, 0], "size": [360, 300],
-             "title": "Klein Repeats Calculator (grad accum 1)",
-             "widgets": {"images": 55, "target_repeats": PRESET.target_repeats, "batch_size": 1, "grad_accum": 1,
-                         "variant": "9B", "resolution": PRESET.resolution}},
-            {"key": "plan_g4", "type": "KleinRepeatsCalculator", "pos": [860, 0], "size": [360, 300],
-             "title": "Klein Repeats Calculator (grad accum 4)",
-             "widgets": {"images": 55, "target_repeats": PRESET.target_repeats, "batch_size": 1, "grad_accum": 4,
-                         "variant": "9B", "resolution": PRESET.resolution}},
+            {
+                "key": "plan_g1",
+                "type": "KleinRepeatsCalculator",
+                "pos": [460, 0],
+                "size": [360, 300],
+                "title": "Klein Repeats Calculator (grad accum 1)",
+                "widgets": {
+                    "images": 55,
+                    "target_repeats": PRESET.target_repeats,
+                    "batch_size": 1,
+                    "grad_accum": 1,
+                    "variant": "9B",
+                    "resolution": PRESET.resolution,
+                },
+            },
+            {
+                "key": "plan_g4",
+                "type": "KleinRepeatsCalculator",
+                "pos": [860, 0],
+                "size": [360, 300],
+                "title": "Klein Repeats Calculator (grad accum 4)",
+                "widgets": {
+                    "images": 55,
+                    "target_repeats": PRESET.target_repeats,
+                    "batch_size": 1,
+                    "grad_accum": 4,
+                    "variant": "9B",
+                    "resolution": PRESET.resolution,
+                },
+            },
         ],
         "links": [],
         "groups": [],
@@ -219,13 +301,18 @@ BUILD_JS = r"""
 })
 """
 
+
 def add_placeholders(server: ComfyServer) -> None:
     """Empty model files and a one-image dataset with the example's names, so the lists hold the example's values
     and the thumbnails show no "missing model" errors. Only the names matter; nothing is ever loaded."""
     from klein_core.tools.sample_data import make_sample_dataset
 
-    for kind, name in (("diffusion_models", MODEL_FILES["diffusion_model"]), ("text_encoders", MODEL_FILES["text_encoder"]),
-                       ("vae", MODEL_FILES["vae"]), ("loras", "klein/my_character.safetensors")):
+    for kind, name in (
+        ("diffusion_models", MODEL_FILES["diffusion_model"]),
+        ("text_encoders", MODEL_FILES["text_encoder"]),
+        ("vae", MODEL_FILES["vae"]),
+        ("loras", "klein/my_character.safetensors"),
+    ):
         path = server.models_dir / kind / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"")
@@ -244,8 +331,14 @@ def write_thumbnail(png: Path, view: dict, jpg: Path) -> None:
     image = Image.open(png).convert("RGB")
     x, y, w, h = view["box"]
     pad = 16
-    crop = image.crop((max(0, int(x) - pad), max(0, int(y) - pad), min(image.width, int(x + w) + pad),
-                       min(image.height, int(y + h) + pad)))
+    crop = image.crop(
+        (
+            max(0, int(x) - pad),
+            max(0, int(y) - pad),
+            min(image.width, int(x + w) + pad),
+            min(image.height, int(y + h) + pad),
+        )
+    )
     crop.thumbnail((THUMBNAIL_WIDTH, THUMBNAIL_WIDTH))
     buffer = io.BytesIO()
     crop.save(buffer, "JPEG", quality=85, optimize=True)
@@ -267,8 +360,10 @@ def main() -> None:
         for name, spec in WORKFLOWS.items():
             built = browser.evaluate(f"{BUILD_JS}({json.dumps(spec)})")
             ui = built["ui"]
-            ui.setdefault("extra", {})["klein_lora"] = {"built_by": "tests/workflows/build_examples.py",
-                                                       "frontend_comfyui": env.version}
+            ui.setdefault("extra", {})["klein_lora"] = {
+                "built_by": "tests/workflows/build_examples.py",
+                "frontend_comfyui": env.version,
+            }
             (EXAMPLES_DIR / f"{name}.json").write_text(json.dumps(ui, indent=2) + "\n")
             (API_DIR / f"{name}.api.json").write_text(json.dumps(built["api"], indent=2, sort_keys=True) + "\n")
             png = Path(tempfile.mkdtemp()) / f"{name}.png"
