@@ -15,6 +15,7 @@ from ..errors import ConfigError, NonFiniteLoss
 from ..model.loading import resolve_model
 from ..preset import PRESET
 from ..train.config import TrainCallbacks, TrainConfig
+from ..train.distributed import DistributedContext
 from ..train.loop import train
 from ..train.resume import Extension, RunInputs, inputs_from_manifest
 from ._common import add_model_args, print_json
@@ -219,6 +220,8 @@ def run(args) -> int:
                 print_json({"final_lora": None, "run_dir": str(run_dir), **health_fields(exc.health)})
             return 1
     console.end_line()
+    if not DistributedContext.from_env().is_main:
+        return 0  # rank 0 reports the run
     summary = {
         "training_steps": result.plan.training_steps,
         "repeats_per_image": result.plan.repeats_per_image,

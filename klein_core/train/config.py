@@ -7,7 +7,6 @@ config is built, before anything loads.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -127,18 +126,3 @@ class TrainedRun:
     health: HealthSummary | None = None  # collapse verdict, advice and best checkpoint
     regularization: str | None = None  # the class images' share in one line; None without a regularization set
 
-
-@dataclass
-class DistributedContext:
-    """Rank-awareness for torchrun/accelerate DDP: rank 0 saves and logs; the sampler shards by rank."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def from_env(cls) -> "DistributedContext":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,7 +27,8 @@ from ..crashpoint import crash_point
 from ..data.spec import DatasetSpec
 from ..errors import NonFiniteLoss, TrainingInterrupted
 from ..model.loading import ResolvedModel, default_device
-from .config import DistributedContext, TrainCallbacks, TrainConfig, TrainedRun
+from .config import TrainCallbacks, TrainConfig, TrainedRun
+from .distributed import DistributedContext, process_group
 from .objective import accumulate_gradients
 from .preflight import preflight
 from .resume import Extension
@@ -59,42 +61,47 @@ def train(
     fixed-noise validation loss is recorded next to the training images' at every checkpoint (the honest measure of
     generalisation) and, without likeness scores, picks the best checkpoint. ``resume`` continues the run in
     ``run_dir``; ``extend`` continues from a checkpoint with more repeats per image (resume.py says how).
+
+    Under torchrun or accelerate (``dist`` from their environment) every process trains its slice of the global
+    batch and rank 0 alone logs, reports progress and writes files (distributed.py says how the ranks agree).
     """
     callbacks = callbacks or TrainCallbacks()
     dist = dist or DistributedContext.from_env()
-    device = device or default_device()
-    log = callbacks.log if dist.is_main else (lambda _msg: None)
-    run_dir = Path(run_dir)
-
-    checked = preflight(
-        resolved,
-        spec,
-        config,
-        run_dir,
-        preview_prompts=preview_prompts,
-        regularization=regularization,
-        held_out=held_out,
-        resume=resume,
-        allow_changes=allow_changes,
-        extend=extend,
-        device=device,
-        log=log,
-    )
-    session = TrainingSession(resolved, checked, run_dir, cache_dir, device, dist, log, callbacks.on_checkpoint)
-    progress = session.start()
-    start_step = progress.step
-    try:
-        run_training_steps(session, progress, callbacks)
-    except NonFiniteLoss as exc:
-        session.explain_non_finite(exc)
-        raise
-    except BaseException as exc:
-        message = session.save_on_stop(progress, start_step)
-        log(message)
-        if isinstance(exc, TrainingInterrupted):
-            raise TrainingInterrupted(message) from None
-        raise
-    return session.finish(progress.step)
+    if not dist.is_main:
+        callbacks = replace(callbacks, on_step=None, on_progress=None, on_checkpoint=None, log=lambda _msg: None)
+    with process_group(dist, device or default_device()) as device:
+        run_dir = Path(run_dir)
+        log = callbacks.log
+        checked = preflight(
+            resolved,
+            spec,
+            config,
+            run_dir,
+            preview_prompts=preview_prompts,
+            regularization=regularization,
+            held_out=held_out,
+            resume=resume,
+            allow_changes=allow_changes,
+            extend=extend,
+            device=device,
+            log=log,
+            world_size=dist.world_size,
+        )
+        session = TrainingSession(resolved, checked, run_dir, cache_dir, device, dist, log, callbacks.on_checkpoint)
+        progress = session.start()
+        start_step = progress.step
+        try:
+            run_training_steps(session, progress, callbacks)
+        except NonFiniteLoss as exc:
+            session.explain_non_finite(exc)
+            raise
+        except BaseException as exc:
+            message = session.save_on_stop(progress, start_step)
+            log(message)
+            if isinstance(exc, TrainingInterrupted):
+                raise TrainingInterrupted(message) from None
+            raise
+        return session.finish(progress.step)
 
 
 def run_training_steps(session: TrainingSession, progress: Progress, callbacks: TrainCallbacks) -> None:
@@ -104,7 +111,7 @@ def run_training_steps(session: TrainingSession, progress: Progress, callbacks: 
     start_step, started = progress.step, time.perf_counter()
     session.transformer.train()
     while progress.step < config.training_steps:
-        loss = accumulate_gradients(session.transformer, session.micro_batches(progress.step), callbacks.should_stop)
+        loss = training_step_loss(session, progress.step, callbacks.should_stop)
         session.optimizer_step()
         progress.step += 1
         progress.pending.append(loss)
@@ -122,9 +129,31 @@ def run_training_steps(session: TrainingSession, progress: Progress, callbacks: 
         if config.validation_every and step % config.validation_every == 0 and not is_checkpoint:
             session.record_validation(step)
         collapse = monitor.check() if is_checkpoint or is_log_step else None
-        if collapse is not None and config.stop_on_collapse:
+        if (
+            config.stop_on_collapse
+            and (is_checkpoint or is_log_step)
+            and session.dist.rank0_decides(collapse is not None, session.device)
+        ):
             session.log(f"collapse detected at training step {step}: stopping early (the verdict says where it began)")
             return
+
+
+def training_step_loss(session: TrainingSession, step: int, should_stop) -> torch.Tensor:
+    """This rank's gradients of one training step, then their sum over the ranks with the loss and the stop votes
+    (distributed.py): a stop asked of any rank after its current micro-batch stops every rank before the update."""
+    stop = False
+    try:
+        micro_batches = session.micro_batches(step)
+        loss = accumulate_gradients(session.transformer, micro_batches, should_stop, session.config.grad_accum)
+    except TrainingInterrupted:
+        if not session.dist.is_distributed:
+            raise
+        loss, stop = torch.zeros((), device=session.device), True  # the vote travels with the step's all-reduce
+    params = [p for group in session.optimizer.param_groups for p in group["params"]]
+    loss, stop = session.dist.sum_step(params, loss, stop)
+    if stop:
+        raise TrainingInterrupted("cancelled")
+    return loss
 
 
 def read_losses(

@@ -63,12 +63,19 @@ class MicroBatch:
 
 
 def accumulate_gradients(
-    transformer, micro_batches: list[MicroBatch], should_stop: Callable[[], bool] | None = None
+    transformer,
+    micro_batches: list[MicroBatch],
+    should_stop: Callable[[], bool] | None = None,
+    grad_accum: int | None = None,
 ) -> torch.Tensor:
-    """Backward over the micro-batches of one training step, each loss scaled by weight/G (G = identity
-    micro-batches). Returns the mean identity loss (plus the weighted regularization loss)."""
-    grad_accum = sum(not m.is_regularization for m in micro_batches)
-    total = torch.zeros((), device=micro_batches[0].latents.device)
+    """Backward over the micro-batches of one training step, each loss scaled by weight/G (G = ``grad_accum``, by
+    default the identity micro-batches given). Returns the mean identity loss (plus the weighted regularization
+    loss). A rank of a data-parallel run may have no micro-batch at all (its slice of a short batch is empty)."""
+    grad_accum = grad_accum or sum(not m.is_regularization for m in micro_batches)
+    device = micro_batches[0].latents.device if micro_batches else next(transformer.parameters()).device
+    total = torch.zeros((), device=device)
+    if should_stop is not None and not micro_batches and should_stop():
+        raise TrainingInterrupted("cancelled")
     for micro in micro_batches:
         if should_stop is not None and should_stop():
             raise TrainingInterrupted("cancelled")

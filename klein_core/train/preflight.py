@@ -37,6 +37,7 @@ class Preflight:
     held_scan: DatasetScan | None = None
     resume: ResumePoint | None = None
     lineage: dict | None = None  # a run extended from a checkpoint: its parent and what changed
+    world_size: int = 1  # processes training data parallel; the plan's B is config.batch_size x world_size
 
     def datasets(self) -> list[tuple[DatasetScan, DatasetSpec]]:
         """The sets to encode, identity first, then regularization and held-out when present."""
@@ -58,8 +59,10 @@ def preflight(
     extend: Extension | None = None,
     device,
     log: Callable[[str], None],
+    world_size: int = 1,
 ) -> Preflight:
-    """Scan, plan and check; log the plan, the warnings and the memory estimate. Raises before any model loads."""
+    """Scan, plan and check; log the plan, the warnings and the memory estimate. Raises before any model loads.
+    With ``world_size`` processes the dose is planned for the global batch: ``config.batch_size`` per process."""
     if spec.trigger_policy == "exclude":
         raise DatasetError(
             f"{spec.folder}: trigger_policy 'exclude' is for a regularization set of class images; "
@@ -73,18 +76,20 @@ def preflight(
     fingerprint = fingerprint_parts(scan, spec)
     resume_point = lineage = None
     if extend is not None:  # the total is the parent's training step plus the extra dose
-        resume_point, lineage = plan_extension(extend, config, len(scan.items), fingerprint, log)
+        resume_point, lineage = plan_extension(extend, config, len(scan.items), fingerprint, log, world_size)
         config = replace(config, training_steps=lineage["training_steps"])
-    the_plan = plan(len(scan.items), config.target_repeats, config.batch_size, config.grad_accum, config.training_steps)
+    global_batch = config.batch_size * world_size
+    the_plan = plan(len(scan.items), config.target_repeats, global_batch, config.grad_accum, config.training_steps)
     config = replace(config, training_steps=the_plan.training_steps)
     if resume and extend is None:
         for leftover in remove_partial_files(run_dir):
             log(f"removed {leftover.name}: a write cut off by a kill")
-        resume_point = find_resume_point(run_dir, config, fingerprint, allow_changes, log)
+        resume_point = find_resume_point(run_dir, config, fingerprint, allow_changes, log, world_size)
     for warning in scan.warnings:
         log(f"warning: {warning}")
     log(
-        f"plan: N={the_plan.images} images, B={the_plan.batch_size}, G={the_plan.grad_accum}, "
+        f"plan: N={the_plan.images} images, B={the_plan.batch_size}{_per_process(config.batch_size, world_size)}, "
+        f"G={the_plan.grad_accum}, "
         f"S={the_plan.training_steps} training steps, {the_plan.repeats_per_image:.1f} repeats per image ({the_plan.band})"
     )
     if reg_scan is not None:
@@ -123,7 +128,13 @@ def preflight(
         held_scan,
         resume_point,
         lineage,
+        world_size,
     )
+
+
+def _per_process(batch_size: int, world_size: int) -> str:
+    """How the global batch B is made when several processes train: nothing to add for one."""
+    return f" ({batch_size} per process x {world_size} processes)" if world_size > 1 else ""
 
 
 def regularization_summary(images: int, weight: float, repeats_per_image: float) -> str:
@@ -135,8 +146,9 @@ def regularization_summary(images: int, weight: float, repeats_per_image: float)
 
 
 def regularization_repeats(the_plan: Plan, config: TrainConfig, images: int) -> float:
-    """How often each class image is seen: one regularization micro-batch rides along with every identity one."""
-    return the_plan.training_steps * config.batch_size * config.grad_accum / images
+    """How often each class image is seen: one regularization micro-batch rides along with every identity one
+    (``the_plan.batch_size`` is the global batch)."""
+    return the_plan.training_steps * the_plan.batch_size * config.grad_accum / images
 
 
 def _held_out_overlap(scan: DatasetScan, held_scan: DatasetScan) -> list[str]:

@@ -32,8 +32,8 @@ from .planner import training_steps_for
 STATE_FILE = "training_state.pt"
 MANIFEST_FILE = "run.json"
 # Settings whose change a resume names (and refuses without --allow-changes); the rank is refused always.
+# The batch is compared as the global batch (batch_size x world size): 2 processes x 1 resume as 1 process x 2.
 COMPARED_SETTINGS = (
-    "batch_size",
     "grad_accum",
     "learning_rate",
     "rank",
@@ -71,7 +71,12 @@ class ResumePoint:
 
 
 def find_resume_point(
-    run_dir: Path, config: TrainConfig, fingerprint: dict[str, str], allow_changes: bool, log: Callable[[str], None]
+    run_dir: Path,
+    config: TrainConfig,
+    fingerprint: dict[str, str],
+    allow_changes: bool,
+    log: Callable[[str], None],
+    world_size: int = 1,
 ) -> ResumePoint:
     """The newest exact point to continue from (see the module docstring); refuses changed settings by name."""
     state = torch.load(run_dir / STATE_FILE, weights_only=False) if (run_dir / STATE_FILE).exists() else None
@@ -79,10 +84,14 @@ def find_resume_point(
     newest = newest_checkpoint(run_dir, config.output_name)
     if state is None and manifest is None:
         raise ResumeError(f"nothing to resume in {run_dir}: no {STATE_FILE} and no {MANIFEST_FILE}")
-    if state is not None:
-        _check_changes(state["config"], state["fingerprint"], config, fingerprint, allow_changes)
-    else:
-        _check_changes(manifest["config"], manifest["dataset"]["fingerprint"], config, fingerprint, allow_changes)
+    saved = state if state is not None else manifest
+    old = (saved["config"], state["fingerprint"] if state is not None else manifest["dataset"]["fingerprint"])
+    changed = _changes(*old, config, fingerprint, launch=(saved.get("world_size", 1), world_size))
+    if changed and not allow_changes:
+        raise ResumeError(
+            f"cannot resume: {', '.join(changed)} changed since the run started; restore them, start a new run, "
+            "or override with --allow-changes"
+        )
     if state is not None and (newest is None or state["training_step"] >= newest[0]):
         return ResumePoint(
             state["training_step"], run_dir / STATE_FILE, _newest_history(state, manifest), state["lora"], state
@@ -162,7 +171,12 @@ class Extension:
 
 
 def plan_extension(
-    extension: Extension, config: TrainConfig, images: int, fingerprint: dict[str, str], log: Callable[[str], None]
+    extension: Extension,
+    config: TrainConfig,
+    images: int,
+    fingerprint: dict[str, str],
+    log: Callable[[str], None],
+    world_size: int = 1,
 ) -> tuple[ResumePoint, dict]:
     """Where an extended run starts and its lineage. The extra training steps follow the dose formula
     ceil(N·R/(B·G)); checkpoints are named by the cumulative training step. From the step of its run's newest
@@ -182,8 +196,12 @@ def plan_extension(
     if found is None:
         raise ResumeError(f"cannot continue from {file}: not a step checkpoint (<name>_stepNNNNNN.safetensors)")
     step = int(found.group(1))
-    changed = _changes(parent["config"], parent["dataset"]["fingerprint"], config, fingerprint, ("training_steps",))
-    extra = training_steps_for(images, extension.extra_repeats, config.batch_size, config.grad_accum)
+    launch = (parent.get("world_size", 1), world_size)
+    changed = _changes(
+        parent["config"], parent["dataset"]["fingerprint"], config, fingerprint, ("training_steps",), launch
+    )
+    global_batch = config.batch_size * world_size
+    extra = training_steps_for(images, extension.extra_repeats, global_batch, config.grad_accum)
     state_path = file.parent / STATE_FILE
     state = torch.load(state_path, weights_only=False) if state_path.exists() else None
     if state is not None and state["training_step"] == step:
@@ -197,7 +215,7 @@ def plan_extension(
         )
     log(
         f"extending {file.name} (training step {step}) by {extension.extra_repeats:g} repeats per image: "
-        f"ceil(N·R/(B·G)) = ceil({images}·{extension.extra_repeats:g}/({config.batch_size}·{config.grad_accum})) = "
+        f"ceil(N·R/(B·G)) = ceil({images}·{extension.extra_repeats:g}/({global_batch}·{config.grad_accum})) = "
         f"{extra} more training steps, {step + extra} in all" + (", changed: " + ", ".join(changed) if changed else "")
     )
     lineage = {
@@ -239,31 +257,28 @@ def remove_partial_files(run_dir: Path) -> list[Path]:
     return leftovers
 
 
-def _check_changes(
-    old_config: dict, old_fingerprint: dict, config: TrainConfig, fingerprint: dict[str, str], allow_changes: bool
-) -> None:
-    changed = _changes(old_config, old_fingerprint, config, fingerprint)
-    if changed and not allow_changes:
-        raise ResumeError(
-            f"cannot resume: {', '.join(changed)} changed since the run started; restore them, start a new run, "
-            "or override with --allow-changes"
-        )
-
-
 def _changes(
     old_config: dict,
     old_fingerprint: dict,
     config: TrainConfig,
     fingerprint: dict[str, str],
     expected: tuple[str, ...] = (),
+    launch: tuple[int, int] = (1, 1),
 ) -> list[str]:
-    """What changed since the run started, by name; the rank never may (the LoRA's matrices have its shape)."""
+    """What changed since the run started, by name; the rank never may (the LoRA's matrices have its shape).
+    ``launch`` is (the run's world size, today's): the global batch must stay, however it is split."""
     if old_config.get("rank") != config.rank:
         raise ResumeError(
             f"cannot resume: rank ({old_config.get('rank')} -> {config.rank}) changed; a LoRA keeps its "
             "rank: start a new run for another one"
         )
     changed = changed_fingerprint_parts(old_fingerprint, fingerprint)
+    (old_world, world), old_batch = launch, old_config.get("batch_size")
+    if old_batch * old_world != config.batch_size * world:
+        changed.append(
+            f"global batch size ({old_batch}x{old_world} -> {config.batch_size}x{world} processes: "
+            f"{old_batch * old_world} -> {config.batch_size * world}; --batch-size is per process)"
+        )
     return changed + [
         f"{key} ({old_config.get(key)} -> {getattr(config, key)})"
         for key in COMPARED_SETTINGS

@@ -30,7 +30,8 @@ from ..model.loading import ResolvedModel, load_text_encoder, load_transformer, 
 from ..model.text import encode_prompts
 from ..facts import PIXEL_MULTIPLE
 from ..preset import PRESET
-from .config import DistributedContext, SavedCheckpoint, TrainConfig, TrainedRun
+from .config import SavedCheckpoint, TrainConfig, TrainedRun
+from .distributed import DistributedContext
 from .objective import MicroBatch, micro_batch_generator, sample_sigmas, validation_loss, validation_subset
 from .planner import Plan
 from .preflight import Preflight, regularization_repeats, regularization_summary
@@ -161,7 +162,11 @@ class TrainingSession:
     ) -> None:
         self.resolved, self.pre, self.config, self.spec, self.scan = resolved, pre, pre.config, pre.spec, pre.scan
         self.run_dir, self.device, self.dist, self.log, self.on_checkpoint = run_dir, device, dist, log, on_checkpoint
+        if not dist.is_main:
+            dist.barrier()  # rank 0 fills the cache first: the others find every entry, no second text encoder
         encoded, self.vae = encode_datasets(resolved, pre.datasets(), pre.prompts, cache_dir, device, log)
+        if dist.is_main:
+            dist.barrier()
         extra = iter(encoded[1:])
         self.data = encoded[0]
         self.reg_data = next(extra) if pre.reg_scan is not None else None
@@ -197,9 +202,8 @@ class TrainingSession:
         return transformer
 
     def _sampler(self, data: EncodedDataset, seed: int) -> BucketBatchSampler:
-        return BucketBatchSampler(
-            data.sample_buckets, self.config.batch_size, seed=seed, rank=self.dist.rank, world_size=self.dist.world_size
-        )
+        """Global batches (per-process batch x world size): every rank draws the same one and trains its slice."""
+        return BucketBatchSampler(data.sample_buckets, self.pre.plan.batch_size, seed=seed)
 
     # --- start: resume, or the step-0 baseline ----------------------------------------------------------------------
     def start(self) -> Progress:
@@ -262,19 +266,27 @@ class TrainingSession:
 
     # --- one training step ---------------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list[MicroBatch]:
-        """The G micro-batches of a training step: a function of (seed, training step, micro-batch) alone."""
+        """This rank's slices of the G global micro-batches of a training step: the samples, their noise, σ and
+        caption dropout are a function of (seed, training step, micro-batch, position in the global batch) alone,
+        so N processes train what one process with the global batch trains. A rank whose slice of a short last
+        batch is empty gets no micro-batch there."""
         out = []
+        part = self.dist.batch_slice(self.config.batch_size)
         for micro in range(self.config.grad_accum):
             position = step * self.config.grad_accum + micro
             generator = micro_batch_generator(self.config.seed, step, micro)
             epoch, batch = self.sampler.batch_at(position)
-            captions = [self.dropout.caption_for(self.data.captions[i], self.scan.trigger, epoch, i) for i in batch]
-            out.append(_micro_batch(self.data, batch, captions, generator, self.device))
+            drop = self.dropout.caption_for
+            captions = [drop(self.data.captions[i], self.scan.trigger, epoch, i) for i in batch[part]]
+            identity = _micro_batch(self.data, batch, part, captions, generator, self.device)
+            out += [identity] if identity is not None else []
             if self.reg_sampler is not None:
                 _, reg_batch = self.reg_sampler.batch_at(position)
-                reg_captions = [self.reg_data.captions[i] for i in reg_batch]
-                reg = _micro_batch(self.reg_data, reg_batch, reg_captions, generator, self.device)
-                out.append(replace(reg, weight=self.config.regularization_weight, is_regularization=True))
+                reg_captions = [self.reg_data.captions[i] for i in reg_batch[part]]
+                reg = _micro_batch(self.reg_data, reg_batch, part, reg_captions, generator, self.device)
+                if reg is not None:
+                    weight = self.config.regularization_weight * reg.weight
+                    out.append(replace(reg, weight=weight, is_regularization=True))
         return out
 
     def optimizer_step(self) -> None:
@@ -318,10 +330,11 @@ class TrainingSession:
         return path
 
     def _checkpoint_health(self, step: int, path: Path) -> None:
-        """Validation losses on every rank; the health preview and the record on rank 0."""
-        losses = self.checkpoint_losses()
-        crash_point(f"health@{step}")
+        """Validation losses, the health preview and the record: rank 0's work (the others go on to the next step's
+        all-reduce and wait there)."""
         if self.dist.is_main:
+            losses = self.checkpoint_losses()
+            crash_point(f"health@{step}")
             self.monitor.record_checkpoint(step, str(path), *losses)
             self._write_manifest()
 
@@ -343,11 +356,12 @@ class TrainingSession:
             "torch_rng": torch.get_rng_state(),
             "config": self.config.as_dict(),
             "fingerprint": self.pre.fingerprint,
+            "world_size": self.dist.world_size,
             "manifest": self._synced_manifest(),
         }
 
     def lora_metadata(self, step: int) -> dict:
-        return _lora_metadata(self.spec, self.config, self.pre.plan, step, self.resolved)
+        return _lora_metadata(self.spec, self.config, self.pre.plan, step, self.resolved, self.dist.world_size)
 
     # --- the end: finished, stopped, or non-finite -----------------------------------------------------------------
     def finish(self, step: int) -> TrainedRun:
@@ -404,7 +418,7 @@ class TrainingSession:
             atomic_write_json(self.run_dir / MANIFEST_FILE, self.manifest)
             self.log(exc.health.verdict)
         collapse = exc.health.collapse if exc.health else self.monitor.check()
-        exc.args = (_non_finite_message(exc.training_step, collapse, self.config),)
+        exc.args = (_non_finite_message(exc.training_step, collapse if self.dist.is_main else None, self.config),)
 
     def save_on_stop(self, progress: Progress, start_step: int) -> str:
         """On cancel or error: save the last completed training step (if new) and say where."""
@@ -430,12 +444,21 @@ class TrainingSession:
 
 
 def _micro_batch(
-    data: EncodedDataset, batch: list[int], captions: list[str], generator: torch.Generator, device
-) -> MicroBatch:
-    latents = torch.stack([data.latents[i] for i in batch])
-    noise = _host_to_device(torch.randn(latents.shape, generator=generator), device).to(latents.dtype)
-    sigma = _host_to_device(sample_sigmas(len(batch), latents.shape[-1] * latents.shape[-2], generator), device)
-    return MicroBatch(latents, torch.stack([data.embeds[c] for c in captions]), noise, sigma)
+    data: EncodedDataset, batch: list[int], part: slice, captions: list[str], generator: torch.Generator, device
+) -> MicroBatch | None:
+    """The ``part`` of a global micro-batch this rank trains, weighted by its share of the global batch (its loss
+    sums with the other ranks' to the global mean). The noise and σ of the whole global batch are drawn, so each
+    sample's are the same whatever the world size."""
+    shape = (len(batch), *data.latents[batch[0]].shape)
+    noise = torch.randn(shape, generator=generator)
+    sigma = sample_sigmas(len(batch), shape[-1] * shape[-2], generator)
+    mine = batch[part]
+    if not mine:
+        return None
+    latents = torch.stack([data.latents[i] for i in mine])
+    noise, sigma = _host_to_device(noise[part], device).to(latents.dtype), _host_to_device(sigma[part], device)
+    embeds = torch.stack([data.embeds[c] for c in captions])
+    return MicroBatch(latents, embeds, noise, sigma, weight=1.0 if len(mine) == len(batch) else len(mine) / len(batch))
 
 
 def _host_to_device(tensor: torch.Tensor, device) -> torch.Tensor:
@@ -505,13 +528,18 @@ def _prune(history: TrainingHistory, keep_last: int) -> list[Path]:
     return pruned
 
 
-def _lora_metadata(spec: DatasetSpec, config: TrainConfig, the_plan: Plan, step: int, resolved: ResolvedModel) -> dict:
+def _lora_metadata(
+    spec: DatasetSpec, config: TrainConfig, the_plan: Plan, step: int, resolved: ResolvedModel, world_size: int
+) -> dict:
     return {
         "trigger_word": spec.trigger,
         "rank": config.rank,
         "alpha": config.alpha if config.alpha is not None else config.rank,
         "training_steps": step,
-        "repeats_per_image": f"{step * config.batch_size * config.grad_accum / the_plan.images:.2f}",
+        "repeats_per_image": f"{step * the_plan.batch_size * config.grad_accum / the_plan.images:.2f}",
+        "batch_size": config.batch_size,
+        "global_batch_size": the_plan.batch_size,
+        "world_size": world_size,
         "base_model": f"FLUX.2 [klein] Base {resolved.variant.name}",
         "resolution": ",".join(str(r) for r in spec.resolutions),
     }
@@ -523,6 +551,8 @@ def _new_manifest(resolved: ResolvedModel, pre: Preflight, cache_dir) -> dict:
     return {
         "config": config.as_dict(),
         "plan": pre.plan.as_dict(),
+        "global_batch_size": pre.plan.batch_size,
+        "world_size": pre.world_size,
         "dataset": {**pre.spec.as_dict(), "images": len(pre.scan.items), "fingerprint": pre.fingerprint},
         "regularization": None
         if reg_scan is None
