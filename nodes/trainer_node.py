@@ -2,6 +2,9 @@
 
 The node gathers inputs, reports progress (ComfyUI's bar plus ``klein.training`` events for the live chart) and
 hands the in-memory run to the preview node. Training itself is ``klein_core.train.loop.train``.
+
+The node stays single-GPU: it trains on ComfyUI's device as one process, even if the server inherited torchrun's
+``RANK``/``WORLD_SIZE``. Data parallel training on N GPUs is the CLI's, under torchrun or accelerate (README).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from ..klein_core.data.cache import default_cache_dir
 from ..klein_core.data.captions import REGULARIZATION_CAPTION
 from ..klein_core.preset import PRESET
 from ..klein_core.train.config import TrainCallbacks, TrainConfig
+from ..klein_core.train.distributed import DistributedContext
 from ..klein_core.train.loop import train
 from . import memory
 from .model_inputs import NONE, choices, diffusers_choices, resolve_choice
@@ -324,6 +328,7 @@ class KleinLoRATrainer(io.ComfyNode):
                 held_out=held_out,
                 cache_dir=default_cache_dir(),
                 device=str(comfy.model_management.get_torch_device()),
+                dist=DistributedContext(),  # one process, whatever the environment says
                 callbacks=TrainCallbacks(
                     on_step=progress.on_step,
                     on_progress=progress.on_progress,

@@ -55,7 +55,7 @@ def torchrun_train(tiny_diffusers, sample_dataset, out: Path, cache: Path, *extr
         "train",
         *("--model", str(tiny_diffusers), "--images", str(sample_dataset), "--trigger", "kleinchar"),
         *("--out", str(out), "--resolution", "64", "--rank", "4", "--lr", "0.001", "--cache-dir", str(cache)),
-        *("--batch-size", "1", "--save-every", "0", *extra),
+        *("--batch-size", "1", "--save-every", "0", "--validation-images", "1", *extra),
     ]
 
 

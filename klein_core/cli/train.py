@@ -92,6 +92,12 @@ def _add_monitoring_args(p) -> None:
     p.add_argument(
         "--validation-every", type=int, default=0, help="extra fixed-noise validation every K training steps"
     )
+    p.add_argument(
+        "--validation-images",
+        type=int,
+        default=PRESET.validation_images,
+        help="training images in each checkpoint's fixed-noise validation pass (its cost: 4 forwards per image)",
+    )
     p.add_argument("--regularization", metavar="DIR", help="optional folder of class images (e.g. photos of a person)")
     p.add_argument(
         "--regularization-caption",
@@ -292,6 +298,7 @@ def _inputs_from_args(args) -> RunInputs:
         compile_blocks=args.compile_blocks,
         stop_on_collapse=args.stop_on_collapse,
         validation_every=args.validation_every,
+        validation_images=args.validation_images,
         log_every=args.log_every,
         regularization_weight=args.regularization_weight,
     )
