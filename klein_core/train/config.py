@@ -125,4 +125,3 @@ class TrainedRun:
     history: TrainingHistory  # the typed run history of run.json: loss readings and checkpoint records
     health: HealthSummary | None = None  # collapse verdict, advice and best checkpoint
     regularization: str | None = None  # the class images' share in one line; None without a regularization set
-

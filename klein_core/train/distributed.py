@@ -23,6 +23,7 @@ is a vote in the step's all-reduce, so every rank stops after the same training 
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..errors import KleinError
+from ..model.loading import default_device
 
 # Long enough for rank 0 to fill the latent/text cache (the text encoder loads once) while the others wait at the
 # barrier; a rank that dies is noticed at once by gloo, and by torchrun, which stops the other processes.
@@ -134,3 +136,16 @@ def process_group(dist: DistributedContext, device: str) -> Iterator[str]:
     finally:
         if agreed:
             torch.distributed.destroy_process_group()
+
+
+def in_process_group(train):
+    """``train(..., dist=None, device=None)`` run inside :func:`process_group`: ``dist`` from the launcher's
+    environment when not given, ``device`` this rank's."""
+
+    @functools.wraps(train)
+    def run(*args, dist: DistributedContext | None = None, device: str | None = None, **kwargs):
+        dist = dist or DistributedContext.from_env()
+        with process_group(dist, device or default_device()) as rank_device:
+            return train(*args, dist=dist, device=rank_device, **kwargs)
+
+    return run

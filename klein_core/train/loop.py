@@ -26,15 +26,16 @@ import torch
 from ..crashpoint import crash_point
 from ..data.spec import DatasetSpec
 from ..errors import NonFiniteLoss, TrainingInterrupted
-from ..model.loading import ResolvedModel, default_device
+from ..model.loading import ResolvedModel
 from .config import TrainCallbacks, TrainConfig, TrainedRun
-from .distributed import DistributedContext, process_group
+from .distributed import DistributedContext, in_process_group
 from .objective import accumulate_gradients
 from .preflight import preflight
 from .resume import Extension
 from .session import Progress, TrainingSession
 
 
+@in_process_group
 def train(
     resolved: ResolvedModel,
     spec: DatasetSpec,
@@ -62,46 +63,45 @@ def train(
     generalisation) and, without likeness scores, picks the best checkpoint. ``resume`` continues the run in
     ``run_dir``; ``extend`` continues from a checkpoint with more repeats per image (resume.py says how).
 
-    Under torchrun or accelerate (``dist`` from their environment) every process trains its slice of the global
-    batch and rank 0 alone logs, reports progress and writes files (distributed.py says how the ranks agree).
+    Under torchrun or accelerate (``dist`` None: from their environment) every process trains its slice of the
+    global batch and rank 0 alone logs, reports progress and writes files (distributed.py says how the ranks agree).
     """
     callbacks = callbacks or TrainCallbacks()
-    dist = dist or DistributedContext.from_env()
-    if not dist.is_main:
-        callbacks = replace(callbacks, on_step=None, on_progress=None, on_checkpoint=None, log=lambda _msg: None)
-    with process_group(dist, device or default_device()) as device:
-        run_dir = Path(run_dir)
-        log = callbacks.log
-        checked = preflight(
-            resolved,
-            spec,
-            config,
-            run_dir,
-            preview_prompts=preview_prompts,
-            regularization=regularization,
-            held_out=held_out,
-            resume=resume,
-            allow_changes=allow_changes,
-            extend=extend,
-            device=device,
-            log=log,
-            world_size=dist.world_size,
-        )
-        session = TrainingSession(resolved, checked, run_dir, cache_dir, device, dist, log, callbacks.on_checkpoint)
-        progress = session.start()
-        start_step = progress.step
-        try:
-            run_training_steps(session, progress, callbacks)
-        except NonFiniteLoss as exc:
-            session.explain_non_finite(exc)
-            raise
-        except BaseException as exc:
-            message = session.save_on_stop(progress, start_step)
-            log(message)
-            if isinstance(exc, TrainingInterrupted):
-                raise TrainingInterrupted(message) from None
-            raise
-        return session.finish(progress.step)
+    log = callbacks.log if dist.is_main else (lambda _msg: None)
+    if not dist.is_main:  # rank 0 reports for the group
+        callbacks = replace(callbacks, on_step=None, on_progress=None, on_checkpoint=None, log=log)
+    run_dir = Path(run_dir)
+
+    checked = preflight(
+        resolved,
+        spec,
+        config,
+        run_dir,
+        preview_prompts=preview_prompts,
+        regularization=regularization,
+        held_out=held_out,
+        resume=resume,
+        allow_changes=allow_changes,
+        extend=extend,
+        device=device,
+        log=log,
+        world_size=dist.world_size,
+    )
+    session = TrainingSession(resolved, checked, run_dir, cache_dir, device, dist, log, callbacks.on_checkpoint)
+    progress = session.start()
+    start_step = progress.step
+    try:
+        run_training_steps(session, progress, callbacks)
+    except NonFiniteLoss as exc:
+        session.explain_non_finite(exc)
+        raise
+    except BaseException as exc:
+        message = session.save_on_stop(progress, start_step)
+        log(message)
+        if isinstance(exc, TrainingInterrupted):
+            raise TrainingInterrupted(message) from None
+        raise
+    return session.finish(progress.step)
 
 
 def run_training_steps(session: TrainingSession, progress: Progress, callbacks: TrainCallbacks) -> None:

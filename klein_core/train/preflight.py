@@ -59,10 +59,9 @@ def preflight(
     extend: Extension | None = None,
     device,
     log: Callable[[str], None],
-    world_size: int = 1,
+    world_size: int = 1,  # processes of a data-parallel run: B is the global batch, config.batch_size x world_size
 ) -> Preflight:
-    """Scan, plan and check; log the plan, the warnings and the memory estimate. Raises before any model loads.
-    With ``world_size`` processes the dose is planned for the global batch: ``config.batch_size`` per process."""
+    """Scan, plan and check; log the plan, the warnings and the memory estimate. Raises before any model loads."""
     if spec.trigger_policy == "exclude":
         raise DatasetError(
             f"{spec.folder}: trigger_policy 'exclude' is for a regularization set of class images; "
@@ -87,11 +86,7 @@ def preflight(
         resume_point = find_resume_point(run_dir, config, fingerprint, allow_changes, log, world_size)
     for warning in scan.warnings:
         log(f"warning: {warning}")
-    log(
-        f"plan: N={the_plan.images} images, B={the_plan.batch_size}{_per_process(config.batch_size, world_size)}, "
-        f"G={the_plan.grad_accum}, "
-        f"S={the_plan.training_steps} training steps, {the_plan.repeats_per_image:.1f} repeats per image ({the_plan.band})"
-    )
+    log(plan_line(the_plan, config.batch_size, world_size))
     if reg_scan is not None:
         log(
             regularization_summary(
@@ -132,9 +127,13 @@ def preflight(
     )
 
 
-def _per_process(batch_size: int, world_size: int) -> str:
-    """How the global batch B is made when several processes train: nothing to add for one."""
-    return f" ({batch_size} per process x {world_size} processes)" if world_size > 1 else ""
+def plan_line(the_plan: Plan, batch_size: int, world_size: int) -> str:
+    """The plan as the log shows it; with several processes B (the global batch) says how it is made."""
+    split = f" ({batch_size} per process x {world_size} processes)" if world_size > 1 else ""
+    return (
+        f"plan: N={the_plan.images} images, B={the_plan.batch_size}{split}, G={the_plan.grad_accum}, "
+        f"S={the_plan.training_steps} training steps, {the_plan.repeats_per_image:.1f} repeats per image ({the_plan.band})"
+    )
 
 
 def regularization_summary(images: int, weight: float, repeats_per_image: float) -> str:
