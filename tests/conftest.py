@@ -100,7 +100,9 @@ def quick_config(**changes):
     """A few training steps at 64 px on the tiny model: the full code path in seconds."""
     from klein_core.train.config import TrainConfig
 
-    base = dict(training_steps=4, learning_rate=1e-3, rank=4, save_every=2, seed=0)
+    # health_preview_every=1: a preview at every checkpoint, which the health tests read (the automatic choice
+    # would thin out the tiny runs' frequent checkpoints; tests/test_estimate.py covers it)
+    base = dict(training_steps=4, learning_rate=1e-3, rank=4, save_every=2, seed=0, health_preview_every=1)
     base.update(changes)
     return TrainConfig(**base)
 

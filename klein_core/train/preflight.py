@@ -13,6 +13,7 @@ from ..data.spec import DatasetSpec, fingerprint_parts
 from ..errors import DatasetError
 from ..model.loading import ResolvedModel
 from .config import TrainConfig
+from .estimate import CheckpointSettings, estimate
 from .planner import Plan, plan
 from .resume import MANIFEST_FILE as MANIFEST_FILE  # the run folder's file names, re-exported where they were
 from .resume import STATE_FILE as STATE_FILE
@@ -105,10 +106,7 @@ def preflight(
         from ..model.lowvram import choose_backend
 
         choose_backend()  # a missing optional backend fails here, before any model loads
-    mode = _estimate_memory_mode(resolved, spec, scan, config, device, log)
-    config = replace(
-        config, gradient_checkpointing=mode.gradient_checkpointing, checkpointed_blocks=mode.checkpointed_blocks
-    )
+    config = _estimate_memory_mode(resolved, spec, scan, config, device, log)
     prompts = tuple(dict.fromkeys(substitute_trigger(p, scan.trigger) for p in preview_prompts))
     return Preflight(
         spec,
@@ -152,25 +150,38 @@ def _held_out_overlap(scan: DatasetScan, held_scan: DatasetScan) -> list[str]:
 
 def _estimate_memory_mode(
     resolved: ResolvedModel, spec: DatasetSpec, scan: DatasetScan, config: TrainConfig, device, log
-):
-    """Log the VRAM/time estimate before step 1 and decide what to checkpoint (automatic when ``None``)."""
+) -> TrainConfig:
+    """Log the VRAM/time estimate before step 1; decide what to checkpoint (automatic when ``None``) and at which
+    checkpoints the health preview renders (automatic when ``None``: every one, unless that costs more than a tenth
+    of the training). Returns the config with both decisions."""
     from .memory_mode import decide_memory_mode
     from .gpu import detect_gpu_memory, detect_gpu_name
 
-    mode, lines = decide_memory_mode(
-        resolved.transformer_config,
-        max(spec.resolutions),
-        config.rank,
-        config.gradient_checkpointing,
-        config.base_8bit,
-        gpu_memory_gib=detect_gpu_memory() if str(device).startswith("cuda") else None,
+    variant, resolution = resolved.transformer_config, max(spec.resolutions)
+    estimate_kwargs = dict(
         batch_size=config.batch_size,
         grad_accum=config.grad_accum,
         images=len(scan.items),
         resolutions=len(spec.resolutions),
         training_steps=config.training_steps or 0,
         device_name=detect_gpu_name(),
+        checkpoints=CheckpointSettings.of(config),
+    )
+    mode, lines = decide_memory_mode(
+        variant,
+        resolution,
+        config.rank,
+        config.gradient_checkpointing,
+        config.base_8bit,
+        gpu_memory_gib=detect_gpu_memory() if str(device).startswith("cuda") else None,
+        **estimate_kwargs,
     )
     for line in lines:
         log(line)
-    return mode
+    work = estimate(variant, resolution, config.rank, mode, **estimate_kwargs).checkpoint
+    return replace(
+        config,
+        gradient_checkpointing=mode.gradient_checkpointing,
+        checkpointed_blocks=mode.checkpointed_blocks,
+        health_preview_every=work.health_preview_every if work is not None else 1,
+    )
