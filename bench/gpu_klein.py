@@ -493,7 +493,8 @@ def bench_extras(config, shape, resolution, weights, args, run: Recorder) -> Non
     for name, reserve in wanted:
         if run.time_left() < reserve:
             skipped = {
-                "status": f"skipped: {max(0, run.time_left()):.0f} s left of the {args.budget_s:.0f} s budget, {name} needs ~{reserve} s"
+                "status": f"skipped: {max(0, run.time_left()):.0f} s left of the {args.budget_s:.0f} s budget, "
+                f"{name} needs ~{reserve} s"
             }
             run.keep(name, skipped) if name == "preview_ratios" else run.keep_training(name, skipped)
             continue
@@ -530,12 +531,24 @@ def summary(result: dict) -> str:
     )
     if "s_per_training_step" in result and "achieved_tflops" in result:
         mfu = f", MFU {result['mfu']:.0%}" if result.get("mfu") is not None else ""
-        predicted = f" (predicted {_fmt(result['predicted_s_per_training_step'])} s, {_fmt(result['predicted_peak_gib'], '{:.1f}')} GiB)"
-        return f"{result['s_per_training_step']:.3f} s/training step, {result['achieved_tflops']:.1f} TFLOP/s{mfu}{memory}{predicted}"
+        predicted = (
+            f" (predicted {_fmt(result['predicted_s_per_training_step'])} s, "
+            f"{_fmt(result['predicted_peak_gib'], '{:.1f}')} GiB)"
+        )
+        return (
+            f"{result['s_per_training_step']:.3f} s/training step, "
+            f"{result['achieved_tflops']:.1f} TFLOP/s{mfu}{memory}{predicted}"
+        )
     if "checkpoint_work_fraction" in result:
-        return f"{result['seconds']:.2f} s = {result['checkpoint_work_fraction']:.1%} of {result['save_every']} training steps"
+        return (
+            f"{result['seconds']:.2f} s = {result['checkpoint_work_fraction']:.1%} "
+            f"of {result['save_every']} training steps"
+        )
     if "batched_vs_two_pass" in result:
-        return f"batched/two-pass CFG {result['batched_vs_two_pass']:.2f}, merged/unmerged LoRA {result['merged_vs_unmerged']:.2f}"
+        return (
+            f"batched/two-pass CFG {result['batched_vs_two_pass']:.2f}, "
+            f"merged/unmerged LoRA {result['merged_vs_unmerged']:.2f}"
+        )
     predicted = (
         f" (predicted {result['predicted_seconds']:.2f} s)" if result.get("predicted_seconds") is not None else ""
     )
@@ -587,7 +600,8 @@ def _fmt(value, pattern="{:.3f}") -> str:
 
 def results_table(runs: list[dict]) -> str:
     lines = [
-        "| device | date | variant | px | mode | s/training step (predicted) | TFLOP/s | MFU | peak GiB reserved (predicted) |",
+        "| device | date | variant | px | mode | s/training step (predicted) | TFLOP/s | MFU "
+        "| peak GiB reserved (predicted) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
@@ -607,7 +621,8 @@ def results_table(runs: list[dict]) -> str:
             if p and p.get("status") == "ok":
                 lines.append(
                     f"{prefix} preview {p['sample_steps']} "
-                    f"sample steps, CFG {p['cfg']:g}, merged LoRA | {p['seconds']:.2f} s ({_fmt(p['predicted_seconds'], '{:.2f}')} s) | "
+                    f"sample steps, CFG {p['cfg']:g}, merged LoRA | "
+                    f"{p['seconds']:.2f} s ({_fmt(p['predicted_seconds'], '{:.2f}')} s) | "
                     f"{p['achieved_tflops']:.0f} | | |"
                 )
                 q = p.get("ratios")
@@ -636,11 +651,13 @@ def health_rows(prefix: str, health: dict) -> list[str]:
     if h.get("status") == "ok":
         lines.append(
             f"{prefix} checkpoint health preview {h['side']} px, {h['sample_steps']} sample steps, CFG {h['cfg']:g} | "
-            f"{h['seconds']:.2f} s ({_fmt(h['predicted_seconds'], '{:.2f}')} s) | | | {_fmt(h['peak_reserved_gib'], '{:.1f}')} |"
+            f"{h['seconds']:.2f} s ({_fmt(h['predicted_seconds'], '{:.2f}')} s) | | | "
+            f"{_fmt(h['peak_reserved_gib'], '{:.1f}')} |"
         )
     if "checkpoint_work_fraction" in health:
         lines.append(
-            f"{prefix} checkpoint work / {PRESET.save_every} GC training steps | {health['checkpoint_work_fraction']:.1%} | | | |"
+            f"{prefix} checkpoint work / {PRESET.save_every} GC training steps | "
+            f"{health['checkpoint_work_fraction']:.1%} | | | |"
         )
     return lines
 
@@ -709,7 +726,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"the one short run: 1024 px unless --resolution, optional figures only inside a {QUICK_BUDGET_S} s budget",
+        help="the one short run: 1024 px unless --resolution, "
+        f"optional figures only inside a {QUICK_BUDGET_S} s budget",
     )
     parser.add_argument(
         "--budget-s",
@@ -766,7 +784,8 @@ def main(argv: list[str] | None = None) -> int:
         "attention": f"diffusers dispatch backend {attention_backend!r} = torch SDPA"
         + ("; fused kernels only (math excluded)" if on_cuda else " (CPU kernels)"),
         "versions": versions(),
-        "note": "MFU counts model FLOPs (no checkpointing recompute) against the peak in klein_core.train.estimate.PEAK_TFLOPS; "
+        "note": "MFU counts model FLOPs (no checkpointing recompute) against the peak in "
+        "klein_core.train.estimate.PEAK_TFLOPS; "
         "predicted_* come from klein_core.train.estimate; the fit-check audit's per-phase predictions: "
         "klein-lora fit-check --variant 9B --gpu-memory 80 --json",
     }

@@ -85,7 +85,7 @@ def pytest_configure(config):
     config.pluginmanager.register(_RepoRootIsNotATestPackage(), "klein-repo-root-is-not-a-test-package")
 
 
-# ---- the generated sample dataset and a quick tiny training run -------------------------------------------------------
+# ---- the generated sample dataset and a quick tiny training run ------------------------------------------------------
 @pytest.fixture(scope="session")
 def sample_dataset(tmp_path_factory) -> Path:
     """Six small images of the procedurally drawn character, with captions (generated, never committed)."""

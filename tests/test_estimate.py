@@ -1,5 +1,5 @@
-"""The VRAM/time estimate users see before Run: checked against the published Klein figures (Klein 9B/4B compute and memory figures) and the
-real module shapes, and the advice it gives on cards that are too small."""
+"""The VRAM/time estimate users see before Run: checked against the published Klein figures (Klein 9B/4B compute
+and memory figures) and the real module shapes, and the advice it gives on cards that are too small."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Training health on the tiny Klein: a normal run is healthy, an unstable one is flagged with the guide's ordered advice,
-the best checkpoint is kept and explained, and the regularization set mixes in at its weight."""
+"""Training health on the tiny Klein: a normal run is healthy, an unstable one is flagged with the guide's ordered
+advice, the best checkpoint is kept and explained, and the regularization set mixes in at its weight."""
 
 import json
 from dataclasses import replace

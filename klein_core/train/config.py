@@ -24,8 +24,8 @@ from .planner import Plan
 
 BASE_8BIT_NEEDS_CHECKPOINTING = (
     "the 8-bit base needs gradient checkpointing: without it autograd keeps a dequantised bf16 copy of every int8 "
-    "block weight for the backward (the fit-check audit counts 16.8 GiB more activations at 9B, 1024 px: 59.5 GiB in all), more than the 8-bit "
-    "base saves; leave gradient checkpointing on or automatic"
+    "block weight for the backward (the fit-check audit counts 16.8 GiB more activations at 9B, 1024 px: "
+    "59.5 GiB in all), more than the 8-bit base saves; leave gradient checkpointing on or automatic"
 )
 
 

@@ -17,8 +17,9 @@ matmul per Linear, = L) and the fused-attention backward (2.5·A: dQ, dK, dV, dP
     training step, per-block GC (one more forward) = 3·L + 4.5·A     ≈ 3.2 × forward
     + LoRA: 3 × its forward (forward, input grad, weight grad); + one LoRA forward more with GC.
 
-9B at 1024² gives 75.5 TFLOP forward, 167.6 / 243.1 TFLOP per training step (the published Klein 9B compute figures), 0.8 TFLOP more for the rank-16
-LoRA. A preview of S sample steps at CFG > 1 is 2·S forwards (batched CFG: one forward of batch 2; same FLOPs).
+9B at 1024² gives 75.5 TFLOP forward, 167.6 / 243.1 TFLOP per training step (the published Klein 9B compute
+figures), 0.8 TFLOP more for the rank-16 LoRA. A preview of S sample steps at CFG > 1 is 2·S forwards (batched CFG:
+one forward of batch 2; same FLOPs).
 
 **Time** = FLOPs / (peak × MFU). ``PEAK_TFLOPS`` holds dense-bf16 tensor rates; ``ASSUMED_MFU`` (0.5) is an
 assumption: comparable DiT trainers reach 42-65 % of peak. Until ``bench/gpu_klein.py`` has measured a card, every
@@ -30,11 +31,11 @@ the same FLOPs (weight-only int8 dequantises per layer), so its time here is opt
 * weights: exact parameter count × 2 bytes (bf16); with the 8-bit base the block Linear weights take 1 byte (+ one
   bf16 scale per output row) and one dequantised bf16 copy of the largest Linear is alive during its matmul;
 * LoRA + AdamW: LoRA parameters × 16 bytes (fp32 weight, gradient and two Adam moments);
-* activations, calibrated to the per-block figures of the published Klein per-block figures (to be re-checked by a GPU measurement):
-  without GC ``ACTIVATION_BYTES × T × d × n`` (≈ 29 bf16 values per token per hidden unit per block; 9B: 10.8 / 19.8 /
-  32.4 GiB at 512 / 768 / 1024 px); with per-block GC only each block's inputs are kept (3.2 bytes × T × d per block: the streams, modulation and
-  rope, as the fit-check audit counts them)
-  plus one block's full activations while it is recomputed (9B: 0.7 / 1.3 / 2.1 GiB). Fused attention (SDPA
+* activations, calibrated to the per-block figures of the published Klein per-block figures (to be re-checked by a
+  GPU measurement): without GC ``ACTIVATION_BYTES × T × d × n`` (≈ 29 bf16 values per token per hidden unit per
+  block; 9B: 10.8 / 19.8 / 32.4 GiB at 512 / 768 / 1024 px); with per-block GC only each block's inputs are kept
+  (3.2 bytes × T × d per block: the streams, modulation and rope, as the fit-check audit counts them) plus one
+  block's full activations while it is recomputed (9B: 0.7 / 1.3 / 2.1 GiB). Fused attention (SDPA
   flash / memory-efficient) is assumed: the math kernel would add the T² score matrices (~162 GiB at 1024 for 9B);
 * the cached dataset on the device: latents (fp32) for every image at every resolution, and one (512, joint dim)
   bf16 embedding per distinct caption (the trainer moves them to the device once);

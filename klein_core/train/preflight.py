@@ -86,7 +86,8 @@ def preflight(
         log(f"warning: {warning}")
     log(
         f"plan: N={the_plan.images} images, B={the_plan.batch_size}, G={the_plan.grad_accum}, "
-        f"S={the_plan.training_steps} training steps, {the_plan.repeats_per_image:.1f} repeats per image ({the_plan.band})"
+        f"S={the_plan.training_steps} training steps, "
+        f"{the_plan.repeats_per_image:.1f} repeats per image ({the_plan.band})"
     )
     if reg_scan is not None:
         log(
@@ -98,7 +99,8 @@ def preflight(
         )
     if held_scan is not None:
         log(
-            f"held out: {len(held_scan.items)} images, never trained on; their validation loss is recorded per checkpoint"
+            f"held out: {len(held_scan.items)} images, never trained on; "
+            "their validation loss is recorded per checkpoint"
         )
         for warning in _held_out_overlap(scan, held_scan):
             log(f"warning: {warning}")
