@@ -82,6 +82,39 @@ def preflight(
         for leftover in remove_partial_files(run_dir):
             log(f"removed {leftover.name}: a write cut off by a kill")
         resume_point = find_resume_point(run_dir, config, fingerprint, allow_changes, log)
+    _log_plan(the_plan, config, scan, reg_scan, held_scan, log)
+    if config.base_8bit:
+        from ..model.lowvram import choose_backend
+
+        choose_backend()  # a missing optional backend fails here, before any model loads
+    config = _estimate_memory_mode(resolved, spec, scan, config, device, log)
+    prompts = tuple(dict.fromkeys(substitute_trigger(p, scan.trigger) for p in preview_prompts))
+    return Preflight(
+        spec,
+        scan,
+        config,
+        the_plan,
+        fingerprint,
+        prompts,
+        regularization,
+        reg_scan,
+        held_out,
+        held_scan,
+        resume_point,
+        lineage,
+    )
+
+
+def _log_plan(
+    the_plan: Plan,
+    config: TrainConfig,
+    scan: DatasetScan,
+    reg_scan: DatasetScan | None,
+    held_scan: DatasetScan | None,
+    log: Callable[[str], None],
+) -> None:
+    """What the user checks before any model loads: the dataset's warnings, the plan, the regularization and
+    held-out sets."""
     for warning in scan.warnings:
         log(f"warning: {warning}")
     log(
@@ -104,26 +137,6 @@ def preflight(
         )
         for warning in _held_out_overlap(scan, held_scan):
             log(f"warning: {warning}")
-    if config.base_8bit:
-        from ..model.lowvram import choose_backend
-
-        choose_backend()  # a missing optional backend fails here, before any model loads
-    config = _estimate_memory_mode(resolved, spec, scan, config, device, log)
-    prompts = tuple(dict.fromkeys(substitute_trigger(p, scan.trigger) for p in preview_prompts))
-    return Preflight(
-        spec,
-        scan,
-        config,
-        the_plan,
-        fingerprint,
-        prompts,
-        regularization,
-        reg_scan,
-        held_out,
-        held_scan,
-        resume_point,
-        lineage,
-    )
 
 
 def regularization_summary(images: int, weight: float, repeats_per_image: float) -> str:
