@@ -112,7 +112,7 @@ class Recorder:
     """Where one variant x resolution's figures go: the report (``out``), the figures file (at once) and the console."""
 
     def __init__(self, args, variant: str, resolution: int, shape: est.ModelShape):
-        self.args, self.variant, self.resolution = args, variant, resolution
+        self.args, self.variant, self.resolution, self.shape = args, variant, resolution, shape
         self.out = {
             "variant": variant,
             "resolution": resolution,
@@ -132,6 +132,19 @@ class Recorder:
 
     def keep_training(self, name: str, result: dict) -> None:
         self.out["training"][name] = self.keep(name, result)
+
+    def time_training(self, transformer, mode: str, **how):
+        """Time the training steps of ``transformer`` in one mode (``how``: see ``measure_training``) and keep the
+        figures under ``mode``; returns the adapter's weights (None if it failed)."""
+        return measure_training(
+            transformer,
+            self.shape,
+            self.resolution,
+            self.args.device,
+            self.args,
+            partial(self.keep_training, mode),
+            **how,
+        )
 
     def time_left(self) -> float:
         budget = self.args.budget_s
@@ -406,27 +419,13 @@ def bench_one(variant: str, resolution: int, args) -> dict:
         raise SystemExit(f"--resolution {resolution} is not a multiple of {est.PATCH_PIXELS}")
     run = Recorder(args, variant, resolution, shape)
     transformer = materialise(config, args, run)
-    weights = measure_training(
-        transformer, shape, resolution, args.device, args, partial(run.keep_training, "no_gc"), checkpointing=False
-    )
+    weights = run.time_training(transformer, "no_gc", checkpointing=False)
     health = (
         partial(measure_checkpoint_health, transformer, shape, resolution, args.device, args, run)
         if args.health
         else None
     )
-    weights = (
-        measure_training(
-            transformer,
-            shape,
-            resolution,
-            args.device,
-            args,
-            partial(run.keep_training, "gc"),
-            checkpointing=True,
-            then=health,
-        )
-        or weights
-    )
+    weights = run.time_training(transformer, "gc", checkpointing=True, then=health) or weights
     del health  # it holds the bf16 model, which must be gone before the 8-bit one is measured
     if weights is not None and args.sample_steps > 0:
         run.out["preview"] = run.keep(
@@ -434,7 +433,7 @@ def bench_one(variant: str, resolution: int, args) -> dict:
         )
     for backend in BACKENDS:
         del transformer
-        transformer = bench_8bit(config, shape, resolution, backend, args, run)
+        transformer = bench_8bit(config, backend, args, run)
     del transformer
     bench_extras(config, shape, resolution, weights, args, run)
     return run.out
@@ -450,7 +449,7 @@ def materialise(config: dict, args, run: Recorder):
     return transformer
 
 
-def bench_8bit(config, shape, resolution, backend, args, run: Recorder):
+def bench_8bit(config, backend, args, run: Recorder):
     """The int8 base with checkpointing on a fresh model (quantised in place on the device); returns that model."""
     name = f"8bit_{backend}_gc"
     if not backend_available(backend):
@@ -468,16 +467,7 @@ def bench_8bit(config, shape, resolution, backend, args, run: Recorder):
     run.keep(
         f"8bit_{backend}_quantise", {"status": "ok", "seconds": time.perf_counter() - start, **peak_memory(args.device)}
     )
-    measure_training(
-        transformer,
-        shape,
-        resolution,
-        args.device,
-        args,
-        partial(run.keep_training, name),
-        checkpointing=True,
-        base_8bit=True,
-    )
+    run.time_training(transformer, name, checkpointing=True, base_8bit=True)
     return transformer
 
 
@@ -506,16 +496,7 @@ def bench_extras(config, shape, resolution, weights, args, run: Recorder) -> Non
                 ratios = failure(exc)
             run.out["preview"]["ratios"] = run.keep(name, ratios)
         else:
-            measure_training(
-                transformer,
-                shape,
-                resolution,
-                args.device,
-                args,
-                partial(run.keep_training, "compiled"),
-                checkpointing=False,
-                compiled=True,
-            )
+            run.time_training(transformer, "compiled", checkpointing=False, compiled=True)
     del transformer
     reset_memory(args.device)
 

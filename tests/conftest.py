@@ -113,6 +113,16 @@ def quick_spec(folder, **changes):
     return DatasetSpec(folder=str(folder), trigger="kleinchar", resolutions=(64,), **changes)
 
 
+def quick_cli_train_args(model, images, cache, *more: str) -> list[str]:
+    """``klein-lora train`` arguments for the tiny model at 64 px, rank 4, with the JSON summary; ``more`` adds the
+    run's own (--out, --training-steps, ...)."""
+    return [
+        *("train", "--model", str(model), "--images", str(images), "--trigger", "kleinchar"),
+        *("--resolution", "64", "--rank", "4", "--cache-dir", str(cache), "--json"),
+        *more,
+    ]
+
+
 @pytest.fixture(scope="session")
 def training_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("embedding_cache")

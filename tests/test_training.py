@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import quick_config, quick_spec
+from conftest import quick_cli_train_args, quick_config, quick_spec
 
 from klein_core.errors import NonFiniteLoss, ResumeError, TrainingInterrupted
 from klein_core.model import lora as lora_io
@@ -555,28 +555,12 @@ def test_cli_train_json_summary(tiny_diffusers, sample_dataset, tmp_path, capsys
     from klein_core.cli import main
 
     code = main(
-        [
-            "train",
-            "--model",
-            str(tiny_diffusers),
-            "--images",
-            str(sample_dataset),
-            "--trigger",
-            "kleinchar",
-            "--out",
-            str(tmp_path / "run"),
-            "--resolution",
-            "64",
-            "--training-steps",
-            "2",
-            "--save-every",
-            "1",
-            "--rank",
-            "4",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--json",
-        ]
+        quick_cli_train_args(
+            tiny_diffusers,
+            sample_dataset,
+            tmp_path / "cache",
+            *("--out", str(tmp_path / "run"), "--training-steps", "2", "--save-every", "1"),
+        )
     )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
