@@ -442,7 +442,8 @@ def render_table(report: FitReport) -> str:
     if report.lora_overhead is not None:
         overhead = report.lora_overhead.as_dict()
         lines.append(
-            f"  the LoRA over the frozen model per training step: element-wise traffic {overhead['traffic_ratio']:.2f}x "
+            "  the LoRA over the frozen model per training step: "
+            f"element-wise traffic {overhead['traffic_ratio']:.2f}x "
             f"({overhead['lora_elementwise_gb']:.0f} vs {overhead['frozen_elementwise_gb']:.0f} GB), saved activations "
             f"{overhead['saved_activations_ratio']:.2f}x ({overhead['lora_saved_activations_gib']:.1f} vs "
             f"{overhead['frozen_saved_activations_gib']:.1f} GiB)"
