@@ -112,7 +112,7 @@ class Recorder:
     """Where one variant x resolution's figures go: the report (``out``), the figures file (at once) and the console."""
 
     def __init__(self, args, variant: str, resolution: int, shape: est.ModelShape):
-        self.args, self.variant, self.resolution = args, variant, resolution
+        self.args, self.variant, self.resolution, self.shape = args, variant, resolution, shape
         self.out = {
             "variant": variant,
             "resolution": resolution,
@@ -132,6 +132,19 @@ class Recorder:
 
     def keep_training(self, name: str, result: dict) -> None:
         self.out["training"][name] = self.keep(name, result)
+
+    def time_training(self, transformer, mode: str, **how):
+        """Time the training steps of ``transformer`` in one mode (``how``: see ``measure_training``) and keep the
+        figures under ``mode``; returns the adapter's weights (None if it failed)."""
+        return measure_training(
+            transformer,
+            self.shape,
+            self.resolution,
+            self.args.device,
+            self.args,
+            partial(self.keep_training, mode),
+            **how,
+        )
 
     def time_left(self) -> float:
         budget = self.args.budget_s
@@ -406,27 +419,13 @@ def bench_one(variant: str, resolution: int, args) -> dict:
         raise SystemExit(f"--resolution {resolution} is not a multiple of {est.PATCH_PIXELS}")
     run = Recorder(args, variant, resolution, shape)
     transformer = materialise(config, args, run)
-    weights = measure_training(
-        transformer, shape, resolution, args.device, args, partial(run.keep_training, "no_gc"), checkpointing=False
-    )
+    weights = run.time_training(transformer, "no_gc", checkpointing=False)
     health = (
         partial(measure_checkpoint_health, transformer, shape, resolution, args.device, args, run)
         if args.health
         else None
     )
-    weights = (
-        measure_training(
-            transformer,
-            shape,
-            resolution,
-            args.device,
-            args,
-            partial(run.keep_training, "gc"),
-            checkpointing=True,
-            then=health,
-        )
-        or weights
-    )
+    weights = run.time_training(transformer, "gc", checkpointing=True, then=health) or weights
     del health  # it holds the bf16 model, which must be gone before the 8-bit one is measured
     if weights is not None and args.sample_steps > 0:
         run.out["preview"] = run.keep(
@@ -434,7 +433,7 @@ def bench_one(variant: str, resolution: int, args) -> dict:
         )
     for backend in BACKENDS:
         del transformer
-        transformer = bench_8bit(config, shape, resolution, backend, args, run)
+        transformer = bench_8bit(config, backend, args, run)
     del transformer
     bench_extras(config, shape, resolution, weights, args, run)
     return run.out
@@ -450,7 +449,7 @@ def materialise(config: dict, args, run: Recorder):
     return transformer
 
 
-def bench_8bit(config, shape, resolution, backend, args, run: Recorder):
+def bench_8bit(config, backend, args, run: Recorder):
     """The int8 base with checkpointing on a fresh model (quantised in place on the device); returns that model."""
     name = f"8bit_{backend}_gc"
     if not backend_available(backend):
@@ -468,16 +467,7 @@ def bench_8bit(config, shape, resolution, backend, args, run: Recorder):
     run.keep(
         f"8bit_{backend}_quantise", {"status": "ok", "seconds": time.perf_counter() - start, **peak_memory(args.device)}
     )
-    measure_training(
-        transformer,
-        shape,
-        resolution,
-        args.device,
-        args,
-        partial(run.keep_training, name),
-        checkpointing=True,
-        base_8bit=True,
-    )
+    run.time_training(transformer, name, checkpointing=True, base_8bit=True)
     return transformer
 
 
@@ -493,7 +483,8 @@ def bench_extras(config, shape, resolution, weights, args, run: Recorder) -> Non
     for name, reserve in wanted:
         if run.time_left() < reserve:
             skipped = {
-                "status": f"skipped: {max(0, run.time_left()):.0f} s left of the {args.budget_s:.0f} s budget, {name} needs ~{reserve} s"
+                "status": f"skipped: {max(0, run.time_left()):.0f} s left of the {args.budget_s:.0f} s budget, "
+                f"{name} needs ~{reserve} s"
             }
             run.keep(name, skipped) if name == "preview_ratios" else run.keep_training(name, skipped)
             continue
@@ -505,16 +496,7 @@ def bench_extras(config, shape, resolution, weights, args, run: Recorder) -> Non
                 ratios = failure(exc)
             run.out["preview"]["ratios"] = run.keep(name, ratios)
         else:
-            measure_training(
-                transformer,
-                shape,
-                resolution,
-                args.device,
-                args,
-                partial(run.keep_training, "compiled"),
-                checkpointing=False,
-                compiled=True,
-            )
+            run.time_training(transformer, "compiled", checkpointing=False, compiled=True)
     del transformer
     reset_memory(args.device)
 
@@ -530,12 +512,24 @@ def summary(result: dict) -> str:
     )
     if "s_per_training_step" in result and "achieved_tflops" in result:
         mfu = f", MFU {result['mfu']:.0%}" if result.get("mfu") is not None else ""
-        predicted = f" (predicted {_fmt(result['predicted_s_per_training_step'])} s, {_fmt(result['predicted_peak_gib'], '{:.1f}')} GiB)"
-        return f"{result['s_per_training_step']:.3f} s/training step, {result['achieved_tflops']:.1f} TFLOP/s{mfu}{memory}{predicted}"
+        predicted = (
+            f" (predicted {_fmt(result['predicted_s_per_training_step'])} s, "
+            f"{_fmt(result['predicted_peak_gib'], '{:.1f}')} GiB)"
+        )
+        return (
+            f"{result['s_per_training_step']:.3f} s/training step, "
+            f"{result['achieved_tflops']:.1f} TFLOP/s{mfu}{memory}{predicted}"
+        )
     if "checkpoint_work_fraction" in result:
-        return f"{result['seconds']:.2f} s = {result['checkpoint_work_fraction']:.1%} of {result['save_every']} training steps"
+        return (
+            f"{result['seconds']:.2f} s = {result['checkpoint_work_fraction']:.1%} "
+            f"of {result['save_every']} training steps"
+        )
     if "batched_vs_two_pass" in result:
-        return f"batched/two-pass CFG {result['batched_vs_two_pass']:.2f}, merged/unmerged LoRA {result['merged_vs_unmerged']:.2f}"
+        return (
+            f"batched/two-pass CFG {result['batched_vs_two_pass']:.2f}, "
+            f"merged/unmerged LoRA {result['merged_vs_unmerged']:.2f}"
+        )
     predicted = (
         f" (predicted {result['predicted_seconds']:.2f} s)" if result.get("predicted_seconds") is not None else ""
     )
@@ -587,7 +581,8 @@ def _fmt(value, pattern="{:.3f}") -> str:
 
 def results_table(runs: list[dict]) -> str:
     lines = [
-        "| device | date | variant | px | mode | s/training step (predicted) | TFLOP/s | MFU | peak GiB reserved (predicted) |",
+        "| device | date | variant | px | mode | s/training step (predicted) | TFLOP/s | MFU "
+        "| peak GiB reserved (predicted) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
@@ -607,7 +602,8 @@ def results_table(runs: list[dict]) -> str:
             if p and p.get("status") == "ok":
                 lines.append(
                     f"{prefix} preview {p['sample_steps']} "
-                    f"sample steps, CFG {p['cfg']:g}, merged LoRA | {p['seconds']:.2f} s ({_fmt(p['predicted_seconds'], '{:.2f}')} s) | "
+                    f"sample steps, CFG {p['cfg']:g}, merged LoRA | "
+                    f"{p['seconds']:.2f} s ({_fmt(p['predicted_seconds'], '{:.2f}')} s) | "
                     f"{p['achieved_tflops']:.0f} | | |"
                 )
                 q = p.get("ratios")
@@ -636,11 +632,13 @@ def health_rows(prefix: str, health: dict) -> list[str]:
     if h.get("status") == "ok":
         lines.append(
             f"{prefix} checkpoint health preview {h['side']} px, {h['sample_steps']} sample steps, CFG {h['cfg']:g} | "
-            f"{h['seconds']:.2f} s ({_fmt(h['predicted_seconds'], '{:.2f}')} s) | | | {_fmt(h['peak_reserved_gib'], '{:.1f}')} |"
+            f"{h['seconds']:.2f} s ({_fmt(h['predicted_seconds'], '{:.2f}')} s) | | | "
+            f"{_fmt(h['peak_reserved_gib'], '{:.1f}')} |"
         )
     if "checkpoint_work_fraction" in health:
         lines.append(
-            f"{prefix} checkpoint work / {PRESET.save_every} GC training steps | {health['checkpoint_work_fraction']:.1%} | | | |"
+            f"{prefix} checkpoint work / {PRESET.save_every} GC training steps | "
+            f"{health['checkpoint_work_fraction']:.1%} | | | |"
         )
     return lines
 
@@ -709,7 +707,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"the one short run: 1024 px unless --resolution, optional figures only inside a {QUICK_BUDGET_S} s budget",
+        help="the one short run: 1024 px unless --resolution, "
+        f"optional figures only inside a {QUICK_BUDGET_S} s budget",
     )
     parser.add_argument(
         "--budget-s",
@@ -766,7 +765,8 @@ def main(argv: list[str] | None = None) -> int:
         "attention": f"diffusers dispatch backend {attention_backend!r} = torch SDPA"
         + ("; fused kernels only (math excluded)" if on_cuda else " (CPU kernels)"),
         "versions": versions(),
-        "note": "MFU counts model FLOPs (no checkpointing recompute) against the peak in klein_core.train.estimate.PEAK_TFLOPS; "
+        "note": "MFU counts model FLOPs (no checkpointing recompute) against the peak in "
+        "klein_core.train.estimate.PEAK_TFLOPS; "
         "predicted_* come from klein_core.train.estimate; the fit-check audit's per-phase predictions: "
         "klein-lora fit-check --variant 9B --gpu-memory 80 --json",
     }

@@ -93,8 +93,8 @@ def check(name: str, value: float) -> dict:
 
 
 class Probe:
-    """Wraps functions of ``klein_core.train.loop`` and ``.session`` for one run: counts text-encoder use, times the encode phase,
-    records the micro-batches of each training step. Restores the originals on exit."""
+    """Wraps functions of ``klein_core.train.loop`` and ``.session`` for one run: counts text-encoder use, times the
+    encode phase, records the micro-batches of each training step. Restores the originals on exit."""
 
     def __init__(self) -> None:
         self.text_encoder_loads = 0
@@ -267,7 +267,7 @@ def preview_ratios(model_dir: Path, lora_file: Path, sample_steps: int, repeats:
     }
 
 
-# --- peak RSS in subprocesses ------------------------------------------------------------------------------------------
+# --- peak RSS in subprocesses -----------------------------------------------------------------------------------------
 RSS_CHILD = r"""
 import json, sys
 sys.path[:0] = [{bench!r}, {repo!r}]
@@ -279,7 +279,9 @@ probe = bench.Probe()
 probe.hold_text_encoder = {hold!r}
 from pathlib import Path
 bench.run_training(Path({model!r}), Path({dataset!r}), Path({out!r}), Path({cache!r}), 2, probe)
-print(json.dumps({{"peak_rss_mib": peak_rss_mib(), "text_encoder_loads": probe.text_encoder_loads, "held": len(probe.held)}}))
+print(json.dumps({{
+    "peak_rss_mib": peak_rss_mib(), "text_encoder_loads": probe.text_encoder_loads, "held": len(probe.held)
+}}))
 """
 
 

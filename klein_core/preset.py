@@ -40,7 +40,13 @@ class StarterPreset:
     # renders at most this many pixels a side (50 sample steps, CFG 4, Base-correct; at 512 px a preview costs a
     # third of one at 1024, and the likeness scorer reads faces at 512 px anyway).
     validation_images: int = 8
+    validation_sigmas: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)  # the fixed σ of each validation image
     health_preview_resolution: int = 512
+    # When a health preview at every checkpoint would push the checkpoint work above this share of the training
+    # between checkpoints (small images, no gradient checkpointing, a short save_every), previews render at every
+    # K-th checkpoint instead, never fewer than ``min_health_previews`` in a run (collapse detection reads a trend).
+    max_checkpoint_work_fraction: float = 0.10
+    min_health_previews: int = 4
 
     def as_dict(self) -> dict:
         return asdict(self)

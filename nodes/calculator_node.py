@@ -14,8 +14,8 @@ from ..klein_core.train.gpu import detect_gpu_memory, detect_gpu_name
 from ..klein_core.train.planner import plan
 
 FORMULA = "repeats_per_image = S*B*G/N; S = ceil(N*R/(B*G))"
-# The Klein 9B character guide's worked example (55 images -> 5500 training steps at G=1, 1375 at G=4); a starting value only,
-# usually replaced by a link from the dataset node's image count.
+# The Klein 9B character guide's worked example (55 images -> 5500 training steps at G=1, 1375 at G=4); a starting
+# value only, usually replaced by a link from the dataset node's image count.
 EXAMPLE_IMAGE_COUNT = 55
 MAX_IMAGES = 100_000
 MAX_BATCH_SIZE = 64

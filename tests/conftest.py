@@ -85,7 +85,7 @@ def pytest_configure(config):
     config.pluginmanager.register(_RepoRootIsNotATestPackage(), "klein-repo-root-is-not-a-test-package")
 
 
-# ---- the generated sample dataset and a quick tiny training run -------------------------------------------------------
+# ---- the generated sample dataset and a quick tiny training run ------------------------------------------------------
 @pytest.fixture(scope="session")
 def sample_dataset(tmp_path_factory) -> Path:
     """Six small images of the procedurally drawn character, with captions (generated, never committed)."""
@@ -100,7 +100,9 @@ def quick_config(**changes):
     """A few training steps at 64 px on the tiny model: the full code path in seconds."""
     from klein_core.train.config import TrainConfig
 
-    base = dict(training_steps=4, learning_rate=1e-3, rank=4, save_every=2, seed=0)
+    # health_preview_every=1: a preview at every checkpoint, which the health tests read (the automatic choice
+    # would thin out the tiny runs' frequent checkpoints; tests/test_estimate.py covers it)
+    base = dict(training_steps=4, learning_rate=1e-3, rank=4, save_every=2, seed=0, health_preview_every=1)
     base.update(changes)
     return TrainConfig(**base)
 
@@ -109,6 +111,16 @@ def quick_spec(folder, **changes):
     from klein_core.data.spec import DatasetSpec
 
     return DatasetSpec(folder=str(folder), trigger="kleinchar", resolutions=(64,), **changes)
+
+
+def quick_cli_train_args(model, images, cache, *more: str) -> list[str]:
+    """``klein-lora train`` arguments for the tiny model at 64 px, rank 4, with the JSON summary; ``more`` adds the
+    run's own (--out, --training-steps, ...)."""
+    return [
+        *("train", "--model", str(model), "--images", str(images), "--trigger", "kleinchar"),
+        *("--resolution", "64", "--rank", "4", "--cache-dir", str(cache), "--json"),
+        *more,
+    ]
 
 
 @pytest.fixture(scope="session")

@@ -87,7 +87,8 @@ def test_templates_are_listed_under_the_pack_name_with_thumbnails_and_one_loads(
     listed = browser.evaluate("fetch('/api/workflow_templates').then((r) => r.json())")
     assert sorted(listed[PACK_DIR_NAME]) == sorted(TEMPLATES)
     thumbnails = browser.evaluate(f"""Promise.all({json.dumps(TEMPLATES)}.map((name) =>
-        fetch(`/api/workflow_templates/{PACK_DIR_NAME}/${{name}}.jpg`).then((r) => [r.status, r.headers.get('content-type')])))""")
+        fetch(`/api/workflow_templates/{PACK_DIR_NAME}/${{name}}.jpg`)
+            .then((r) => [r.status, r.headers.get('content-type')])))""")
     assert all(status == 200 and "jpeg" in kind for status, kind in thumbnails), thumbnails
 
     browser.evaluate("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
@@ -116,7 +117,8 @@ def test_the_frontend_turns_each_template_into_its_api_copy(browser, name):
         const workflow = await (await fetch('/api/workflow_templates/{PACK_DIR_NAME}/{name}.json')).json();
         await app.loadGraphData(workflow);
         const output = (await app.graphToPrompt()).output;
-        return Object.fromEntries(Object.entries(output).map(([id, n]) => [id, {{class_type: n.class_type, inputs: n.inputs}}]));
+        return Object.fromEntries(
+            Object.entries(output).map(([id, n]) => [id, {{class_type: n.class_type, inputs: n.inputs}}]));
     }})()""")
     assert converted == api_copy(name)
 
@@ -139,7 +141,8 @@ def test_queued_template_shows_the_grid_on_the_preview_node_and_the_live_chart_u
         await app.loadGraphData(workflow);
         for (const [type, widgets] of Object.entries(values)) {{
             const node = app.graph._nodes.find((n) => n.type === type);
-            for (const [name, value] of Object.entries(widgets)) node.widgets.find((w) => w.name === name).value = value;
+            for (const [name, value] of Object.entries(widgets))
+                node.widgets.find((w) => w.name === name).value = value;
         }}
         await app.queuePrompt(0, 1);
         return true;
@@ -160,7 +163,8 @@ def test_queued_template_shows_the_grid_on_the_preview_node_and_the_live_chart_u
     assert state["updates"] >= 4 and state["draws"] >= state["updates"]  # redrawn on every event
     line_pixels = browser.evaluate(f"""(() => {{
         const node = app.graph.getNodeById({ids["KleinLoRATrainer"]});
-        const canvas = node.kleinChart.canvas, data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+        const canvas = node.kleinChart.canvas,
+            data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
         let hits = 0;
         for (let i = 0; i < data.length; i += 4)
             if (Math.abs(data[i] - {SMOOTH_LINE_RGB[0]}) < 12 && Math.abs(data[i + 1] - {SMOOTH_LINE_RGB[1]}) < 12 &&

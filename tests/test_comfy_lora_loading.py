@@ -129,7 +129,7 @@ def test_comfyuis_flux2_rule_puts_each_delta_where_our_key_map_puts_that_module(
             assert (rows.min().item(), rows.max().item() + 1) == (third * hidden, (third + 1) * hidden), name
 
 
-# ---- in a real ComfyUI ------------------------------------------------------------------------------------------------
+# ---- in a real ComfyUI -----------------------------------------------------------------------------------------------
 def runs_klein(tree) -> bool:
     """ComfyUI with the Flux2 diffusers LoRA names (PR #11981) and a detector for Klein-sized Flux2."""
     return "to_qkv_mlp_proj" in (tree / "comfy" / "utils.py").read_text()

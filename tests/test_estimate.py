@@ -1,5 +1,5 @@
-"""The VRAM/time estimate users see before Run: checked against the published Klein figures (Klein 9B/4B compute and memory figures) and the
-real module shapes, and the advice it gives on cards that are too small."""
+"""The VRAM/time estimate users see before Run: checked against the published Klein figures (Klein 9B/4B compute
+and memory figures) and the real module shapes, and the advice it gives on cards that are too small."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from klein_core.train import estimate as estimate_module
 from klein_core.train.gpu import detect_gpu_memory
 from klein_core.train.memory_mode import decide_memory_mode, recommend_mode
 from klein_core.train.estimate import (
+    CheckpointSettings,
     KLEIN_4B,
     KLEIN_9B,
     Mode,
@@ -278,3 +279,58 @@ def test_trainer_shows_the_estimate_before_the_first_training_step(
     assert "GiB VRAM" in events[estimates[0]]
     # on a CPU there is no GPU to fit, so automatic checkpointing stays off
     assert result.manifest["config"]["gradient_checkpointing"] is False
+
+
+def test_at_the_defaults_every_checkpoint_gets_a_health_preview_within_a_tenth_of_the_training():
+    # 9B at 1024 px with the automatic mode of a 24 GiB card, 20 or 50 images, a checkpoint every 250 training steps
+    for images in (20, 50):
+        work = estimate("9B", 1024, 16, GC, 2000, images=images).checkpoint
+        assert work.health_preview_every == 1
+        assert work.fraction <= 0.10
+    summary = estimate("9B", 1024, 16, GC, images=20).summary()
+    assert "checkpoint health work ~8% of the training between checkpoints" in summary
+
+
+def test_when_previews_would_cost_more_than_a_tenth_they_render_at_every_kth_checkpoint_and_the_line_says_so():
+    # 512 px without checkpointing: a training step is cheap, a Base-correct preview (50 sample steps, CFG 4) is not
+    every = estimate("9B", 512, 16, Mode(), 250 * 40, images=20).checkpoint
+    assert every.health_preview_every > 1 and every.fraction <= 0.10
+    assert (
+        estimate(
+            "9B", 512, 16, Mode(), 250 * 40, images=20, checkpoints=CheckpointSettings(health_preview_every=1)
+        ).checkpoint.fraction
+        > 0.2
+    )
+    summary = estimate("9B", 512, 16, Mode(), 250 * 40, images=20).summary()
+    assert f"health previews at every {every.health_preview_every}" in summary and "th checkpoint" in summary
+
+
+def test_a_run_never_previews_fewer_than_four_checkpoints_and_an_explicit_choice_is_kept():
+    few = estimate("9B", 512, 16, Mode(), 250 * 8, images=20).checkpoint  # 8 checkpoints
+    assert few.health_preview_every == 2 and few.fraction > 0.10  # at most every 2nd: 4 previews stay
+    asked = CheckpointSettings(health_preview_every=3)
+    assert estimate("9B", 1024, 16, GC, 2000, images=20, checkpoints=asked).checkpoint.health_preview_every == 3
+    assert estimate("9B", 1024, 16, GC, 2000, checkpoints=CheckpointSettings(save_every=0)).checkpoint is None
+
+
+def test_the_trainer_previews_the_kth_checkpoints_and_the_last_one(
+    tiny_diffusers, sample_dataset, tmp_path, training_cache
+):
+    from conftest import quick_config, quick_spec
+
+    from klein_core.model.loading import resolve_model
+    from klein_core.train.loop import train
+
+    config = quick_config(training_steps=5, save_every=1, health_preview_every=2, health_sample_steps=2)
+    result = train(
+        resolve_model(tiny_diffusers),
+        quick_spec(sample_dataset),
+        config,
+        tmp_path,
+        preview_prompts=("photo of [trigger]",),
+        cache_dir=training_cache,
+    )
+    records = result.manifest["history"]["checkpoints"]
+    previewed = [r["step"] for r in records if r["preview_stats"]]
+    assert previewed == [0, 2, 4, 5], "the untrained baseline, every 2nd checkpoint and the final one"
+    assert all(r["validation_loss"] is not None for r in records if r["step"] > 0), "validation runs at every one"

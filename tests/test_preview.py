@@ -72,6 +72,13 @@ def assert_bit_identical(before: dict[str, torch.Tensor], transformer) -> None:
 
 
 # --- choosing rows -------------------------------------------------------------------------------------------------
+def render_first_prompt(model, rows, settings=SETTINGS, **options):
+    """The grid of ``rows`` for the first prompt alone on the tiny model: one column keeps a rendering test short."""
+    return render_preview_grid(
+        model.transformer, model.vae, PROMPTS[:1], model.embeds[:1], model.negative, rows, settings, **options
+    )
+
+
 def _checkpoints(*steps: int) -> list[PreviewCheckpoint]:
     return [
         PreviewCheckpoint(step, f"lora_step{step:06d}.safetensors", {"m": (torch.zeros(1, 1), torch.zeros(1, 1))})
@@ -124,15 +131,7 @@ def test_grid_restores_the_base_weights_bit_for_bit(model):
         PreviewCheckpoint(100, "a", random_lora(model.transformer, 1)),
         PreviewCheckpoint(200, "b", random_lora(model.transformer, 2)),
     ]
-    render_preview_grid(
-        model.transformer,
-        model.vae,
-        PROMPTS[:1],
-        model.embeds[:1],
-        model.negative,
-        plan_rows(checkpoints, strengths=(0.6, 1.2)),
-        SETTINGS,
-    )
+    render_first_prompt(model, plan_rows(checkpoints, strengths=(0.6, 1.2)))
     assert_bit_identical(before, model.transformer)
 
 
@@ -147,25 +146,14 @@ def test_cancelling_mid_row_still_restores_the_base_weights(model):
         return len(checks) > settings.sample_steps + 1  # inside the LoRA row, after its first sample step
 
     with pytest.raises(SamplingInterrupted, match="sample step 1/2"):
-        render_preview_grid(
-            model.transformer,
-            model.vae,
-            PROMPTS[:1],
-            model.embeds[:1],
-            model.negative,
-            rows,
-            settings,
-            interrupt=interrupt,
-        )
+        render_first_prompt(model, rows, settings, interrupt=interrupt)
     assert_bit_identical(before, model.transformer)
 
 
 def test_every_cell_uses_one_seed_and_the_control_row_is_the_plain_base_model(model):
     lora = random_lora(model.transformer, 3, scale=0.2)
     rows = plan_rows([PreviewCheckpoint(100, "a", lora)], strengths=(0.5,))
-    result = render_preview_grid(
-        model.transformer, model.vae, PROMPTS[:1], model.embeds[:1], model.negative, rows, SETTINGS
-    )
+    result = render_first_prompt(model, rows)
     assert len(result.cells) == 3 and {c.seed for c in result.cells} == {SETTINGS.seed}
     base = sample_base(
         model.transformer,
@@ -227,9 +215,7 @@ def test_grid_cells_and_listing_are_saved_with_checkpoint_strength_prompt_and_se
 
 
 def test_labels_are_drawn_above_each_cell(model):
-    result = render_preview_grid(
-        model.transformer, model.vae, PROMPTS[:1], model.embeds[:1], model.negative, plan_rows([]), SETTINGS
-    )
+    result = render_first_prompt(model, plan_rows([]))
     strip = np.array(result.grid)[: result.grid.height - SIZE]
     assert strip.size and (strip < 128).any()  # dark text pixels on the white label strip
 

@@ -91,7 +91,8 @@ def test_preview_equals_diffusers_klein_pipeline_for_same_seed_steps_cfg_and_siz
     image_diff = (images - expected_images).abs().max().item()
 
     print(
-        f"max |ours - pipeline| ({'batched' if batched_cfg else 'two-pass'} CFG): latents {latents_diff:.3g}, images {image_diff:.3g}"
+        f"max |ours - pipeline| ({'batched' if batched_cfg else 'two-pass'} CFG): "
+        f"latents {latents_diff:.3g}, images {image_diff:.3g}"
     )
     assert images.shape == (1, 3, HEIGHT, WIDTH)
     assert 0.0 <= images.min() and images.max() <= 1.0

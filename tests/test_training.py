@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import quick_config, quick_spec
+from conftest import quick_cli_train_args, quick_config, quick_spec
 
 from klein_core.errors import NonFiniteLoss, ResumeError, TrainingInterrupted
 from klein_core.model import lora as lora_io
@@ -330,7 +330,7 @@ def test_crash_between_write_and_rename_leaves_no_partial_lora(
     assert lora_io.read_lora_file(tmp_path / "klein_lora_step000002.safetensors")
 
 
-# --- resume, interrupt, NaN --------------------------------------------------------------------------------------------
+# --- resume, interrupt, NaN -------------------------------------------------------------------------------------------
 def test_resume_after_interrupt_equals_an_uninterrupted_run(tiny_diffusers, sample_dataset, tmp_path, training_cache):
     config = quick_config(training_steps=6, save_every=3, warmup_steps=2)
     straight = run(tiny_diffusers, sample_dataset, tmp_path / "straight", training_cache, config=config)
@@ -467,7 +467,7 @@ def test_a_stop_after_an_unread_non_finite_loss_saves_nothing(tiny_diffusers, sa
     assert not list(tmp_path.glob("*_step*.safetensors")) and not (tmp_path / "training_state.pt").exists()
 
 
-# --- memory and data hygiene ---------------------------------------------------------------------------------------------
+# --- memory and data hygiene ------------------------------------------------------------------------------------------
 def test_second_run_on_an_unchanged_dataset_never_loads_the_text_encoder(
     tiny_diffusers, sample_dataset, tmp_path, monkeypatch
 ):
@@ -555,28 +555,12 @@ def test_cli_train_json_summary(tiny_diffusers, sample_dataset, tmp_path, capsys
     from klein_core.cli import main
 
     code = main(
-        [
-            "train",
-            "--model",
-            str(tiny_diffusers),
-            "--images",
-            str(sample_dataset),
-            "--trigger",
-            "kleinchar",
-            "--out",
-            str(tmp_path / "run"),
-            "--resolution",
-            "64",
-            "--training-steps",
-            "2",
-            "--save-every",
-            "1",
-            "--rank",
-            "4",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--json",
-        ]
+        quick_cli_train_args(
+            tiny_diffusers,
+            sample_dataset,
+            tmp_path / "cache",
+            *("--out", str(tmp_path / "run"), "--training-steps", "2", "--save-every", "1"),
+        )
     )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)

@@ -1,12 +1,12 @@
-"""Training health on the tiny Klein: a normal run is healthy, an unstable one is flagged with the guide's ordered advice,
-the best checkpoint is kept and explained, and the regularization set mixes in at its weight."""
+"""Training health on the tiny Klein: a normal run is healthy, an unstable one is flagged with the guide's ordered
+advice, the best checkpoint is kept and explained, and the regularization set mixes in at its weight."""
 
 import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import quick_config, quick_spec
+from conftest import quick_cli_train_args, quick_config, quick_spec
 
 from klein_core.errors import NonFiniteLoss
 from klein_core.model import lora as lora_io
@@ -236,22 +236,7 @@ def test_a_regularization_set_whose_captions_carry_the_trigger_is_refused_before
 def test_cli_train_json_reports_best_checkpoint_and_collapse(tiny_diffusers, sample_dataset, tmp_path, capsys):
     from klein_core.cli import main
 
-    common = [
-        "train",
-        "--model",
-        str(tiny_diffusers),
-        "--images",
-        str(sample_dataset),
-        "--trigger",
-        "kleinchar",
-        "--resolution",
-        "64",
-        "--rank",
-        "4",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--json",
-    ]
+    common = quick_cli_train_args(tiny_diffusers, sample_dataset, tmp_path / "cache")
     from klein_core.tools.sample_data import make_sample_dataset
 
     make_sample_dataset(tmp_path / "held", count=1, seed=5, size=96)

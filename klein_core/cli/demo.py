@@ -1,4 +1,5 @@
-"""``klein-lora demo``: the pre-trained tiny Klein + kleinchar pictures -> plan -> train -> checkpoint grid, on a CPU."""
+"""``klein-lora demo``: the pre-trained tiny Klein + kleinchar pictures -> plan -> train -> checkpoint grid, on a
+CPU."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from .train import progress_line
 def register(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="the whole pipeline on the shipped tiny Klein that draws: data, plan, train, preview grid (about a minute)",
-        description="Uses the pre-trained tiny Klein Base that ships with the pack, makes 4 pictures of kleinchar under "
-        "--out (reused when there), plans 100 repeats per image, trains with the starter preset scaled to the tiny "
-        "model (health previews on), renders a checkpoint grid with a no-LoRA control row at 50 sample steps and CFG 4, "
-        "scores every row (part-colour likeness, pixel distance to the training pictures) and prints where the files are.",
+        help="the whole pipeline on the shipped tiny Klein that draws: data, plan, train, preview grid "
+        "(about a minute)",
+        description="Uses the pre-trained tiny Klein Base that ships with the pack, makes 4 pictures of kleinchar "
+        "under --out (reused when there), plans 100 repeats per image, trains with the starter preset scaled to the "
+        "tiny model (health previews on), renders a checkpoint grid with a no-LoRA control row at 50 sample steps and "
+        "CFG 4, scores every row (part-colour likeness, pixel distance to the training pictures) and prints where the "
+        "files are.",
     )
     p.add_argument("--out", default="klein-demo", help="output folder (default ./klein-demo)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout (the log goes to stderr)")

@@ -117,7 +117,8 @@ def run_preview(args) -> int:
     else:
         print(f"grid: {result.grid_file}")
         print(
-            f"cells: {len(result.cells)} PNGs in {out_dir} ({len(rows)} rows x {len(prompts)} prompts, seed {args.seed})"
+            f"cells: {len(result.cells)} PNGs in {out_dir} "
+            f"({len(rows)} rows x {len(prompts)} prompts, seed {args.seed})"
         )
         print(f"listing: {result.listing_file}")
     return 0

@@ -88,6 +88,13 @@ def _add_monitoring_args(p) -> None:
         help="health preview prompt ([trigger] substituted), rendered at each checkpoint for likeness and "
         "preview statistics (repeatable)",
     )
+    p.add_argument(
+        "--health-preview-every",
+        type=int,
+        metavar="K",
+        help="render the health preview at every K-th checkpoint (and the last); default: automatic, at every "
+        "checkpoint unless that costs more than a tenth of the training (the estimate line says which)",
+    )
     p.add_argument("--stop-on-collapse", action="store_true", help="stop as soon as a collapse is detected")
     p.add_argument(
         "--validation-every", type=int, default=0, help="extra fixed-noise validation every K training steps"
@@ -299,6 +306,7 @@ def _inputs_from_args(args) -> RunInputs:
         stop_on_collapse=args.stop_on_collapse,
         validation_every=args.validation_every,
         validation_images=args.validation_images,
+        health_preview_every=args.health_preview_every,
         log_every=args.log_every,
         regularization_weight=args.regularization_weight,
     )

@@ -491,7 +491,8 @@ def _check_sizes(state: _ScanState) -> None:
 
 
 def bucket_pixels(item: ScanItem, bucket: Bucket, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> "torch.Tensor":
-    """Training pixels (3, H, W) in [-1, 1] of an item fitted to ``bucket``; the file must be unchanged since the scan."""
+    """Training pixels (3, H, W) in [-1, 1] of an item fitted to ``bucket``; the file must be unchanged since the
+    scan."""
     try:
         data = item.path.read_bytes()
     except OSError as exc:

@@ -10,8 +10,8 @@ warning with a reason and a ``kind`` (``FINDING_KINDS``). A set in which most im
 The face checks use the face embedder of the optional ``[likeness]`` extra (dlib's HOG detector and 128-d face
 descriptor, ``likeness.FaceLikeness``; dlib itself is imported only when the embedder is built); without it the
 near-duplicate check still runs and ``IdentityReport.note`` says how to add the face checks. It lives in ``health``
-(not ``data``) because it needs the face embedder, and ``health`` may import ``data`` but not the other way. Nothing is written
-into the dataset folder: images are only read.
+(not ``data``) because it needs the face embedder, and ``health`` may import ``data`` but not the other way. Nothing
+is written into the dataset folder: images are only read.
 """
 
 from __future__ import annotations

@@ -65,10 +65,17 @@ class HealthMonitor:
             self.history.add_training_loss(first_step + offset, value)
 
     def record_checkpoint(
-        self, step: int, lora_path: str | None, val_loss: float | None, held_out_loss: float | None = None
+        self,
+        step: int,
+        lora_path: str | None,
+        val_loss: float | None,
+        held_out_loss: float | None = None,
+        with_preview: bool = True,
     ) -> None:
+        """Record a checkpoint's losses and, when ``with_preview`` (and a preview is set up), its health preview's
+        statistics and likeness."""
         stats = likeness = None
-        if self.preview is not None:
+        if self.preview is not None and with_preview:
             images = self.preview()
             stats = preview_statistics(images)
             if self.references:

@@ -1,9 +1,10 @@
 """The training report: a chart of a run's health and a text verdict, drawn with PIL alone (no matplotlib).
 
 Top panel: training loss (raw readings faint, EMA-smoothed bold; non-finite readings as marks on the top edge) and
-the fixed-noise validation loss per checkpoint (and that of the held-out images, if any). Bottom panel: likeness per checkpoint. Both share the x axis,
-"training step". A red vertical line marks where a collapse began (the region after it is shaded) and a green dashed
-line marks the best checkpoint. The same image is written to the run folder and returned by the report node.
+the fixed-noise validation loss per checkpoint (and that of the held-out images, if any). Bottom panel: likeness per
+checkpoint. Both share the x axis, "training step". A red vertical line marks where a collapse began (the region
+after it is shaded) and a green dashed line marks the best checkpoint. The same image is written to the run folder
+and returned by the report node.
 """
 
 from __future__ import annotations

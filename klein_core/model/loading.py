@@ -512,7 +512,8 @@ def load_text_encoder(resolved: ResolvedModel, dtype: torch.dtype = torch.float3
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise ModelError(
-            f"{resolved.text_encoder_path}: weights do not fit Qwen3 (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            f"{resolved.text_encoder_path}: weights do not fit Qwen3 "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     if config.tie_word_embeddings:
         te.lm_head.weight = te.model.embed_tokens.weight

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora.layer import LoraLayer, LoraVariant
 
 from ..atomic import atomic_save_safetensors
 from ..errors import LoraFormatError
@@ -43,10 +45,33 @@ def target_module_names(transformer) -> list[str]:
     ]
 
 
-def add_lora(transformer, rank: int, alpha: float | None = None, adapter_name: str = "default"):
-    """Inject a fresh peft LoRA (fp32 parameters, B = 0 so it starts as a no-op) into ``transformer``."""
-    from peft import LoraConfig, inject_adapter_in_model
+class BaseDtypeLora(LoraVariant):
+    """The LoRA computed in the base layer's dtype, added inside the second matmul.
 
+    peft's plain LoRA casts each layer's input to the adapter's fp32 and adds ``lora_B(lora_A(x)) * scaling`` to the
+    base output element-wise: on a bf16 base that is an fp32 copy of every adapted input (three of the same input for
+    q, k and v), kept for the backward, and two output-sized element-wise passes per layer. Here the fp32 master
+    weights (which AdamW updates) are cast to the input's dtype, ``x @ Aᵀ`` is one matmul and the base output is
+    accumulated by ``addmm``; the fit-check audit counts a 9B training step's element-wise traffic and saved
+    activations within a few percent of the frozen model's. Autocast would get the dtype but also run norms and
+    softmax in fp32 around the base. On an fp32 base (the CPU) the math is the plain LoRA's.
+    """
+
+    @staticmethod
+    def init(module: LoraLayer, adapter_name: str, **kwargs) -> None:
+        module.cast_input_dtype_enabled = False  # the input keeps the base's dtype; the weights are cast instead
+
+    @staticmethod
+    def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
+        down = module.lora_A[active_adapter].weight.to(x.dtype)
+        up = (module.lora_B[active_adapter].weight * module.scaling[active_adapter]).to(x.dtype)
+        hidden = module.lora_dropout[active_adapter](x).flatten(0, -2) @ down.T
+        return torch.addmm(result.flatten(0, -2), hidden, up.T).view_as(result)
+
+
+def add_lora(transformer, rank: int, alpha: float | None = None, adapter_name: str = "default"):
+    """Inject a fresh peft LoRA (fp32 parameters, B = 0 so it starts as a no-op) into ``transformer``, computed in
+    the base's dtype (:class:`BaseDtypeLora`)."""
     config = LoraConfig(
         r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=LORA_TARGETS, init_lora_weights=True
     )
@@ -55,6 +80,10 @@ def add_lora(transformer, rank: int, alpha: float | None = None, adapter_name: s
         # through peft. Scoped here so ComfyUI's process keeps its own warning filters.
         warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
         inject_adapter_in_model(config, transformer, adapter_name=adapter_name)
+    for module in transformer.modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            module.lora_variant[adapter_name] = BaseDtypeLora()
+            BaseDtypeLora.init(module, adapter_name)
     for name, param in transformer.named_parameters():
         is_lora = "lora_" in name
         param.requires_grad_(is_lora)
@@ -65,8 +94,6 @@ def add_lora(transformer, rank: int, alpha: float | None = None, adapter_name: s
 
 def remove_lora(transformer) -> None:
     """Swap every injected LoRA layer back for its untouched base Linear (previews then merge checkpoints)."""
-    from peft.tuners.lora import LoraLayer
-
     for name, module in list(transformer.named_modules()):
         if isinstance(module, LoraLayer):
             parent_name, _, child = name.rpartition(".")
@@ -81,8 +108,6 @@ def lora_parameters(transformer) -> list[torch.nn.Parameter]:
 
 def adapter_weights(transformer, adapter_name: str = "default") -> LoraWeights:
     """The adapter as (A, B·alpha/rank) per module, detached fp32 copies on the CPU."""
-    from peft.tuners.lora import LoraLayer
-
     out: LoraWeights = {}
     for name, module in transformer.named_modules():
         if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
@@ -94,8 +119,6 @@ def adapter_weights(transformer, adapter_name: str = "default") -> LoraWeights:
 
 def load_adapter_weights(transformer, weights: LoraWeights, adapter_name: str = "default") -> None:
     """Put saved (A, B·scale) pairs back into an injected adapter (used by resume)."""
-    from peft.tuners.lora import LoraLayer
-
     for name, module in transformer.named_modules():
         if isinstance(module, LoraLayer) and name in weights:
             a, b = weights[name]

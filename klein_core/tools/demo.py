@@ -48,7 +48,8 @@ def training_reference_latents(vae, image_paths: Sequence[str | Path], size: int
 
 
 def training_reference_pixels(image_paths: Sequence[str | Path], size: int) -> torch.Tensor:
-    """The training images centre-cropped to ``size`` x ``size`` (as aspect buckets crop): (N, 3, size, size) in [0, 1]."""
+    """The training images centre-cropped to ``size`` x ``size`` (as aspect buckets crop): (N, 3, size, size) in
+    [0, 1]."""
     return (
         torch.stack([pixels_from_image(fit_to_bucket(load_image_rgb(p), (size, size))) for p in image_paths]) / 2 + 0.5
     )
@@ -225,7 +226,8 @@ def _train(
     log("[3/5] train: the starter preset, scaled to the tiny model")
     log(
         f"  kept from the preset: batch {scale.batch_size}, grad accum {scale.grad_accum}, rank {scale.rank} "
-        f"(alpha = rank), caption dropout {scale.caption_dropout:g}, target {scale.target_repeats:g} repeats per image, "
+        f"(alpha = rank), caption dropout {scale.caption_dropout:g}, "
+        f"target {scale.target_repeats:g} repeats per image, "
         f"health previews {'on' if scale.health_previews else 'off'}"
     )
     log(f"  scaled to the tiny model: {'; '.join(scale.changes())}")
@@ -280,7 +282,8 @@ def _grid(run, scale: DemoScale, out: Path, log: Callable[[str], None], on_sampl
 def render_checkpoint(
     run, weights, scale: DemoScale, sample_steps: int | None = None, cfg: float | None = None, progress=None
 ) -> torch.Tensor:
-    """``scale.score_seeds`` previews of the demo prompt with ``weights`` (None: the control): (B, 3, H, W) in [0, 1]."""
+    """``scale.score_seeds`` previews of the demo prompt with ``weights`` (None: the control): (B, 3, H, W) in
+    [0, 1]."""
     from ..model.lora import LoraPatcher
     from ..preview.sampling import denoise_base, latents_to_images
 

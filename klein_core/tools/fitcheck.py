@@ -42,10 +42,13 @@ from ..train.estimate import (
     CONTEXT_GIB,
     REFERENCE_DEVICE,
     Mode,
+    choose_health_preview_every,
+    ordinal,
     peak_tflops,
     usable_gib,
 )
 from ..train.memory_mode import decide_memory_mode
+from ..train.planner import training_steps_for
 from ..train.objective import MicroBatch, accumulate_gradients, validation_losses, validation_subset
 from ..train.session import adapt_transformer, health_preview_size, make_optimizer, optimizer_step
 from .fake_model import (
@@ -59,6 +62,7 @@ from .fake_model import (
     meta_vae,
     peak_by_category,
 )
+from .traffic import LoraOverhead, lora_overhead
 
 BF16 = torch.bfloat16
 
@@ -129,7 +133,9 @@ class FitReport:
     mode: Mode  # the memory mode the trainer would choose (or the one asked for)
     phases: list[Phase] = field(default_factory=list)
     training_step_flops: float = 0.0
-    checkpoint_flops: float = 0.0  # the whole validation pass + the whole health preview of one checkpoint
+    checkpoint_flops: float = 0.0  # the validation pass + the health preview, averaged over checkpoints
+    health_preview_every: int = 1  # as the trainer chooses it: a preview at every K-th checkpoint
+    lora_overhead: LoraOverhead | None = None  # the training step's traffic and saved activations against the frozen
 
     @property
     def fits(self) -> bool:
@@ -183,9 +189,11 @@ class FitReport:
             "training_step_tflop": self.training_step_flops / 1e12,
             "checkpoint_tflop": self.checkpoint_flops / 1e12,
             "checkpoint_work_fraction": self.checkpoint_work_fraction,
+            "health_preview_every": self.health_preview_every,
             "training_step_s": self.seconds(self.training_step_flops),
             "checkpoint_s": self.seconds(self.checkpoint_flops),
             "time_basis": f"{REFERENCE_DEVICE} bf16 at {request.mfu:.0%} MFU",
+            "lora_overhead": self.lora_overhead.as_dict() if self.lora_overhead else None,
         }
 
 
@@ -287,9 +295,14 @@ def fit_check(request: FitCheckRequest) -> FitReport:
     # Built on meta before the fake mode starts (a dtype change inside it would swap fake tensors into meta modules).
     text_encoder = meta_text_encoder(request.shape, text_encoder_layers_needed())
     vae, transformer = meta_vae(), meta_transformer(request.shape)
+    compared = meta_transformer(request.shape), meta_transformer(request.shape)  # frozen and adapted, for the traffic
     with fake_tensors():
         embeds = _cache_phases(request, materialise(text_encoder), materialise(vae), meter)
         _training_phases(request, mode, materialise(transformer), vae, embeds, meter, report)
+        latent_side = request.resolution // PIXEL_MULTIPLE
+        latents = torch.empty(request.batch_size, LATENT_CHANNELS, latent_side, latent_side)
+        captions = torch.stack(embeds[: request.batch_size])
+        report.lora_overhead = lora_overhead(*compared, request.train_config(mode), latents, captions)
     report.phases = meter.phases
     report.judge()
     return report
@@ -346,9 +359,22 @@ def _training_phases(
         lambda: denoise_base(transformer, embeds[0], embeds[-1], size, size, sample_steps=1),
         resident,
     )
-    report.checkpoint_flops = validation.flops * validated + health.flops * config.health_sample_steps
+    preview_flops = health.flops * config.health_sample_steps
+    report.health_preview_every = choose_health_preview_every(
+        validation.flops * validated,
+        preview_flops,
+        report.training_step_flops * request.save_every,
+        _checkpoints(request),
+    )
+    report.checkpoint_flops = validation.flops * validated + preview_flops / report.health_preview_every
     lora_io.remove_lora(transformer)  # what the trainer hands the preview: the plain base
     _preview_phases(request, transformer, vae, embeds, meter)
+
+
+def _checkpoints(request: FitCheckRequest) -> int:
+    """The checkpoints of the planned run: the starter dose of repeats per image over ``save_every``."""
+    steps = training_steps_for(request.images, PRESET.target_repeats, request.batch_size, request.grad_accum)
+    return steps // request.save_every
 
 
 def _allocate_moments(params: list[torch.Tensor], optimizer, scheduler) -> None:
@@ -388,6 +414,10 @@ def _preview_phases(request: FitCheckRequest, transformer, vae, embeds: list[tor
     meter.run("preview decode (VAE, one image)", lambda: decode_latents(vae, latents), [transformer, vae])
 
 
+def _previews(every: int) -> str:
+    return f" (health previews at every {ordinal(every)} checkpoint: they would cost more)" if every > 1 else ""
+
+
 def render_table(report: FitReport) -> str:
     """The audit for people: one row per phase, the verdict, and the time of a training step and a checkpoint."""
     request, limit = report.request, usable_gib(report.request.gpu_memory_gib)
@@ -407,8 +437,17 @@ def render_table(report: FitReport) -> str:
         f"  training step {figures['training_step_tflop']:.0f} TFLOP ({figures['training_step_s']:.2f} s), "
         f"checkpoint health work {figures['checkpoint_tflop']:.0f} TFLOP ({figures['checkpoint_s']:.0f} s) "
         f"= {report.checkpoint_work_fraction:.0%} of the {request.save_every} training steps between "
-        f"checkpoints; times on {figures['time_basis']} (predictions)"
+        f"checkpoints{_previews(report.health_preview_every)}; times on {figures['time_basis']} (predictions)"
     )
+    if report.lora_overhead is not None:
+        overhead = report.lora_overhead.as_dict()
+        lines.append(
+            "  the LoRA over the frozen model per training step: "
+            f"element-wise traffic {overhead['traffic_ratio']:.2f}x "
+            f"({overhead['lora_elementwise_gb']:.0f} vs {overhead['frozen_elementwise_gb']:.0f} GB), saved activations "
+            f"{overhead['saved_activations_ratio']:.2f}x ({overhead['lora_saved_activations_gib']:.1f} vs "
+            f"{overhead['frozen_saved_activations_gib']:.1f} GiB)"
+        )
     failing = [phase.name for phase in report.phases if not phase.fits]
     lines.append(
         "verdict: fits in every phase"

@@ -338,7 +338,10 @@ def _pretrain(out: Path, budget: PretrainBudget, seed: int, fmt: str, command: s
     _write_model(out, components, reader, fmt)
     atomic_write_bytes(
         out / REGENERATE_FILE,
-        f"#!/bin/sh\n# Rebuilds this folder from the repository root (same bytes with the same torch build).\n{command}\n".encode(),
+        (
+            "#!/bin/sh\n# Rebuilds this folder from the repository root (same bytes with the same torch build).\n"
+            f"{command}\n"
+        ).encode(),
     )
     manifest = {
         "seed": seed,

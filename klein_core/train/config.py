@@ -23,8 +23,8 @@ from .planner import Plan
 
 BASE_8BIT_NEEDS_CHECKPOINTING = (
     "the 8-bit base needs gradient checkpointing: without it autograd keeps a dequantised bf16 copy of every int8 "
-    "block weight for the backward (the fit-check audit counts 16.8 GiB more activations at 9B, 1024 px: 59.5 GiB in all), more than the 8-bit "
-    "base saves; leave gradient checkpointing on or automatic"
+    "block weight for the backward (the fit-check audit counts 16.8 GiB more activations at 9B, 1024 px: "
+    "59.5 GiB in all), more than the 8-bit base saves; leave gradient checkpointing on or automatic"
 )
 
 
@@ -53,6 +53,7 @@ class TrainConfig:
     stop_on_collapse: bool = False  # stop training as soon as a collapse is detected (the best checkpoint is kept)
     health_previews: bool = True  # render the first preview prompt at each checkpoint for preview stats and likeness
     health_sample_steps: int = PRESET.sample_steps  # sample steps of those health previews (Base needs ~50)
+    health_preview_every: int | None = None  # previews at every K-th checkpoint (None: automatic, see estimate)
     health_preview_resolution: int = PRESET.health_preview_resolution  # their largest side (capped by the training's)
     validation_images: int = PRESET.validation_images  # training images in each checkpoint's validation pass
     regularization_weight: float = PRESET.regularization_weight  # loss weight of the optional class-image set
@@ -80,6 +81,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not math.isfinite(value) or value < 0 or (positive and value == 0)):
                 raise ConfigError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+        every = self.health_preview_every
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ConfigError(f"health_preview_every must be a whole number >= 1 or None, got {every!r}")
         if self.base_8bit and self.gradient_checkpointing is False:
             raise ConfigError(BASE_8BIT_NEEDS_CHECKPOINTING)
 

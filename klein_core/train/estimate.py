@@ -17,8 +17,9 @@ matmul per Linear, = L) and the fused-attention backward (2.5·A: dQ, dK, dV, dP
     training step, per-block GC (one more forward) = 3·L + 4.5·A     ≈ 3.2 × forward
     + LoRA: 3 × its forward (forward, input grad, weight grad); + one LoRA forward more with GC.
 
-9B at 1024² gives 75.5 TFLOP forward, 167.6 / 243.1 TFLOP per training step (the published Klein 9B compute figures), 0.8 TFLOP more for the rank-16
-LoRA. A preview of S sample steps at CFG > 1 is 2·S forwards (batched CFG: one forward of batch 2; same FLOPs).
+9B at 1024² gives 75.5 TFLOP forward, 167.6 / 243.1 TFLOP per training step (the published Klein 9B compute
+figures), 0.8 TFLOP more for the rank-16 LoRA. A preview of S sample steps at CFG > 1 is 2·S forwards (batched CFG:
+one forward of batch 2; same FLOPs).
 
 **Time** = FLOPs / (peak × MFU). ``PEAK_TFLOPS`` holds dense-bf16 tensor rates; ``ASSUMED_MFU`` (0.5) is an
 assumption: comparable DiT trainers reach 42-65 % of peak. Until ``bench/gpu_klein.py`` has measured a card, every
@@ -30,11 +31,11 @@ the same FLOPs (weight-only int8 dequantises per layer), so its time here is opt
 * weights: exact parameter count × 2 bytes (bf16); with the 8-bit base the block Linear weights take 1 byte (+ one
   bf16 scale per output row) and one dequantised bf16 copy of the largest Linear is alive during its matmul;
 * LoRA + AdamW: LoRA parameters × 16 bytes (fp32 weight, gradient and two Adam moments);
-* activations, calibrated to the per-block figures of the published Klein per-block figures (to be re-checked by a GPU measurement):
-  without GC ``ACTIVATION_BYTES × T × d × n`` (≈ 29 bf16 values per token per hidden unit per block; 9B: 10.8 / 19.8 /
-  32.4 GiB at 512 / 768 / 1024 px); with per-block GC only each block's inputs are kept (3.2 bytes × T × d per block: the streams, modulation and
-  rope, as the fit-check audit counts them)
-  plus one block's full activations while it is recomputed (9B: 0.7 / 1.3 / 2.1 GiB). Fused attention (SDPA
+* activations, calibrated to the per-block figures of the published Klein per-block figures (to be re-checked by a
+  GPU measurement): without GC ``ACTIVATION_BYTES × T × d × n`` (≈ 29 bf16 values per token per hidden unit per
+  block; 9B: 10.8 / 19.8 / 32.4 GiB at 512 / 768 / 1024 px); with per-block GC only each block's inputs are kept
+  (3.2 bytes × T × d per block: the streams, modulation and rope, as the fit-check audit counts them) plus one
+  block's full activations while it is recomputed (9B: 0.7 / 1.3 / 2.1 GiB). Fused attention (SDPA
   flash / memory-efficient) is assumed: the math kernel would add the T² score matrices (~162 GiB at 1024 for 9B);
 * the cached dataset on the device: latents (fp32) for every image at every resolution, and one (512, joint dim)
   bf16 embedding per distinct caption (the trainer moves them to the device once);
@@ -50,6 +51,7 @@ deepest one Klein reads). These figures agree with ``klein-lora fit-check`` (the
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import PlanError
@@ -362,6 +364,70 @@ def peak_tflops(device_name: str | None) -> tuple[str, float] | None:
 
 
 @dataclass(frozen=True)
+class CheckpointWork:
+    """One checkpoint's health work: the validation pass on at most ``validation_images`` training images (each at
+    the fixed σ), and a health preview at most ``health_preview_resolution`` a side (50 sample steps, the CFG pair),
+    rendered at every ``health_preview_every``-th checkpoint; ``fraction`` is its average share of the training
+    between two checkpoints."""
+
+    validation_tflop: float
+    preview_tflop: float
+    health_preview_every: int
+    fraction: float
+
+    @property
+    def tflop(self) -> float:
+        return self.validation_tflop + self.preview_tflop / self.health_preview_every
+
+
+def choose_health_preview_every(
+    validation: float, preview: float, training_between: float, checkpoints: int | None
+) -> int:
+    """1 (a preview at every checkpoint) unless that pushes the checkpoint work above
+    ``PRESET.max_checkpoint_work_fraction`` of the training between checkpoints; then the smallest K that keeps it
+    under, but never so large that a run previews fewer than ``PRESET.min_health_previews`` checkpoints."""
+    room = PRESET.max_checkpoint_work_fraction * training_between - validation
+    needed = 1 if room >= preview else (math.ceil(preview / room) if room > 0 else math.inf)
+    most = max(1, checkpoints // PRESET.min_health_previews) if checkpoints else math.inf
+    wanted = min(needed, most)
+    return int(wanted) if math.isfinite(wanted) else 1
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """What a run does at each checkpoint (the trainer's defaults; ``TrainConfig`` carries the same names)."""
+
+    save_every: int = PRESET.save_every
+    health_preview_every: int | None = None  # None: chosen by :func:`choose_health_preview_every`
+    validation_images: int = PRESET.validation_images
+    health_preview_resolution: int = PRESET.health_preview_resolution
+    health_sample_steps: int = PRESET.sample_steps
+
+    @classmethod
+    def of(cls, config) -> "CheckpointSettings":
+        """The settings of a ``TrainConfig``."""
+        return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
+
+
+def checkpoint_work(
+    shape: "ModelShape", resolution: int, training_step: float, images: int, training_steps: int, settings
+) -> CheckpointWork | None:
+    """The health work of one checkpoint of a run (None when it saves no checkpoints)."""
+    if not settings.save_every:
+        return None
+    validated = min(images, settings.validation_images) * len(PRESET.validation_sigmas)
+    validation = flops(shape, resolution).forward * validated
+    preview_side = min(resolution, settings.health_preview_resolution)
+    preview = flops(shape, preview_side).forward * 2 * settings.health_sample_steps
+    training_between = training_step * settings.save_every
+    every = settings.health_preview_every or choose_health_preview_every(
+        validation, preview, training_between, training_steps // settings.save_every if training_steps else None
+    )
+    fraction = (validation + preview / every) / training_between
+    return CheckpointWork(validation / 1e12, preview / 1e12, every, fraction)
+
+
+@dataclass(frozen=True)
 class Estimate:
     """The whole estimate of one run setting. Times are predictions (see the module docstring)."""
 
@@ -384,6 +450,7 @@ class Estimate:
     training_seconds: float | None
     preview_seconds: float | None
     preview_sample_steps: int = PRESET.sample_steps
+    checkpoint: CheckpointWork | None = None
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -395,6 +462,8 @@ class Estimate:
         out["mode"] = {**asdict(self.mode), "label": self.mode.label}
         out["memory"] = {**asdict(self.memory), "total": self.memory.total}
         out["memory_gib"] = self.memory.total
+        if self.checkpoint is not None:
+            out["checkpoint"]["tflop"] = self.checkpoint.tflop
         out["notes"] = list(self.notes)
         return out
 
@@ -409,7 +478,16 @@ class Estimate:
             if self.training_steps:
                 text += f" (~{_duration(self.training_seconds)} for {self.training_steps} training steps)"
             text += f" at {self.mfu:.0%} MFU (predicted)"
+        if self.checkpoint is not None:
+            text += f"; checkpoint health work ~{self.checkpoint.fraction:.0%} of the training between checkpoints"
+            if self.checkpoint.health_preview_every > 1:
+                text += f" with health previews at every {ordinal(self.checkpoint.health_preview_every)} checkpoint"
         return text
+
+
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th ... 11th, 12th, 13th, 21st."""
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def _duration(seconds: float | None) -> str:
@@ -423,6 +501,26 @@ def _positive(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise PlanError(f"{name} must be a whole number >= 1, got {value!r}")
     return value
+
+
+def _check_settings(
+    resolution: int, rank: int, batch_size: int, grad_accum: int, images: int, training_steps: int, mfu: float
+) -> None:
+    """Refuse a setting no run can have, by name."""
+    for name, value in (
+        ("resolution", resolution),
+        ("rank", rank),
+        ("batch_size", batch_size),
+        ("grad_accum", grad_accum),
+        ("images", images),
+    ):
+        _positive(name, value)
+    if resolution % PATCH_PIXELS:
+        raise PlanError(f"resolution must be a multiple of {PATCH_PIXELS} px, got {resolution}")
+    if isinstance(training_steps, bool) or not isinstance(training_steps, int) or training_steps < 0:
+        raise PlanError(f"training_steps must be a whole number >= 0, got {training_steps!r}")
+    if not 0 < mfu <= 1:
+        raise PlanError(f"mfu must be in (0, 1], got {mfu!r}")
 
 
 def estimate(
@@ -441,24 +539,12 @@ def estimate(
     mfu: float = ASSUMED_MFU,
     preview_sample_steps: int = PRESET.sample_steps,
     preview_cfg: float = PRESET.cfg,
+    checkpoints: CheckpointSettings = CheckpointSettings(),
 ) -> Estimate:
     """Estimate VRAM and time of a run. ``device_name`` picks the peak from ``PEAK_TFLOPS`` (``peak`` overrides it);
     with neither, times are for ``REFERENCE_DEVICE``. ``resolution`` is the largest training resolution."""
     shape = model_shape(variant)
-    for name, value in (
-        ("resolution", resolution),
-        ("rank", rank),
-        ("batch_size", batch_size),
-        ("grad_accum", grad_accum),
-        ("images", images),
-    ):
-        _positive(name, value)
-    if resolution % PATCH_PIXELS:
-        raise PlanError(f"resolution must be a multiple of {PATCH_PIXELS} px, got {resolution}")
-    if isinstance(training_steps, bool) or not isinstance(training_steps, int) or training_steps < 0:
-        raise PlanError(f"training_steps must be a whole number >= 0, got {training_steps!r}")
-    if not 0 < mfu <= 1:
-        raise PlanError(f"mfu must be in (0, 1], got {mfu!r}")
+    _check_settings(resolution, rank, batch_size, grad_accum, images, training_steps, mfu)
     micro = flops(shape, resolution, rank, batch_size)
     blocks = model_shape(variant).blocks
     step = micro.training_step(mode.checkpointed(blocks) / blocks) * grad_accum
@@ -496,6 +582,7 @@ def estimate(
         training_seconds=seconds * training_steps if seconds is not None else None,
         preview_seconds=preview / (peak_value * 1e12 * mfu) if peak_value else None,
         preview_sample_steps=preview_sample_steps,
+        checkpoint=checkpoint_work(shape, resolution, step, images, training_steps, checkpoints),
         notes=tuple(notes),
     )
 

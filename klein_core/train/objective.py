@@ -19,6 +19,7 @@ from ..errors import TrainingInterrupted
 from ..facts import exponential_shift, training_shift_mu
 from ..model.latents import image_ids, pack
 from ..model.text import text_ids
+from ..preset import PRESET
 
 
 def sample_sigmas(batch: int, image_tokens: int, generator: torch.Generator) -> torch.Tensor:
@@ -89,7 +90,7 @@ def accumulate_gradients(
     return total
 
 
-VALIDATION_SIGMAS = (0.2, 0.4, 0.6, 0.8)
+VALIDATION_SIGMAS = PRESET.validation_sigmas
 VALIDATION_SEED = 20260115
 
 

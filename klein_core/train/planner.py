@@ -81,7 +81,8 @@ def repeats_per_image_for(training_steps: int, images: int, batch_size: int = 1,
 
 @dataclass(frozen=True)
 class Plan:
-    """A planned run, in the Klein 9B character guide's language. ``epochs`` = passes over the image set = repeats per image."""
+    """A planned run, in the Klein 9B character guide's language. ``epochs`` = passes over the image set = repeats
+    per image."""
 
     images: int
     batch_size: int

@@ -13,6 +13,7 @@ from ..data.spec import DatasetSpec, fingerprint_parts
 from ..errors import DatasetError
 from ..model.loading import ResolvedModel
 from .config import TrainConfig
+from .estimate import CheckpointSettings, estimate
 from .planner import Plan, plan
 from .resume import MANIFEST_FILE as MANIFEST_FILE  # the run folder's file names, re-exported where they were
 from .resume import STATE_FILE as STATE_FILE
@@ -84,31 +85,12 @@ def preflight(
         for leftover in remove_partial_files(run_dir):
             log(f"removed {leftover.name}: a write cut off by a kill")
         resume_point = find_resume_point(run_dir, config, fingerprint, allow_changes, log, world_size)
-    for warning in scan.warnings:
-        log(f"warning: {warning}")
-    log(plan_line(the_plan, config.batch_size, world_size))
-    if reg_scan is not None:
-        log(
-            regularization_summary(
-                len(reg_scan.items),
-                config.regularization_weight,
-                regularization_repeats(the_plan, config, len(reg_scan.items)),
-            )
-        )
-    if held_scan is not None:
-        log(
-            f"held out: {len(held_scan.items)} images, never trained on; their validation loss is recorded per checkpoint"
-        )
-        for warning in _held_out_overlap(scan, held_scan):
-            log(f"warning: {warning}")
+    _log_plan(the_plan, config, scan, reg_scan, held_scan, log, world_size)
     if config.base_8bit:
         from ..model.lowvram import choose_backend
 
         choose_backend()  # a missing optional backend fails here, before any model loads
-    mode = _estimate_memory_mode(resolved, spec, scan, config, device, log)
-    config = replace(
-        config, gradient_checkpointing=mode.gradient_checkpointing, checkpointed_blocks=mode.checkpointed_blocks
-    )
+    config = _estimate_memory_mode(resolved, spec, scan, config, device, log)
     prompts = tuple(dict.fromkeys(substitute_trigger(p, scan.trigger) for p in preview_prompts))
     return Preflight(
         spec,
@@ -127,13 +109,40 @@ def preflight(
     )
 
 
-def plan_line(the_plan: Plan, batch_size: int, world_size: int) -> str:
-    """The plan as the log shows it; with several processes B (the global batch) says how it is made."""
-    split = f" ({batch_size} per process x {world_size} processes)" if world_size > 1 else ""
-    return (
+def _log_plan(
+    the_plan: Plan,
+    config: TrainConfig,
+    scan: DatasetScan,
+    reg_scan: DatasetScan | None,
+    held_scan: DatasetScan | None,
+    log: Callable[[str], None],
+    world_size: int = 1,
+) -> None:
+    """What the user checks before any model loads: the dataset's warnings, the plan (with several processes, how
+    the global batch B is made), the regularization and held-out sets."""
+    for warning in scan.warnings:
+        log(f"warning: {warning}")
+    split = f" ({config.batch_size} per process x {world_size} processes)" if world_size > 1 else ""
+    log(
         f"plan: N={the_plan.images} images, B={the_plan.batch_size}{split}, G={the_plan.grad_accum}, "
-        f"S={the_plan.training_steps} training steps, {the_plan.repeats_per_image:.1f} repeats per image ({the_plan.band})"
+        f"S={the_plan.training_steps} training steps, "
+        f"{the_plan.repeats_per_image:.1f} repeats per image ({the_plan.band})"
     )
+    if reg_scan is not None:
+        log(
+            regularization_summary(
+                len(reg_scan.items),
+                config.regularization_weight,
+                regularization_repeats(the_plan, config, len(reg_scan.items)),
+            )
+        )
+    if held_scan is not None:
+        log(
+            f"held out: {len(held_scan.items)} images, never trained on; "
+            "their validation loss is recorded per checkpoint"
+        )
+        for warning in _held_out_overlap(scan, held_scan):
+            log(f"warning: {warning}")
 
 
 def regularization_summary(images: int, weight: float, repeats_per_image: float) -> str:
@@ -163,25 +172,38 @@ def _held_out_overlap(scan: DatasetScan, held_scan: DatasetScan) -> list[str]:
 
 def _estimate_memory_mode(
     resolved: ResolvedModel, spec: DatasetSpec, scan: DatasetScan, config: TrainConfig, device, log
-):
-    """Log the VRAM/time estimate before step 1 and decide what to checkpoint (automatic when ``None``)."""
+) -> TrainConfig:
+    """Log the VRAM/time estimate before step 1; decide what to checkpoint (automatic when ``None``) and at which
+    checkpoints the health preview renders (automatic when ``None``: every one, unless that costs more than a tenth
+    of the training). Returns the config with both decisions."""
     from .memory_mode import decide_memory_mode
     from .gpu import detect_gpu_memory, detect_gpu_name
 
-    mode, lines = decide_memory_mode(
-        resolved.transformer_config,
-        max(spec.resolutions),
-        config.rank,
-        config.gradient_checkpointing,
-        config.base_8bit,
-        gpu_memory_gib=detect_gpu_memory() if str(device).startswith("cuda") else None,
+    variant, resolution = resolved.transformer_config, max(spec.resolutions)
+    estimate_kwargs = dict(
         batch_size=config.batch_size,
         grad_accum=config.grad_accum,
         images=len(scan.items),
         resolutions=len(spec.resolutions),
         training_steps=config.training_steps or 0,
         device_name=detect_gpu_name(),
+        checkpoints=CheckpointSettings.of(config),
+    )
+    mode, lines = decide_memory_mode(
+        variant,
+        resolution,
+        config.rank,
+        config.gradient_checkpointing,
+        config.base_8bit,
+        gpu_memory_gib=detect_gpu_memory() if str(device).startswith("cuda") else None,
+        **estimate_kwargs,
     )
     for line in lines:
         log(line)
-    return mode
+    work = estimate(variant, resolution, config.rank, mode, **estimate_kwargs).checkpoint
+    return replace(
+        config,
+        gradient_checkpointing=mode.gradient_checkpointing,
+        checkpointed_blocks=mode.checkpointed_blocks,
+        health_preview_every=work.health_preview_every if work is not None else 1,
+    )

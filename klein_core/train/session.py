@@ -335,8 +335,14 @@ class TrainingSession:
         if self.dist.is_main:
             losses = self.checkpoint_losses()
             crash_point(f"health@{step}")
-            self.monitor.record_checkpoint(step, str(path), *losses)
+            self.monitor.record_checkpoint(step, str(path), *losses, with_preview=self.previews_at(step))
             self._write_manifest()
+
+    def previews_at(self, step: int) -> bool:
+        """Whether the checkpoint at ``step`` renders a health preview: every ``health_preview_every``-th one, and
+        always the final one (a function of the step alone, so a resumed run previews the same checkpoints)."""
+        every, save_every = self.config.health_preview_every or 1, self.config.save_every
+        return step >= (self.config.training_steps or 0) or not save_every or (step // save_every) % every == 0
 
     def _synced_manifest(self) -> dict:
         self.manifest["history"] = self.monitor.history.as_dict()

@@ -42,8 +42,11 @@ FIT_JS = r"""
   // Fit every node and group into the window minus the frontend's bars (inset: left, top, right, bottom).
   const nodes = app.graph._nodes, groups = app.graph._groups || app.graph.groups || [];
   let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
-  const grow = (x, y, w, h) => { x0 = Math.min(x0, x); y0 = Math.min(y0, y); x1 = Math.max(x1, x + w); y1 = Math.max(y1, y + h); };
-  for (const n of nodes) grow(n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT, n.size[0], n.size[1] + LiteGraph.NODE_TITLE_HEIGHT);
+  const grow = (x, y, w, h) => {
+    x0 = Math.min(x0, x); y0 = Math.min(y0, y); x1 = Math.max(x1, x + w); y1 = Math.max(y1, y + h);
+  };
+  for (const n of nodes)
+    grow(n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT, n.size[0], n.size[1] + LiteGraph.NODE_TITLE_HEIGHT);
   for (const g of groups) grow(g.pos[0], g.pos[1], g.size[0], g.size[1]);
   const canvas = app.canvas, rect = canvas.canvas.getBoundingClientRect();
   const [left, top, right, bottom] = inset;

@@ -69,7 +69,8 @@ def prepare_comfy_env() -> ComfyEnv:
     )
     if completed.returncode != 0:
         raise RuntimeError(
-            f"{SETUP_SCRIPT} failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}{completed.stdout[-2000:]}"
+            f"{SETUP_SCRIPT} failed (exit {completed.returncode}):\n"
+            f"{completed.stderr[-4000:]}{completed.stdout[-2000:]}"
         )
     values = dict(line.split("=", 1) for line in completed.stdout.splitlines() if "=" in line)
     return ComfyEnv(
@@ -338,7 +339,7 @@ class ComfyServer:
         finally:
             reader.close()
 
-    # ---- log ----------------------------------------------------------------------------------------------------------
+    # ---- log ---------------------------------------------------------------------------------------------------------
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
 

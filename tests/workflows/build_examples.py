@@ -66,7 +66,8 @@ TRAIN_NOTE = "\n".join(
         "## Klein LoRA: train, then preview",
         "",
         "1. Put your images (optionally with same-name `.txt` captions) in a subfolder of `ComfyUI/input/`, choose it "
-        "in **Klein Caption Dataset** and type a rare **trigger** word. `[trigger]` in captions and prompts becomes it.",
+        "in **Klein Caption Dataset** and type a rare **trigger** word. "
+        "`[trigger]` in captions and prompts becomes it.",
         "2. **Repeats Calculator**: the dose. S = ceil(N·R/(B·G)) training steps give each of the N images R repeats; "
         "N comes from the dataset, S goes to the trainer (both linked).",
         f"3. **Trainer**, starter preset for 9B Base: {PRESET.resolution} px, LR {PRESET.learning_rate:g}, rank "
@@ -74,7 +75,8 @@ TRAIN_NOTE = "\n".join(
         "per image. Its chart shows the loss, the validation loss, s/step, ETA and the health verdict live.",
         "4. **Preview**: one row per checkpoint (first a no-LoRA control row), one column per prompt, one seed. "
         "**Report**: collapse check, advice and the best checkpoint.",
-        "5. Re-queueing with the same inputs is cached (nothing retrains); change the trainer's **seed** to train again.",
+        "5. Re-queueing with the same inputs is cached (nothing retrains); "
+        "change the trainer's **seed** to train again.",
         "",
         "LoRAs land in `output/klein_lora/<output_name>/` and `models/loras/klein/` (for LoraLoader).",
         "",

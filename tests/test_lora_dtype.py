@@ -1,0 +1,100 @@
+"""The LoRA computes in the base's dtype: fp32 master weights (what AdamW updates), bf16 matmuls on a bf16 base (a
+GPU run), and exactly the plain LoRA formula on an fp32 base (the CPU)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import Flux2Transformer2DModel
+
+from klein_core.model import lora as lora_io
+from klein_core.model.latents import image_ids
+from klein_core.model.text import text_ids
+from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
+
+
+def _tiny_transformer(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    transformer = Flux2Transformer2DModel(**TINY_TRANSFORMER_CONFIG).to(dtype)
+    lora_io.add_lora(transformer, rank=4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in lora_io.lora_parameters(transformer):
+            param.copy_(torch.randn_like(param) * 0.05)  # a trained-looking adapter: B no longer zero
+    return transformer
+
+
+def _forward(transformer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(1, 16, 128, generator=generator).to(dtype)
+    embeds = torch.randn(1, 8, TINY_TRANSFORMER_CONFIG["joint_attention_dim"], generator=generator).to(dtype)
+    return transformer(
+        hidden_states=hidden,
+        encoder_hidden_states=embeds,
+        timestep=torch.tensor([0.5], dtype=dtype),
+        img_ids=image_ids(1, 4, 4),
+        txt_ids=text_ids(1, 8),
+        guidance=None,
+        return_dict=False,
+    )[0]
+
+
+def _plain_lora_output(module, x: torch.Tensor) -> torch.Tensor:
+    base = module.get_base_layer()(x)
+    down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
+    return base + (x.float() @ down.T @ up.T * module.scaling["default"]).to(base.dtype)
+
+
+def test_on_an_fp32_base_each_adapted_layer_gives_the_plain_lora_formula():
+    transformer = _tiny_transformer(torch.float32)
+    layer = transformer.transformer_blocks[0].attn.to_q
+    x = torch.randn(1, 16, layer.in_features, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(layer(x), _plain_lora_output(layer, x), rtol=1e-6, atol=1e-6)
+
+
+def test_on_a_bf16_base_the_lora_runs_in_bf16_with_fp32_master_weights_and_gradients():
+    reference = _tiny_transformer(torch.float32)
+    transformer = _tiny_transformer(torch.bfloat16)
+    with torch.no_grad():
+        for ours, theirs in zip(transformer.parameters(), reference.parameters()):
+            theirs.copy_(ours.float())  # the same bf16-representable weights in both
+    out = _forward(transformer, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), _forward(reference, torch.float32), rtol=0.05, atol=0.05)
+    out.float().square().mean().backward()
+    params = lora_io.lora_parameters(transformer)
+    assert params and all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params)
+    assert all(p.grad.abs().sum() > 0 for p in params), "every LoRA matrix gets a gradient"
+
+
+def _saved_bytes_by_dtype(transformer: torch.nn.Module) -> dict[torch.dtype, int]:
+    weights = {param.untyped_storage()._cdata for param in transformer.parameters()}
+    storages: dict[int, tuple[torch.dtype, int]] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in weights:
+            storages[storage._cdata] = (tensor.dtype, storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        _forward(transformer, torch.bfloat16)
+    totals: dict[torch.dtype, int] = {}
+    for dtype, nbytes in storages.values():
+        totals[dtype] = totals.get(dtype, 0) + nbytes
+    return totals
+
+
+def test_a_bf16_lora_keeps_no_fp32_copies_of_its_inputs_as_peft_plain_lora_does():
+    ours = _saved_bytes_by_dtype(_tiny_transformer(torch.bfloat16))
+    plain_transformer = _tiny_transformer(torch.bfloat16)
+    for module in plain_transformer.modules():
+        if isinstance(module, lora_io.LoraLayer):  # peft's own path: inputs cast to the fp32 adapter
+            module.lora_variant.pop("default")
+            module.cast_input_dtype_enabled = True
+    plain = _saved_bytes_by_dtype(plain_transformer)
+    adapted_input_bytes = 16 * 128 * 4  # at least one (tokens x width) fp32 input per adapted image-stream layer
+    assert (
+        plain[torch.float32] - ours.get(torch.float32, 0)
+        >= adapted_input_bytes * lora_io.expected_target_count(2, 2) // 2
+    )
+    assert sum(ours.values()) < sum(plain.values())
