@@ -209,8 +209,9 @@ def test_continuing_from_an_earlier_checkpoint_with_a_lower_lr_records_its_paren
 
 def test_the_continue_from_list_holds_the_step_checkpoints_of_run_folders(tmp_path):
     runs = tmp_path / "klein_lora"
-    for name in ("anna/run.json", "anna/anna_step000002.safetensors", "anna/anna.safetensors", "anna/anna_best.safetensors",
-                 "loose/loose_step000004.safetensors"):  # fmt: skip
+    files = ("anna/run.json", "anna/anna_step000002.safetensors", "anna/anna.safetensors",
+             "anna/anna_best.safetensors", "loose/loose_step000004.safetensors")  # fmt: skip
+    for name in files:
         (runs / name).parent.mkdir(parents=True, exist_ok=True)
         (runs / name).write_bytes(b"")
     # the final and best LoRA are no step checkpoints; without its run.json a run cannot be continued
