@@ -33,6 +33,21 @@ def _count_input(name: str, display_name: str, default: int, maximum: int, what:
     return io.Int.Input(name, display_name=display_name, default=default, min=1, max=maximum, tooltip=_tooltip(what))
 
 
+def repeats_input(name: str, display_name: str, default: float, what: str, optional: bool = False) -> io.Float.Input:
+    """A dose R in repeats per image (the calculator's target, the trainer's extra dose): its tooltip ending in the
+    formula."""
+    return io.Float.Input(
+        name,
+        display_name=display_name,
+        default=default,
+        min=0.01,
+        max=MAX_TARGET_REPEATS,
+        step=1.0,
+        optional=optional,
+        tooltip=_tooltip(what),
+    )
+
+
 def _dose_inputs() -> list:
     """N, R, B and G: what the training steps are derived from."""
     return [
@@ -43,17 +58,12 @@ def _dose_inputs() -> list:
             MAX_IMAGES,
             "N: number of training images (link the dataset's image count here).",
         ),
-        io.Float.Input(
+        repeats_input(
             "target_repeats",
-            display_name="target repeats",
-            default=PRESET.target_repeats,
-            min=0.01,
-            max=MAX_TARGET_REPEATS,
-            step=1.0,
-            tooltip=_tooltip(
-                f"R: how many times each image should be seen (dose); {PRESET.target_repeats:g} is the "
-                "starter value for a high-likeness identity LoRA."
-            ),
+            "target repeats",
+            PRESET.target_repeats,
+            f"R: how many times each image should be seen (dose); {PRESET.target_repeats:g} is the "
+            "starter value for a high-likeness identity LoRA.",
         ),
         _count_input("batch_size", "batch size", PRESET.batch_size, MAX_BATCH_SIZE, "B: images per micro-batch."),
         _count_input(

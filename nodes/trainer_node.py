@@ -22,13 +22,16 @@ from ..klein_core.preset import PRESET
 from ..klein_core.train.config import TrainCallbacks, TrainConfig
 from ..klein_core.train.distributed import DistributedContext
 from ..klein_core.train.loop import train
+from ..klein_core.train.resume import Extension, continuation_summary, step_checkpoints
 from . import memory
+from .calculator_node import repeats_input
 from .model_inputs import NONE, choices, diffusers_choices, resolve_choice
 from .types import KleinDataset, KleinLoraRun
 
 EVENT = "klein.training"  # server event: {node, kind: step|checkpoint|done, ...} drawn by web/js/training_chart.js
 RUN_FOLDER = "klein_lora"  # runs go to <output>/klein_lora/<output_name>/
 LORA_SUBFOLDER = "klein"  # the final and best LoRA are copied to models/loras/klein/ so LoraLoader lists them
+DEFAULT_EXTRA_REPEATS = 20.0  # continue_from's default top-up of an under-trained run (repeats per image)
 
 
 def _send(payload: dict) -> None:
@@ -78,9 +81,20 @@ class _ComfyProgress:
         print(f"[Klein LoRA] {message}", flush=True)  # ComfyUI wraps stdout in a block-buffered writer
 
 
+def _runs_root() -> Path:
+    return Path(folder_paths.get_output_directory()) / RUN_FOLDER
+
+
+def _continuation(continue_from: str, extra_repeats_per_image: float) -> Extension | None:
+    """The chosen step checkpoint of an earlier run of this node, and the dose to add to it; None: a new run."""
+    if continue_from == NONE:
+        return None
+    return Extension(_runs_root() / continue_from, extra_repeats_per_image)
+
+
 def _inputs() -> list:
-    """The node's inputs, in widget order (saved workflows store widget values by position)."""
-    return _dose_and_model_inputs() + _optimisation_inputs() + _health_inputs()
+    """The node's inputs, in widget order (saved workflows store widget values by position: new ones go last)."""
+    return _dose_and_model_inputs() + _optimisation_inputs() + _health_inputs() + _continuation_inputs()
 
 
 def _dose_and_model_inputs() -> list:
@@ -236,6 +250,31 @@ def _health_inputs() -> list:
     ]
 
 
+def _continuation_inputs() -> list:
+    """Continue from a step checkpoint with more dose: after a collapse from the last good one at a lower LR, or
+    from the last one of an under-trained run."""
+    return [
+        io.Combo.Input(
+            "continue_from",
+            options=[NONE, *step_checkpoints(_runs_root())],
+            default=NONE,
+            optional=True,
+            tooltip="(none): a new run. Or a step checkpoint this node wrote (output/klein_lora/<run>/): its LoRA "
+            "continues for 'extra repeats per image' more, into the run folder of output_name (the same run or a "
+            "new one); training_steps is then ignored. From the run's newest checkpoint the optimizer continues "
+            "exactly; from an earlier one a fresh optimizer warms up. The rank must stay the same.",
+        ),
+        repeats_input(
+            "extra_repeats_per_image",
+            "extra repeats per image",
+            DEFAULT_EXTRA_REPEATS,
+            "R: the dose added to the continue_from checkpoint, as S more training steps; the new checkpoints are "
+            "named by the cumulative training step. Used only with continue_from.",
+            optional=True,
+        ),
+    ]
+
+
 class KleinLoRATrainer(io.ComfyNode):
     """Trains a character LoRA on FLUX.2 [klein] Base; re-queue with a new seed to train again."""
 
@@ -296,6 +335,8 @@ class KleinLoRATrainer(io.ComfyNode):
         regularization_weight: float = PRESET.regularization_weight,
         regularization=None,
         held_out=None,
+        continue_from: str = NONE,
+        extra_repeats_per_image: float = DEFAULT_EXTRA_REPEATS,
     ) -> io.NodeOutput:
         import comfy.model_management
 
@@ -313,7 +354,7 @@ class KleinLoRATrainer(io.ComfyNode):
             stop_on_collapse=stop_on_collapse,
             regularization_weight=regularization_weight,
         )
-        run_dir = Path(folder_paths.get_output_directory()) / RUN_FOLDER / config.output_name
+        run_dir = _runs_root() / config.output_name
         progress = _ComfyProgress(cls.hidden.unique_id, training_steps)
         prompts = tuple(p.strip() for p in preview_prompts.splitlines() if p.strip())
         comfy.model_management.unload_all_models()  # make room: ComfyUI's own models leave the GPU first
@@ -327,6 +368,7 @@ class KleinLoRATrainer(io.ComfyNode):
                 regularization=regularization,
                 held_out=held_out,
                 cache_dir=default_cache_dir(),
+                extend=_continuation(continue_from, extra_repeats_per_image),
                 device=str(comfy.model_management.get_torch_device()),
                 dist=DistributedContext(),  # one process, whatever the environment says
                 callbacks=TrainCallbacks(
@@ -362,6 +404,9 @@ def _summary(run, lora_name: str) -> str:
         f"{plan.training_steps} training steps, {plan.repeats_per_image:.1f} repeats per image ({plan.band})",
         f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no loss recorded",
     ]
+    continued = continuation_summary(run.manifest)
+    if continued:
+        lines.insert(0, continued)
     if run.regularization:
         lines.append(run.regularization)
     lines.append(f"LoRA: {lora_name} (run folder {run.run_dir})")

@@ -324,3 +324,46 @@ def test_comfyui_free_memory_actions_release_the_cached_klein_run(comfy_assets):
 
     post_free_and_wait(server, {"free_memory": True}, prompt)
     wait_for_log(server, f"{name} released from memory")
+
+
+# ---- continue from a checkpoint ------------------------------------------------------------------------------------
+def test_the_trainer_continues_a_run_from_a_step_checkpoint_and_says_which_continuation_it_made(comfy_assets):
+    server = comfy_assets.server
+    parent = f"wf_parent_{uuid.uuid4().hex[:6]}"
+    entry, _ = run_with_events(server, tiny_train_then_preview(comfy_assets, parent, save_every=2, preview=False))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000] + server.log_tail()
+    options = server.object_info("KleinLoRATrainer")["input"]["optional"]["continue_from"][1]["options"]
+    newest, earlier = f"{parent}/{parent}_step000004.safetensors", f"{parent}/{parent}_step000002.safetensors"
+    assert {newest, earlier} <= set(options) and options[0] == "(none)"
+
+    def continued(name: str, checkpoint: str, **changes) -> tuple[dict, str, list[dict]]:
+        prompt = tiny_train_then_preview(comfy_assets, name, save_every=2, preview=False)
+        trainer_id, trainer = node_of(prompt, "KleinLoRATrainer")
+        # 4 images, B = G = 1: 0.5 more repeats per image = ceil(4·0.5/1) = 2 more training steps
+        trainer["inputs"].update(continue_from=checkpoint, extra_repeats_per_image=0.5, **changes)
+        entry, events = run_with_events(server, prompt)
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000] + server.log_tail()
+        return (
+            json.loads((run_dir(comfy_assets, name) / "run.json").read_text()),
+            entry["outputs"][trainer_id]["text"][0],
+            training_events(events, trainer_id, "step"),
+        )
+
+    manifest, summary, steps = continued(f"{parent}_more", newest)
+    assert summary.startswith(
+        f"continued from {parent}_step000004.safetensors (training step 4) with 0.5 more repeats per image "
+        "(2 more training steps): exact optimizer continuation from the run's newest state"
+    ), summary
+    assert "6 training steps, 1.5 repeats per image" in summary  # the dose is cumulative
+    assert [step for s in steps for step, _ in s["losses"]] == [5, 6]  # only the extra training steps ran
+    assert manifest["lineage"]["parent_run"] == str(run_dir(comfy_assets, parent).resolve())
+    assert manifest["resumed_from"]["kind"] == "state"
+    assert lora_keys(run_dir(comfy_assets, f"{parent}_more") / f"{parent}_more_step000006.safetensors")
+
+    manifest, summary, _ = continued(f"{parent}_lower", earlier, learning_rate=5e-4)
+    assert "fresh optimizer with a 2-step LR warmup" in summary, summary
+    assert "changed: learning_rate (0.001 -> 0.0005)" in summary, summary
+    assert (manifest["lineage"]["parent_step"], manifest["resumed_from"]["kind"]) == (2, "checkpoint")
+    assert sorted(p.name for p in run_dir(comfy_assets, f"{parent}_lower").glob("*_step*.safetensors")) == [
+        f"{parent}_lower_step000004.safetensors"
+    ]

@@ -15,6 +15,7 @@ from test_training import state_equal
 from klein_core.atomic import PARTIAL_SUFFIX
 from klein_core.cli import main
 from klein_core.model import lora as lora_io
+from klein_core.train.resume import continuation_summary, step_checkpoints
 from klein_core.tools.sample_data import make_sample_dataset
 
 SIGKILLED = -9
@@ -176,6 +177,10 @@ def test_extending_the_newest_state_equals_an_unbroken_run_of_the_same_total(unb
         metadata = fh.metadata()
     assert (metadata["training_steps"], metadata["repeats_per_image"]) == ("4", "2.00")
     assert (tmp_path / "parent" / "klein_lora_step000002.safetensors").exists()  # the parent keeps its files
+    assert continuation_summary(manifest) == (  # the trainer node's result line
+        "continued from klein_lora_step000002.safetensors (training step 2) with 1 more repeats per image (2 more "
+        "training steps): exact optimizer continuation from the run's newest state (optimizer, scheduler and RNG)"
+    )
 
 
 def test_continuing_from_an_earlier_checkpoint_with_a_lower_lr_records_its_parent_and_warms_up(
@@ -197,3 +202,18 @@ def test_continuing_from_an_earlier_checkpoint_with_a_lower_lr_records_its_paren
         "klein_lora_step000005.safetensors",
     ]
     assert sorted(p.name for p in unbroken.iterdir()) == parent_files  # the parent run is left as it was
+    summary = continuation_summary(manifest)
+    assert "fresh optimizer with a 3-step LR warmup" in summary
+    assert summary.endswith("changed: learning_rate (0.001 -> 0.0005)")
+
+
+def test_the_continue_from_list_holds_the_step_checkpoints_of_run_folders(tmp_path):
+    runs = tmp_path / "klein_lora"
+    files = ("anna/run.json", "anna/anna_step000002.safetensors", "anna/anna.safetensors",
+             "anna/anna_best.safetensors", "loose/loose_step000004.safetensors")  # fmt: skip
+    for name in files:
+        (runs / name).parent.mkdir(parents=True, exist_ok=True)
+        (runs / name).write_bytes(b"")
+    # the final and best LoRA are no step checkpoints; without its run.json a run cannot be continued
+    assert step_checkpoints(runs) == ["anna/anna_step000002.safetensors"]
+    assert step_checkpoints(tmp_path / "no_runs_yet") == []

@@ -83,7 +83,8 @@ class DemoScale:
     - ``learning_rate``: 1e-3 instead of 1e-4: the tiny transformer is 1.6 M parameters with one attention head,
       and 400 training steps at 1e-4 move its rank-16 LoRA too little; on a real Klein keep the preset's 1e-4.
 
-    The goal is under 2 minutes on 2 idle CPU cores, most of it training (not measured yet: see the README).
+    Measured: 26 s of CPU time with one torch thread (117 s wall on 2 shared cores at load 7-8), most of it training;
+    the README has the figures.
     """
 
     images: int = 4

@@ -480,6 +480,9 @@ class Estimate:
             text += f" at {self.mfu:.0%} MFU (predicted)"
         if self.checkpoint is not None:
             text += f"; checkpoint health work ~{self.checkpoint.fraction:.0%} of the training between checkpoints"
+            if self.peak_tflops:
+                seconds = self.checkpoint.tflop / (self.peak_tflops * self.mfu)
+                text += f" (~{_duration(seconds)} each)"
             if self.checkpoint.health_preview_every > 1:
                 text += f" with health previews at every {ordinal(self.checkpoint.health_preview_every)} checkpoint"
         return text

@@ -42,6 +42,7 @@ COMPARED_SETTINGS = (
     "warmup_steps",
     "training_steps",
 )
+STEP_CHECKPOINT = re.compile(r"_step(\d+)\.safetensors$")  # <name>_stepNNNNNN.safetensors
 
 
 @dataclass
@@ -192,7 +193,7 @@ def plan_extension(
                 else f"no {MANIFEST_FILE} beside it, so the run it belongs to is unknown"
             )
         )
-    found = re.search(r"_step(\d+)\.safetensors$", file.name)
+    found = STEP_CHECKPOINT.search(file.name)
     if found is None:
         raise ResumeError(f"cannot continue from {file}: not a step checkpoint (<name>_stepNNNNNN.safetensors)")
     step = int(found.group(1))
@@ -229,6 +230,41 @@ def plan_extension(
         "continued_with": point.kind,
     }
     return point, lineage
+
+
+def step_checkpoints(runs_root: Path) -> list[str]:
+    """The step checkpoints a run can continue from (each with its run's run.json beside it) in the run folders
+    under ``runs_root``, as ``<run folder>/<file>``, by run and training step: a "continue from" list."""
+    if not runs_root.is_dir():
+        return []
+    return sorted(
+        f"{path.parent.name}/{path.name}"
+        for path in runs_root.glob("*/*_step*.safetensors")
+        if STEP_CHECKPOINT.search(path.name) and (path.parent / MANIFEST_FILE).is_file()
+    )
+
+
+def continuation_summary(manifest: dict) -> str | None:
+    """Which continuation an extended run made, in words: from the checkpoint at its run's newest state the
+    optimizer, scheduler and RNG continued exactly; from an earlier one a fresh optimizer warmed up. None for a run
+    that is no continuation."""
+    lineage, resumed = manifest.get("lineage"), manifest.get("resumed_from")
+    if not lineage or not resumed:
+        return None
+    start = (
+        f"continued from {Path(lineage['parent_checkpoint']).name} (training step {lineage['parent_step']}) with "
+        f"{lineage['extra_repeats_per_image']:g} more repeats per image ({lineage['extra_training_steps']} more "
+        "training steps): "
+    )
+    if resumed["kind"] == "state":
+        how = "exact optimizer continuation from the run's newest state (optimizer, scheduler and RNG)"
+    else:
+        how = (
+            f"fresh optimizer with a {resumed['fresh_optimizer_warmup_steps']}-step LR warmup (no optimizer state "
+            "is kept for an earlier checkpoint)"
+        )
+    changed = f"; changed: {', '.join(lineage['changed'])}" if lineage["changed"] else ""
+    return start + how + changed
 
 
 def read_manifest(run_dir: Path) -> dict | None:

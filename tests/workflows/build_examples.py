@@ -121,7 +121,7 @@ TRAINER_DEFAULTS = {
     "batch_size": PRESET.batch_size, "grad_accum": PRESET.grad_accum, "learning_rate": PRESET.learning_rate,
     "rank": PRESET.rank, "save_every": 250, "seed": 0, "preview_prompts": PRESET.default_caption,
     "output_name": "my_character", "gradient_checkpointing": False, "stop_on_collapse": False,
-    "regularization_weight": PRESET.regularization_weight,
+    "regularization_weight": PRESET.regularization_weight, "continue_from": "(none)",
 }  # fmt: skip
 PREVIEW_DEFAULTS = {
     "prompts": "", "trigger": "", "sample_steps": PRESET.sample_steps, "cfg": PRESET.cfg, "seed": PRESET.preview_seed,
