@@ -542,18 +542,6 @@ def test_drop_last_drops_short_batches():
     assert all(len(b) == 2 for b in batches) and len(batches) == 4 + 2 + 1
 
 
-def test_ranks_get_disjoint_batches_of_equal_count():
-    keys = mixed_bucket_keys()
-    ranks = [BucketBatchSampler(keys, 2, seed=5, rank=r, world_size=3) for r in range(3)]
-    for epoch in range(4):
-        per_rank = [r.batches(epoch) for r in ranks]
-        assert {len(b) for b in per_rank} == {3}  # 10 batches over 3 ranks: 3 each, 1 left out this epoch
-        seen = [i for batches in per_rank for batch in batches for i in batch]
-        assert len(seen) == len(set(seen))
-    with pytest.raises(DatasetError, match="rank"):
-        BucketBatchSampler(keys, 2, rank=3, world_size=3)
-
-
 def test_resuming_at_a_batch_position_continues_the_same_sequence():
     sampler = BucketBatchSampler(mixed_bucket_keys(), 3, seed=9)
     stream = sampler.iter_from(0)

@@ -115,9 +115,8 @@ class BucketBatchSampler:
 
     ``bucket_keys[i]`` is the bucket of sample i (e.g. ``(s.resolution, s.bucket)`` for ``scan.samples()``).
     Per epoch: each bucket's samples are shuffled and cut into batches (a shorter last batch is kept unless
-    ``drop_last``), then all batches are shuffled. With ``world_size`` > 1 the epoch's batch list is dealt out
-    round-robin, so ranks get disjoint batches and the same count; the last ``len % world_size`` batches of an
-    epoch (a different set every epoch) are left out so every rank takes the same number of training steps.
+    ``drop_last``), then all batches are shuffled. A data-parallel run draws the global batch here and each rank
+    trains its slice of it (train/session.py), so N processes see what one process with the global batch sees.
     """
 
     def __init__(
@@ -125,37 +124,29 @@ class BucketBatchSampler:
         bucket_keys: Sequence[Hashable],
         batch_size: int,
         seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
         drop_last: bool = False,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DatasetError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
-        if not isinstance(world_size, int) or world_size < 1 or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise DatasetError(f"rank must be in [0, world_size); got rank {rank!r}, world_size {world_size!r}")
         if not bucket_keys:
             raise DatasetError("cannot batch an empty dataset")
         self.batch_size = batch_size
         self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
         self.drop_last = drop_last
         groups: dict[Hashable, list[int]] = {}
         for index, key in enumerate(bucket_keys):
             groups.setdefault(key, []).append(index)
         self._groups = list(groups.values())  # first-appearance order: deterministic for a deterministic scan
         per_bucket = [len(g) // batch_size if drop_last else math.ceil(len(g) / batch_size) for g in self._groups]
-        self._global_batches = sum(per_bucket)
-        self.batches_per_epoch = self._global_batches // world_size
+        self.batches_per_epoch = sum(per_bucket)
         self._last_epoch: tuple[int, list[list[int]]] | None = None  # batch_at is called every micro-batch
         if self.batches_per_epoch == 0:
             raise DatasetError(
-                f"only {self._global_batches} batches of {batch_size} per epoch for {world_size} processes: "
-                "lower the batch size or add images"
+                f"no full batch of {batch_size} in an epoch (drop_last): lower the batch size or add images"
             )
 
     def batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches of ``epoch``: the same list every time for the same (seed, epoch)."""
+        """The batches of ``epoch``: the same list every time for the same (seed, epoch)."""
         if self._last_epoch is not None and self._last_epoch[0] == epoch:
             return [list(batch) for batch in self._last_epoch[1]]
         result = self._compute_batches(epoch)
@@ -173,16 +164,15 @@ class BucketBatchSampler:
                 if len(batch) == self.batch_size or not self.drop_last:
                     batches.append(batch)
         rng.shuffle(batches)
-        usable = self.batches_per_epoch * self.world_size
-        return batches[self.rank : usable : self.world_size]
+        return batches
 
     def batch_at(self, position: int) -> tuple[int, list[int]]:
-        """(epoch, batch) of this rank's ``position``-th batch counted from the start of training (for resume)."""
+        """(epoch, batch) of the ``position``-th batch counted from the start of training (for resume)."""
         epoch, offset = divmod(position, self.batches_per_epoch)
         return epoch, self.batches(epoch)[offset]
 
     def iter_from(self, position: int = 0) -> Iterator[tuple[int, list[int]]]:
-        """Endless (epoch, batch) pairs starting at this rank's ``position``-th batch."""
+        """Endless (epoch, batch) pairs starting at the ``position``-th batch."""
         epoch, offset = divmod(position, self.batches_per_epoch)
         while True:
             for batch in self.batches(epoch)[offset:]:
