@@ -61,12 +61,10 @@ from ..facts import TEXT_TOKENS
 from ..preset import PRESET
 
 GIB = 2**30
-ACTIVATION_BYTES = (
-    57.6  # bytes per token per hidden unit per block without GC (calibrated to the published per-block figures)
-)
-CHECKPOINT_BYTES = (
-    3.2  # what a checkpointed block keeps per token per hidden unit: its inputs, modulation and rope (fit-check audit)
-)
+# Bytes per token per hidden unit per block: without GC (calibrated to the published per-block figures), and what a
+# checkpointed block keeps (its inputs, modulation and rope; the fit-check audit's count).
+ACTIVATION_BYTES = 57.6
+CHECKPOINT_BYTES = 3.2
 CONTEXT_GIB = 1.0
 USABLE_FRACTION = 0.95  # of the card: the caching allocator's fragmentation needs the rest
 VAE_GIB = 84.05e6 * 4 / 2**30  # FLUX.2's VAE in fp32, resident through training for the health previews
