@@ -295,14 +295,10 @@ def fit_check(request: FitCheckRequest) -> FitReport:
     # Built on meta before the fake mode starts (a dtype change inside it would swap fake tensors into meta modules).
     text_encoder = meta_text_encoder(request.shape, text_encoder_layers_needed())
     vae, transformer = meta_vae(), meta_transformer(request.shape)
-    compared = meta_transformer(request.shape), meta_transformer(request.shape)  # frozen and adapted, for the traffic
+    frozen = meta_transformer(request.shape)  # the LoRA's traffic is compared with this frozen copy's
     with fake_tensors():
         embeds = _cache_phases(request, materialise(text_encoder), materialise(vae), meter)
-        _training_phases(request, mode, materialise(transformer), vae, embeds, meter, report)
-        latent_side = request.resolution // PIXEL_MULTIPLE
-        latents = torch.empty(request.batch_size, LATENT_CHANNELS, latent_side, latent_side)
-        captions = torch.stack(embeds[: request.batch_size])
-        report.lora_overhead = lora_overhead(*compared, request.train_config(mode), latents, captions)
+        _training_phases(request, mode, materialise(transformer), vae, embeds, meter, report, frozen)
     report.phases = meter.phases
     report.judge()
     return report
@@ -324,10 +320,18 @@ def _cache_phases(request: FitCheckRequest, text_encoder, vae, meter: _Meter) ->
 
 
 def _training_phases(
-    request: FitCheckRequest, mode: Mode, transformer, vae, embeds: list[torch.Tensor], meter: _Meter, report: FitReport
+    request: FitCheckRequest,
+    mode: Mode,
+    transformer,
+    vae,
+    embeds: list[torch.Tensor],
+    meter: _Meter,
+    report: FitReport,
+    frozen: torch.nn.Module,
 ) -> None:
     """A training step, one image of the validation pass and one sample step of the health preview, each with
-    what training keeps on the device: weights, LoRA, AdamW moments, the cached dataset and the VAE."""
+    what training keeps on the device: weights, LoRA, AdamW moments, the cached dataset and the VAE; and the
+    training step's traffic against the ``frozen`` (meta) copy of the base."""
     config = request.train_config(mode)
     if request.base_8bit:
         from ..model.lowvram import quantize_base_8bit
@@ -348,6 +352,8 @@ def _training_phases(
         optimizer_step(optimizer, scheduler)
 
     report.training_step_flops = meter.run("training step", training_step, resident, has_backward=True).flops
+    step_batch = _micro_batch(latents, embeds, request.batch_size)
+    report.lora_overhead = lora_overhead(frozen, transformer, config, step_batch.latents, step_batch.embeds)
     validated = len(validation_subset(request.images, config.validation_images))
     captions = [embed.unsqueeze(0) for embed in embeds]
     validation = meter.run(

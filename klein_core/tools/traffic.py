@@ -28,8 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..model.lowvram import enable_block_checkpointing, quantize_base_8bit
 from ..train.objective import flow_matching_loss
-from ..train.session import adapt_transformer
-from .fake_model import GIB, adapt_fake, materialise
+from .fake_model import GIB, materialise
 
 COMPUTE_KERNELS = ("mm", "addmm", "bmm", "baddbmm", "scaled_dot_product", "convolution")
 
@@ -132,22 +131,15 @@ def training_step_cost(transformer: torch.nn.Module, latents: torch.Tensor, embe
 def lora_overhead(
     frozen: torch.nn.Module, adapted: torch.nn.Module, config, latents: torch.Tensor, embeds: torch.Tensor
 ) -> LoraOverhead:
-    """Two copies of the base built on ``meta`` (before the fake mode starts: a dtype change inside it would put fake
-    tensors in meta modules): ``frozen`` stays frozen, ``adapted`` gets the trainer's LoRA. ``config`` gives the rank,
-    the memory mode and the 8-bit base. Call inside ``fake_model.fake_tensors``."""
-    frozen = _fake_base(frozen, config.base_8bit).requires_grad_(False)
+    """``adapted``: the fake base as the trainer adapts it (LoRA, memory mode, 8-bit base); ``frozen``: a second copy
+    of the base built on ``meta`` (before the fake mode starts: a dtype change inside it would put fake tensors in
+    meta modules), given the same memory mode and left frozen. Call inside ``fake_model.fake_tensors``."""
+    frozen = materialise(frozen)
+    if config.base_8bit:
+        quantize_base_8bit(frozen)
+    frozen.requires_grad_(False)
     if config.gradient_checkpointing:
         enable_block_checkpointing(frozen, config.checkpointed_blocks)
     frozen.train()
     frozen_cost = training_step_cost(frozen, latents.detach().requires_grad_(), embeds)
-    adapted = _fake_base(adapted, config.base_8bit)
-    adapt_fake(adapted, lambda model: adapt_transformer(model, config))
-    adapted.train()
     return LoraOverhead(frozen_cost, training_step_cost(adapted, latents, embeds))
-
-
-def _fake_base(meta_module: torch.nn.Module, base_8bit: bool) -> torch.nn.Module:
-    transformer = materialise(meta_module)
-    if base_8bit:
-        quantize_base_8bit(transformer)
-    return transformer

@@ -341,8 +341,10 @@ class TrainingSession:
     def previews_at(self, step: int) -> bool:
         """Whether the checkpoint at ``step`` renders a health preview: every ``health_preview_every``-th one, and
         always the final one (a function of the step alone, so a resumed run previews the same checkpoints)."""
-        every, save_every = self.config.health_preview_every or 1, self.config.save_every
-        return step >= (self.config.training_steps or 0) or not save_every or (step // save_every) % every == 0
+        config = self.config  # preflight has set the planned training steps and health_preview_every
+        if step >= config.training_steps or not config.save_every:
+            return True
+        return (step // config.save_every) % config.health_preview_every == 0
 
     def _synced_manifest(self) -> dict:
         self.manifest["history"] = self.monitor.history.as_dict()
