@@ -7,8 +7,7 @@ import torch
 from diffusers import Flux2Transformer2DModel
 
 from klein_core.model import lora as lora_io
-from klein_core.model.latents import image_ids
-from klein_core.model.text import text_ids
+from klein_core.model.latents import predict_velocity
 from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
 
 
@@ -27,15 +26,7 @@ def _forward(transformer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     generator = torch.Generator().manual_seed(2)
     hidden = torch.randn(1, 16, 128, generator=generator).to(dtype)
     embeds = torch.randn(1, 8, TINY_TRANSFORMER_CONFIG["joint_attention_dim"], generator=generator).to(dtype)
-    return transformer(
-        hidden_states=hidden,
-        encoder_hidden_states=embeds,
-        timestep=torch.tensor([0.5], dtype=dtype),
-        img_ids=image_ids(1, 4, 4),
-        txt_ids=text_ids(1, 8),
-        guidance=None,
-        return_dict=False,
-    )[0]
+    return predict_velocity(transformer, hidden, torch.tensor([0.5], dtype=dtype), embeds, 4, 4)
 
 
 def _plain_lora_output(module, x: torch.Tensor) -> torch.Tensor:

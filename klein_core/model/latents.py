@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .text import text_ids
+
 
 def patchify(latents: torch.Tensor) -> torch.Tensor:
     b, c, h, w = latents.shape
@@ -71,3 +73,21 @@ def image_ids(batch: int, height: int, width: int, device="cpu") -> torch.Tensor
     zeros = torch.zeros(height * width, dtype=torch.long, device=device)
     ids = torch.stack([zeros, hh.reshape(-1), ww.reshape(-1), zeros], dim=-1)
     return ids.unsqueeze(0).expand(batch, -1, -1)
+
+
+def predict_velocity(
+    transformer, tokens: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
+    """One call of the Klein Base transformer, as training and sampling both make it: packed image tokens of a
+    (height, width) latent grid (in /16 units), σ in [0, 1] as the timestep and the prompt embeddings; no guidance
+    embedding (Base has none, so CFG is a second call). Returns the predicted velocity ``noise - x0``, packed."""
+    batch = tokens.shape[0]
+    return transformer(
+        hidden_states=tokens,
+        encoder_hidden_states=embeds,
+        timestep=timestep,
+        img_ids=image_ids(batch, height, width, tokens.device),
+        txt_ids=text_ids(batch, embeds.shape[1], tokens.device),
+        guidance=None,
+        return_dict=False,
+    )[0]

@@ -16,8 +16,7 @@ import torch
 
 from ..errors import KleinError
 from ..facts import LATENT_CHANNELS, PIXEL_MULTIPLE, exponential_shift, sampling_shift_mu
-from ..model.latents import decode_latents, denormalise, image_ids, pack, unpack, unpatchify
-from ..model.text import text_ids
+from ..model.latents import decode_latents, denormalise, pack, predict_velocity, unpack, unpatchify
 from ..preset import PRESET
 
 NUM_TRAIN_TIMESTEPS = 1000  # the transformer multiplies the timestep by 1000 inside; the pipeline rounds through it
@@ -133,28 +132,13 @@ def denoise_base(
     h, w = height // PIXEL_MULTIPLE, width // PIXEL_MULTIPLE
     # Latents start in the embeddings' dtype, like the pipeline; after the first step they carry the model's dtype.
     latents = pack(initial_noise(batch, width, height, seed, prompt_embeds.dtype).to(device))
-    img_ids = image_ids(batch, h, w, device=device)
-    txt_ids = text_ids(batch, prompt_embeds.shape[1], device=device)
     sigmas = base_sigmas(sample_steps, h * w).to(device)
     timesteps = sigmas[:-1] * NUM_TRAIN_TIMESTEPS  # fp32, as the scheduler stores them
-
     if use_cfg and batched_cfg:
         both_embeds = torch.cat([prompt_embeds, negative_embeds])
-        both_img_ids, both_txt_ids = (
-            image_ids(2 * batch, h, w, device=device),
-            text_ids(2 * batch, prompt_embeds.shape[1], device=device),
-        )
 
-    def predict(x: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, img, txt) -> torch.Tensor:
-        return transformer(
-            hidden_states=x,
-            timestep=timestep,
-            guidance=None,
-            encoder_hidden_states=embeds,
-            txt_ids=txt,
-            img_ids=img,
-            return_dict=False,
-        )[0]
+    def predict(x: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        return predict_velocity(transformer, x, timestep, embeds, h, w)
 
     for i in range(sample_steps):
         if interrupt is not None and interrupt():
@@ -163,13 +147,13 @@ def denoise_base(
         timestep = timesteps[i].expand(batch).to(latents.dtype) / NUM_TRAIN_TIMESTEPS
         x = latents.to(model_dtype)
         if use_cfg and batched_cfg:
-            both = predict(torch.cat([x, x]), torch.cat([timestep, timestep]), both_embeds, both_img_ids, both_txt_ids)
+            both = predict(torch.cat([x, x]), torch.cat([timestep, timestep]), both_embeds)
             cond, uncond = both.chunk(2)
             velocity = uncond + cfg * (cond - uncond)
         else:
-            velocity = predict(x, timestep, prompt_embeds, img_ids, txt_ids)
+            velocity = predict(x, timestep, prompt_embeds)
             if use_cfg:
-                uncond = predict(x, timestep, negative_embeds, img_ids, txt_ids)
+                uncond = predict(x, timestep, negative_embeds)
                 velocity = uncond + cfg * (velocity - uncond)
         # Euler in fp32, stored back in the prediction's dtype (as the diffusers scheduler does).
         latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * velocity).to(velocity.dtype)

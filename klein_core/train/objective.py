@@ -17,8 +17,7 @@ import torch
 
 from ..errors import TrainingInterrupted
 from ..facts import exponential_shift, training_shift_mu
-from ..model.latents import image_ids, pack
-from ..model.text import text_ids
+from ..model.latents import pack, predict_velocity
 from ..preset import PRESET
 
 
@@ -41,15 +40,9 @@ def flow_matching_loss(
     s = sigma.view(b, 1, 1, 1).to(latents.dtype)
     noisy = (1 - s) * latents + s * noise
     param = next(transformer.parameters())
-    prediction = transformer(
-        hidden_states=pack(noisy).to(param.dtype),
-        encoder_hidden_states=embeds.to(param.dtype),
-        timestep=sigma.to(param.dtype),
-        img_ids=image_ids(b, h, w, latents.device),
-        txt_ids=text_ids(b, embeds.shape[1], latents.device),
-        guidance=None,
-        return_dict=False,
-    )[0]
+    prediction = predict_velocity(
+        transformer, pack(noisy).to(param.dtype), sigma.to(param.dtype), embeds.to(param.dtype), h, w
+    )
     return torch.nn.functional.mse_loss(prediction.float(), pack(noise - latents).float())
 
 
