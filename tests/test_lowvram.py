@@ -156,7 +156,7 @@ def test_the_trainer_runs_with_an_8bit_base(tiny_diffusers, sample_dataset, tmp_
     assert len(lora_io.read_lora_file(result.final_lora)) == lora_io.expected_target_count(2, 2)
 
 
-def test_checkpointing_the_first_blocks_only_recomputes_them_and_keeps_the_gradients(tiny_diffusers):
+def test_checkpointing_some_blocks_recomputes_single_stream_blocks_first_and_keeps_the_gradients(tiny_diffusers):
     from klein_core.model.loading import load_transformer, resolve_model
     from klein_core.train.objective import flow_matching_loss
 
@@ -184,5 +184,6 @@ def test_checkpointing_the_first_blocks_only_recomputes_them_and_keeps_the_gradi
     plain, plain_calls = lora_gradients(None)
     partial, partial_calls = lora_gradients(1)
     assert plain_calls == [1] * len(plain_calls)
-    assert partial_calls == [2] + [1] * (len(plain_calls) - 1), "only the checkpointed block runs twice"
+    # the last block is a single-stream one: a LoRA keeps the most for those, so they are checkpointed first
+    assert partial_calls == [1] * (len(plain_calls) - 1) + [2], "only the checkpointed block runs twice"
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, partial))

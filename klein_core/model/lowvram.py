@@ -65,12 +65,20 @@ def blocks_of(transformer) -> list[torch.nn.Module]:
 
 
 def enable_block_checkpointing(transformer, blocks: int | None = None) -> None:
-    """Gradient checkpointing of the first ``blocks`` transformer blocks (every block when None), through diffusers'
+    """Gradient checkpointing of ``blocks`` transformer blocks (every block when None), through diffusers'
     ``gradient_checkpointing_func`` hook: a checkpointed block keeps only its input and is recomputed in the backward;
-    the others keep their activations and cost no recompute. The automatic mode picks the fewest that fit the card."""
+    the others keep their activations and cost no recompute. The automatic mode picks the fewest that fit the card.
+
+    The single-stream blocks are checkpointed first, so the double-stream blocks are the ones left to run plainly:
+    every block costs a token the same compute, but a LoRA keeps each adapted layer's input for its weight gradient,
+    and a single block's output projection reads a 4·d-wide input (attention and feed-forward side by side). The
+    fit-check audit counts a plainly run 9B block's saved activations at 0.64 GiB (double) vs 0.85 GiB (single) at
+    1024 px, of which the LoRA adds 0.02 vs 0.18 GiB."""
     import torch.utils.checkpoint
 
-    chosen = {id(block) for block in (blocks_of(transformer) if blocks is None else blocks_of(transformer)[:blocks])}
+    every = blocks_of(transformer)
+    checkpointed = every if blocks is None else every[len(every) - blocks :]
+    chosen = {id(block) for block in checkpointed}
 
     def run(block, *args):
         if id(block) in chosen:

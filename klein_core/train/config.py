@@ -45,7 +45,7 @@ class TrainConfig:
     save_every: int = PRESET.save_every  # training steps between LoRA checkpoints (0: only the final LoRA)
     keep_last: int = 0  # keep only the newest N step checkpoints (0: keep all)
     gradient_checkpointing: bool | None = None  # None: automatic (on when the GPU needs it; always with base_8bit)
-    checkpointed_blocks: int | None = None  # with checkpointing, only the first K blocks (None: every block)
+    checkpointed_blocks: int | None = None  # checkpoint K blocks, single-stream first (None: all)
     base_8bit: bool = False  # low-VRAM mode: int8 base weights, LoRA on top (the optional [lowvram] extra)
     compile_blocks: bool = False  # torch.compile each transformer block (worth it on CUDA; the first step compiles)
     log_every: int = 10  # training steps between loss reads: the loop's only host-device sync (checkpoints read too)

@@ -210,7 +210,7 @@ class Mode:
 
     gradient_checkpointing: bool = False
     base_8bit: bool = False
-    checkpointed_blocks: int | None = None  # with checkpointing: the first K blocks only (None: every block)
+    checkpointed_blocks: int | None = None  # checkpoint K blocks, single-stream first (None: all)
 
     @property
     def label(self) -> str:
