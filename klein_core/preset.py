@@ -25,6 +25,7 @@ class StarterPreset:
         0.1  # loss weight of the optional class-image set: low, so it anchors without diluting
     )
     target_repeats: float = 100.0
+    extension_repeats: float = 20.0  # a continued run's default top-up of an under-trained LoRA (repeats per image)
     save_every: int = 250  # training steps between LoRA checkpoints
     fresh_optimizer_warmup_steps: int = (
         20  # LR warmup when a LoRA continues without its optimizer state (Adam's moments restart at zero)

@@ -31,7 +31,6 @@ from .types import KleinDataset, KleinLoraRun
 EVENT = "klein.training"  # server event: {node, kind: step|checkpoint|done, ...} drawn by web/js/training_chart.js
 RUN_FOLDER = "klein_lora"  # runs go to <output>/klein_lora/<output_name>/
 LORA_SUBFOLDER = "klein"  # the final and best LoRA are copied to models/loras/klein/ so LoraLoader lists them
-DEFAULT_EXTRA_REPEATS = 20.0  # continue_from's default top-up of an under-trained run (repeats per image)
 
 
 def _send(payload: dict) -> None:
@@ -267,7 +266,7 @@ def _continuation_inputs() -> list:
         repeats_input(
             "extra_repeats_per_image",
             "extra repeats per image",
-            DEFAULT_EXTRA_REPEATS,
+            PRESET.extension_repeats,
             "R: the dose added to the continue_from checkpoint, as S more training steps; the new checkpoints are "
             "named by the cumulative training step. Used only with continue_from.",
             optional=True,
@@ -336,7 +335,7 @@ class KleinLoRATrainer(io.ComfyNode):
         regularization=None,
         held_out=None,
         continue_from: str = NONE,
-        extra_repeats_per_image: float = DEFAULT_EXTRA_REPEATS,
+        extra_repeats_per_image: float = PRESET.extension_repeats,
     ) -> io.NodeOutput:
         import comfy.model_management
 
