@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import folder_paths
+from comfy_api.latest import io
 
 from ..klein_core.errors import ModelError
 from ..klein_core.model.loading import ResolvedModel, find_tokenizer, resolve_model
@@ -18,6 +19,11 @@ NONE = "(none)"  # Combo entry: no file chosen (also keeps the lists non-empty)
 
 def choices(folder: str) -> list[str]:
     return [NONE, *folder_paths.get_filename_list(folder)]
+
+
+def file_choice(name: str, folder: str, tooltip: str) -> io.Combo.Input:
+    """A Combo over the files of one of ComfyUI's model folders, with '(none)' first and chosen."""
+    return io.Combo.Input(name, options=choices(folder), default=NONE, tooltip=tooltip)
 
 
 def full_path(folder: str, name: str) -> str:

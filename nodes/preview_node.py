@@ -33,7 +33,7 @@ from ..klein_core.preview.grid import (
 )
 from ..klein_core.preview.sampling import PreviewError, check_size
 from . import memory
-from .model_inputs import NONE, choices, full_path, resolve_choice
+from .model_inputs import NONE, file_choice, full_path, resolve_choice
 from .types import KleinLoraRun
 
 MAX_SIDE = 4096
@@ -81,31 +81,27 @@ def _source_inputs() -> list:
             tooltip="The Klein LoRA Trainer's run: its model, checkpoints and cached prompt embeddings are "
             "used directly (no second model load). When linked, the model and LoRA lists are ignored.",
         ),
-        io.Combo.Input(
+        file_choice(
             "diffusion_model",
-            options=choices("diffusion_models"),
-            default=NONE,
-            tooltip="Without a run: the FLUX.2 [klein] Base diffusion model (e.g. "
+            "diffusion_models",
+            "Without a run: the FLUX.2 [klein] Base diffusion model (e.g. "
             "flux-2-klein-base-9b.safetensors) from models/diffusion_models.",
         ),
-        io.Combo.Input(
+        file_choice(
             "text_encoder",
-            options=choices("text_encoders"),
-            default=NONE,
-            tooltip="Without a run: the matching Qwen3 text encoder (Qwen3-8B for 9B, Qwen3-4B for 4B) from "
+            "text_encoders",
+            "Without a run: the matching Qwen3 text encoder (Qwen3-8B for 9B, Qwen3-4B for 4B) from "
             "models/text_encoders. It is freed before the diffusion model loads.",
         ),
-        io.Combo.Input(
+        file_choice(
             "vae",
-            options=choices("vae"),
-            default=NONE,
-            tooltip="Without a run: the FLUX.2 VAE (flux2-vae.safetensors) from models/vae.",
+            "vae",
+            "Without a run: the FLUX.2 VAE (flux2-vae.safetensors) from models/vae.",
         ),
-        io.Combo.Input(
+        file_choice(
             "lora",
-            options=choices("loras"),
-            default=NONE,
-            tooltip="Without a run: a Klein LoRA from models/loras (ours, diffusers/peft, ai-toolkit or "
+            "loras",
+            "Without a run: a Klein LoRA from models/loras (ours, diffusers/peft, ai-toolkit or "
             f"kohya keys). '{NONE}' renders the base model alone.",
         ),
     ]

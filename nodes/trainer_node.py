@@ -25,7 +25,7 @@ from ..klein_core.train.loop import train
 from ..klein_core.train.resume import Extension, continuation_summary, step_checkpoints
 from . import memory
 from .calculator_node import repeats_input
-from .model_inputs import NONE, choices, diffusers_choices, resolve_choice
+from .model_inputs import NONE, diffusers_choices, file_choice, resolve_choice
 from .types import KleinDataset, KleinLoraRun
 
 EVENT = "klein.training"  # server event: {node, kind: step|checkpoint|done, ...} drawn by web/js/training_chart.js
@@ -116,21 +116,23 @@ def _dose_and_model_inputs() -> list:
             default=NONE,
             tooltip="A Klein Base diffusers folder under models/diffusers (wins over the three files below).",
         ),
-        io.Combo.Input(
+        file_choice(
             "diffusion_model",
-            options=choices("diffusion_models"),
-            default=NONE,
-            tooltip="FLUX.2 [klein] Base diffusion model (flux-2-klein-base-9b.safetensors or -4b). "
+            "diffusion_models",
+            "FLUX.2 [klein] Base diffusion model (flux-2-klein-base-9b.safetensors or -4b). "
             "Distilled klein files are refused: LoRAs trained on them collapse.",
         ),
-        io.Combo.Input(
+        file_choice(
             "text_encoder",
-            options=choices("text_encoders"),
-            default=NONE,
-            tooltip="The matching Qwen3 text encoder (Qwen3-8B for 9B, Qwen3-4B for 4B); used only "
+            "text_encoders",
+            "The matching Qwen3 text encoder (Qwen3-8B for 9B, Qwen3-4B for 4B); used only "
             "to encode captions, then freed.",
         ),
-        io.Combo.Input("vae", options=choices("vae"), default=NONE, tooltip="The FLUX.2 VAE (flux2-vae.safetensors)."),
+        file_choice(
+            "vae",
+            "vae",
+            "The FLUX.2 VAE (flux2-vae.safetensors).",
+        ),
     ]
 
 
