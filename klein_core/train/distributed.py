@@ -109,20 +109,28 @@ class DistributedContext:
             ) from None
 
 
+def rank_device(dist: DistributedContext, device: str) -> str:
+    """This rank's own device: ``cuda:LOCAL_RANK`` for a CUDA run of several processes (each process its own GPU,
+    also when the launcher already made the group), else ``device`` unchanged (the CPU, or one process)."""
+    if dist.is_distributed and torch.device(device).type == "cuda":
+        return f"cuda:{dist.local_rank}"
+    return device
+
+
 @contextmanager
 def process_group(dist: DistributedContext, device: str) -> Iterator[str]:
-    """Join the launcher's process group (NCCL on CUDA, gloo on the CPU) for the run and yield this rank's device:
-    ``cuda:LOCAL_RANK`` under torchrun/accelerate on CUDA. One process: nothing to join, the device unchanged.
+    """Join the launcher's process group (NCCL on CUDA, gloo on the CPU) for the run and yield this rank's device
+    (:func:`rank_device`), also when the group already exists. One process: nothing to join, the device unchanged.
 
     The group is left on a normal end and on stops every rank agreed on; after a peer's failure it is not (tearing
     down a broken NCCL communicator can block) and the process exit releases it."""
+    device = rank_device(dist, device)
+    cuda = torch.device(device).type == "cuda"
+    if dist.is_distributed and cuda:
+        torch.cuda.set_device(device)
     if not dist.is_distributed or torch.distributed.is_initialized():
         yield device
         return
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        device = f"cuda:{dist.local_rank}"
-        torch.cuda.set_device(device)
     torch.distributed.init_process_group(
         "nccl" if cuda else "gloo", rank=dist.rank, world_size=dist.world_size, timeout=GROUP_TIMEOUT
     )
