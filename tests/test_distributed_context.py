@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
+from klein_core.errors import KleinError
 from klein_core.train.distributed import DistributedContext, process_group, rank_device
 
 
@@ -27,3 +30,39 @@ def test_a_rank_joining_a_group_the_launcher_already_made_still_gets_its_own_gpu
     with process_group(DistributedContext(rank=1, world_size=2, local_rank=1), "cuda") as device:
         assert device == "cuda:1"
     assert chosen == ["cuda:1"]
+
+
+def test_the_launcher_environment_gives_this_process_its_rank_and_the_group_size(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert DistributedContext.from_env() == DistributedContext(rank=3, world_size=4, local_rank=1)
+
+
+def test_without_a_launcher_environment_the_process_trains_alone(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert DistributedContext.from_env() == DistributedContext(rank=0, world_size=1, local_rank=0)
+
+
+@pytest.mark.parametrize(
+    "environment, named",
+    [
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two'"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0'"),
+        ({"WORLD_SIZE": "2", "RANK": "1.5"}, "RANK='1.5'"),
+        ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK='-1'"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2"),
+        ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "-1"}, "LOCAL_RANK='-1'"),
+        ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": ""}, "LOCAL_RANK=''"),
+    ],
+)
+def test_a_launcher_environment_that_is_no_place_in_the_group_is_refused_naming_the_variable(
+    monkeypatch, environment, named
+):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(KleinError, match=re.escape(named)):
+        DistributedContext.from_env()

@@ -54,9 +54,13 @@ class DistributedContext:
 
     @classmethod
     def from_env(cls) -> "DistributedContext":
-        """What torchrun and accelerate set: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (absent: one process)."""
-        env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+        """What torchrun and accelerate set: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (absent: one process). A value
+        that is no place in the group is refused before any model loads, naming the variable."""
+        world_size = _whole_env_number("WORLD_SIZE", 1, low=1)
+        rank = _whole_env_number("RANK", 0, low=0)
+        if rank >= world_size:
+            raise KleinError(f"RANK={rank} is not a rank of a group of WORLD_SIZE={world_size} (0 to {world_size - 1})")
+        return cls(rank, world_size, _whole_env_number("LOCAL_RANK", 0, low=0))
 
     @property
     def is_main(self) -> bool:
@@ -107,6 +111,19 @@ class DistributedContext:
                 f"rank {self.rank} of {self.world_size}: another training process failed or left, so this one stops "
                 f"too (the failing rank's own error is printed above it): {exc}"
             ) from None
+
+
+def _whole_env_number(name: str, absent: int, low: int) -> int:
+    """The launcher's environment variable ``name`` as a whole number >= ``low`` (``absent`` when it is not set)."""
+    text = os.environ.get(name)
+    if text is None:
+        return absent
+    try:
+        if int(text) >= low:
+            return int(text)
+    except ValueError:
+        pass
+    raise KleinError(f"environment variable {name}={text!r} must be a whole number >= {low} (torchrun sets it)")
 
 
 def rank_device(dist: DistributedContext, device: str) -> str:
