@@ -201,19 +201,19 @@ def test_plan_rejects_a_non_positive_gpu_memory(capsys):
 
 # --- the trainer's pre-flight ----------------------------------------------------------------------------------------
 def test_automatic_checkpointing_turns_on_only_when_the_gpu_needs_it():
-    mode, lines = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=23.6)
+    mode, lines, _ = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=23.6)
     assert mode.gradient_checkpointing
     assert lines[0].startswith("gradient checkpointing: every block (automatic")
     assert lines[-1].startswith("estimate (9B, 1024 px, rank 16, bf16 base + gradient checkpointing)")
-    mode, lines = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=79.1)
+    mode, lines, _ = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=79.1)
     assert mode == Mode() and len(lines) == 1
     # no GPU detected (CPU): automatic means off, and the estimate is still shown
-    mode, lines = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=None)
+    mode, lines, _ = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=None)
     assert mode == Mode() and lines[-1].startswith("estimate (9B")
 
 
 def test_automatic_checkpointing_on_a_48gib_card_checkpoints_only_the_blocks_it_must():
-    mode, lines = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=47.5)
+    mode, lines, _ = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=47.5)
     assert mode.gradient_checkpointing and mode.checkpointed_blocks is not None and mode.checkpointed_blocks <= 10
     assert lines[0].startswith(f"gradient checkpointing: {mode.checkpointed_blocks} of 32 blocks (automatic")
     partial = estimate_module.estimate("9B", 1024, 16, mode)
@@ -222,8 +222,14 @@ def test_automatic_checkpointing_on_a_48gib_card_checkpoints_only_the_blocks_it_
     assert estimate_module.fits(partial, 47.5)
 
 
+def test_the_memory_decision_carries_the_estimate_its_last_line_shows_for_the_chosen_mode():
+    decision = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=47.5, batch_size=2, images=20)
+    assert decision.estimate == estimate_module.estimate("9B", 1024, 16, decision.mode, batch_size=2, images=20)
+    assert decision.lines[-1] == decision.estimate.summary()
+
+
 def test_an_explicit_choice_is_kept_and_warned_about():
-    mode, lines = decide_memory_mode("9B", 1024, 16, False, gpu_memory_gib=23.6)
+    mode, lines, _ = decide_memory_mode("9B", 1024, 16, False, gpu_memory_gib=23.6)
     assert not mode.gradient_checkpointing
     assert any(
         line.startswith("warning: this run will not fit your 24 GiB GPU without gradient checkpointing")
@@ -232,7 +238,7 @@ def test_an_explicit_choice_is_kept_and_warned_about():
 
 
 def test_automatic_checkpointing_still_warns_when_only_an_8bit_base_would_fit():
-    mode, lines = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=15.6)
+    mode, lines, _ = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=15.6)
     assert mode.gradient_checkpointing and mode.checkpointed_blocks is None
     assert any("without an 8-bit base" in line and "--base-8bit" in line for line in lines)
 
@@ -241,7 +247,7 @@ def test_the_8bit_base_always_checkpoints_every_block_and_refuses_to_run_without
     from klein_core.errors import ConfigError
     from klein_core.train.config import TrainConfig
 
-    mode, lines = decide_memory_mode("9B", 1024, 16, None, base_8bit=True, gpu_memory_gib=79.1)
+    mode, lines, _ = decide_memory_mode("9B", 1024, 16, None, base_8bit=True, gpu_memory_gib=79.1)
     assert mode == Mode(True, True) and lines[0] == "gradient checkpointing: on (automatic: the 8-bit base needs it)"
     with pytest.raises(ConfigError, match="the 8-bit base needs gradient checkpointing"):
         TrainConfig(base_8bit=True, gradient_checkpointing=False)

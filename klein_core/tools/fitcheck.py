@@ -221,7 +221,7 @@ def released_shape(variant: str) -> KleinShape:
 
 def decide_mode(request: FitCheckRequest) -> Mode:
     """The memory mode as the trainer decides it for this card (automatic unless the request says)."""
-    mode, _lines = decide_memory_mode(
+    return decide_memory_mode(
         released_transformer_config(request.shape),
         request.resolution,
         request.rank,
@@ -231,8 +231,7 @@ def decide_mode(request: FitCheckRequest) -> Mode:
         batch_size=request.batch_size,
         grad_accum=request.grad_accum,
         images=request.images,
-    )
-    return mode
+    ).mode
 
 
 def _cpu_flash_attention(query, key, value, *_args, **_kwargs) -> int:

@@ -5,6 +5,7 @@ fewest checkpointed blocks, every block, and the 8-bit base.
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .estimate import MODES_BY_PREFERENCE, Estimate, Mode, ModelShape, estimate, fits, model_shape
 
@@ -93,6 +94,15 @@ def fewest_checkpointed_blocks(
     return None
 
 
+class MemoryDecision(NamedTuple):
+    """The mode a run trains in, the lines to log before step 1, and that mode's estimate (what the last line says;
+    the trainer reads its checkpoint work from it)."""
+
+    mode: Mode
+    lines: list[str]
+    estimate: Estimate
+
+
 def decide_memory_mode(
     variant: "str | ModelShape | dict",
     resolution: int,
@@ -101,7 +111,7 @@ def decide_memory_mode(
     base_8bit: bool = False,
     gpu_memory_gib: float | None = None,
     **estimate_kwargs,
-) -> tuple[Mode, list[str]]:
+) -> MemoryDecision:
     """The trainer's pre-flight: what to checkpoint, and the lines to log before step 1.
 
     ``gradient_checkpointing=None`` means automatic: with a known GPU size, no checkpointing when the run fits
@@ -124,5 +134,6 @@ def decide_memory_mode(
             advice = recommend_mode(variant, resolution, rank, gpu_memory_gib, mode, **estimate_kwargs)
         if advice.warning:
             lines.append(f"warning: this run {advice.warning}")
-    lines.append(estimate(variant, resolution, rank, mode, **estimate_kwargs).summary())
-    return mode, lines
+    chosen = estimate(variant, resolution, rank, mode, **estimate_kwargs)
+    lines.append(chosen.summary())
+    return MemoryDecision(mode, lines, chosen)

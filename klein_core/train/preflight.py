@@ -13,7 +13,7 @@ from ..data.spec import DatasetSpec, fingerprint_parts
 from ..errors import DatasetError
 from ..model.loading import ResolvedModel
 from .config import TrainConfig
-from .estimate import CheckpointSettings, estimate
+from .estimate import CheckpointSettings
 from .planner import Plan, plan
 from .resume import MANIFEST_FILE as MANIFEST_FILE  # the run folder's file names, re-exported where they were
 from .resume import STATE_FILE as STATE_FILE
@@ -179,8 +179,13 @@ def _estimate_memory_mode(
     from .memory_mode import decide_memory_mode
     from .gpu import detect_gpu_memory, detect_gpu_name
 
-    variant, resolution = resolved.transformer_config, max(spec.resolutions)
-    estimate_kwargs = dict(
+    decision = decide_memory_mode(
+        resolved.transformer_config,
+        max(spec.resolutions),
+        config.rank,
+        config.gradient_checkpointing,
+        config.base_8bit,
+        gpu_memory_gib=detect_gpu_memory() if str(device).startswith("cuda") else None,
         batch_size=config.batch_size,
         grad_accum=config.grad_accum,
         images=len(scan.items),
@@ -189,21 +194,12 @@ def _estimate_memory_mode(
         device_name=detect_gpu_name(),
         checkpoints=CheckpointSettings.of(config),
     )
-    mode, lines = decide_memory_mode(
-        variant,
-        resolution,
-        config.rank,
-        config.gradient_checkpointing,
-        config.base_8bit,
-        gpu_memory_gib=detect_gpu_memory() if str(device).startswith("cuda") else None,
-        **estimate_kwargs,
-    )
-    for line in lines:
+    for line in decision.lines:
         log(line)
-    work = estimate(variant, resolution, config.rank, mode, **estimate_kwargs).checkpoint
+    work = decision.estimate.checkpoint
     return replace(
         config,
-        gradient_checkpointing=mode.gradient_checkpointing,
-        checkpointed_blocks=mode.checkpointed_blocks,
+        gradient_checkpointing=decision.mode.gradient_checkpointing,
+        checkpointed_blocks=decision.mode.checkpointed_blocks,
         health_preview_every=work.health_preview_every if work is not None else 1,
     )
