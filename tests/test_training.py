@@ -1,5 +1,6 @@
 """The LoRA trainer on the tiny Klein: the same code path as 9B, in seconds on a CPU."""
 
+import functools
 import hashlib
 import json
 import os
@@ -31,6 +32,12 @@ def run(tiny_diffusers, folder, out, cache, config=None, spec=None, **kw):
         cache_dir=cache,
         **kw,
     )
+
+
+@pytest.fixture
+def train_sample(tiny_diffusers, sample_dataset, tmp_path, training_cache):
+    """Train the tiny Klein on the sample dataset into the test's folder: ``train_sample(config=...)``."""
+    return functools.partial(run, tiny_diffusers, sample_dataset, tmp_path, training_cache)
 
 
 def tiny_forward_inputs(timestep: float) -> dict:
@@ -178,14 +185,8 @@ def test_same_seed_gives_the_identical_lora(tiny_diffusers, sample_dataset, tmp_
     assert not state_equal(wc, wa)
 
 
-def test_loss_falls_on_the_sample_dataset(tiny_diffusers, sample_dataset, tmp_path, training_cache):
-    result = run(
-        tiny_diffusers,
-        sample_dataset,
-        tmp_path,
-        training_cache,
-        config=quick_config(training_steps=30, save_every=15, learning_rate=1e-2),
-    )
+def test_loss_falls_on_the_sample_dataset(train_sample):
+    result = train_sample(config=quick_config(training_steps=30, save_every=15, learning_rate=1e-2))
     checkpoints = result.manifest["history"]["checkpoints"]
     # the fixed-noise validation loss is comparable across steps (step 0 = before training), unlike the training loss
     assert checkpoints[0]["step"] == 0
@@ -196,16 +197,8 @@ def test_loss_falls_on_the_sample_dataset(tiny_diffusers, sample_dataset, tmp_pa
 
 
 # --- run folder ------------------------------------------------------------------------------------------------------
-def test_run_folder_has_step_checkpoints_final_lora_state_and_manifest(
-    tiny_diffusers, sample_dataset, tmp_path, training_cache
-):
-    result = run(
-        tiny_diffusers,
-        sample_dataset,
-        tmp_path,
-        training_cache,
-        config=quick_config(training_steps=4, save_every=2, output_name="hero"),
-    )
+def test_run_folder_has_step_checkpoints_final_lora_state_and_manifest(tmp_path, train_sample):
+    result = train_sample(config=quick_config(training_steps=4, save_every=2, output_name="hero"))
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
         "hero.safetensors",
@@ -231,16 +224,10 @@ def test_run_folder_has_step_checkpoints_final_lora_state_and_manifest(
     assert [c.training_step for c in result.checkpoints] == [2, 4]
 
 
-def test_loss_is_read_only_every_log_every_training_steps_yet_every_loss_is_kept(
-    tiny_diffusers, sample_dataset, tmp_path, training_cache
-):
+def test_loss_is_read_only_every_log_every_training_steps_yet_every_loss_is_kept(train_sample):
     # reading the loss waits for the GPU: the loop does it at log intervals (and checkpoints), never per step
     reads, progress = [], []
-    result = run(
-        tiny_diffusers,
-        sample_dataset,
-        tmp_path,
-        training_cache,
+    result = train_sample(
         config=quick_config(training_steps=5, save_every=0, log_every=2),
         callbacks=TrainCallbacks(
             on_step=reads.append, on_progress=lambda step, total: progress.append(step), log=lambda m: None
@@ -252,23 +239,15 @@ def test_loss_is_read_only_every_log_every_training_steps_yet_every_loss_is_kept
     assert result.manifest["history"]["loss_steps"] == [1, 2, 3, 4, 5]
 
 
-def test_keep_last_n_prunes_old_checkpoints(tiny_diffusers, sample_dataset, tmp_path, training_cache):
-    run(
-        tiny_diffusers,
-        sample_dataset,
-        tmp_path,
-        training_cache,
-        config=quick_config(training_steps=6, save_every=2, keep_last=1),
-    )
+def test_keep_last_n_prunes_old_checkpoints(tmp_path, train_sample):
+    train_sample(config=quick_config(training_steps=6, save_every=2, keep_last=1))
     assert sorted(p.name for p in tmp_path.glob("*_step*")) == [checkpoint_name("klein_lora", 6)]
 
 
-def test_lora_file_has_folded_alpha_no_alpha_keys_and_metadata(
-    tiny_diffusers, sample_dataset, tmp_path, training_cache
-):
+def test_lora_file_has_folded_alpha_no_alpha_keys_and_metadata(train_sample):
     from safetensors import safe_open
 
-    result = run(tiny_diffusers, sample_dataset, tmp_path, training_cache, config=quick_config(rank=4, alpha=8))
+    result = train_sample(config=quick_config(rank=4, alpha=8))
     with safe_open(str(result.final_lora), "pt") as fh:
         keys, meta = list(fh.keys()), fh.metadata()
     assert keys and all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
@@ -278,18 +257,10 @@ def test_lora_file_has_folded_alpha_no_alpha_keys_and_metadata(
     assert "repeats_per_image" in meta and "Base" in meta["base_model"]
 
 
-def test_saved_lora_loads_in_diffusers_with_the_same_effect_as_the_in_memory_adapter(
-    tiny_diffusers, sample_dataset, tmp_path, training_cache
-):
+def test_saved_lora_loads_in_diffusers_with_the_same_effect_as_the_in_memory_adapter(tiny_diffusers, train_sample):
     from diffusers import Flux2KleinPipeline
 
-    result = run(
-        tiny_diffusers,
-        sample_dataset,
-        tmp_path,
-        training_cache,
-        config=quick_config(rank=4, alpha=8, learning_rate=1e-2),
-    )
+    result = train_sample(config=quick_config(rank=4, alpha=8, learning_rate=1e-2))
     weights = lora_io.read_lora_file(result.final_lora)
     pipe = Flux2KleinPipeline.from_pretrained(tiny_diffusers)
     pipe.load_lora_weights(str(result.final_lora))
@@ -303,9 +274,7 @@ def test_saved_lora_loads_in_diffusers_with_the_same_effect_as_the_in_memory_ada
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
-def test_crash_between_write_and_rename_leaves_no_partial_lora(
-    tiny_diffusers, sample_dataset, tmp_path, training_cache, monkeypatch
-):
+def test_crash_between_write_and_rename_leaves_no_partial_lora(tmp_path, monkeypatch, train_sample):
     import klein_core.atomic as atomic
 
     real_replace = os.replace
@@ -317,13 +286,7 @@ def test_crash_between_write_and_rename_leaves_no_partial_lora(
 
     monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError):
-        run(
-            tiny_diffusers,
-            sample_dataset,
-            tmp_path,
-            training_cache,
-            config=quick_config(training_steps=4, save_every=2),
-        )
+        train_sample(config=quick_config(training_steps=4, save_every=2))
     files = sorted(p.name for p in tmp_path.iterdir())
     assert "klein_lora_step000002.safetensors" in files
     assert not any(f.endswith(".partial") or "step000004" in f for f in files), files
@@ -412,17 +375,9 @@ def test_resume_with_a_lowered_learning_rate_trains_at_the_new_rate(
     assert lowered.manifest["config"]["learning_rate"] == 1e-4
 
 
-def test_non_finite_loss_stops_keeps_last_good_checkpoint_and_advises_lower_lr(
-    tiny_diffusers, sample_dataset, tmp_path, training_cache
-):
+def test_non_finite_loss_stops_keeps_last_good_checkpoint_and_advises_lower_lr(tmp_path, train_sample):
     with pytest.raises(NonFiniteLoss, match=r"Lower the learning rate \(LR 1e6 → 5e5\)") as info:
-        run(
-            tiny_diffusers,
-            sample_dataset,
-            tmp_path,
-            training_cache,
-            config=quick_config(training_steps=40, save_every=1, learning_rate=1e6),
-        )
+        train_sample(config=quick_config(training_steps=40, save_every=1, learning_rate=1e6))
     assert "last good checkpoint" in str(info.value)
     assert str(info.value.health.collapse.last_good_path) in str(info.value)  # the message and the verdict agree
     assert not (tmp_path / "klein_lora.safetensors").exists()
@@ -431,23 +386,15 @@ def test_non_finite_loss_stops_keeps_last_good_checkpoint_and_advises_lower_lr(
         assert all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in weights.values())
 
 
-def test_a_non_finite_loss_between_loss_reads_is_named_at_its_first_training_step(
-    tiny_diffusers, sample_dataset, tmp_path, training_cache
-):
+def test_a_non_finite_loss_between_loss_reads_is_named_at_its_first_training_step(tmp_path, train_sample):
     with pytest.raises(NonFiniteLoss) as info:
-        run(
-            tiny_diffusers,
-            sample_dataset,
-            tmp_path,
-            training_cache,
-            config=quick_config(training_steps=40, save_every=0, log_every=10, learning_rate=1e6),
-        )
+        train_sample(config=quick_config(training_steps=40, save_every=0, log_every=10, learning_rate=1e6))
     history = json.loads((tmp_path / "run.json").read_text())["history"]
     first_bad = next(step for step, v in zip(history["loss_steps"], history["losses"]) if not isinstance(v, float))
     assert first_bad < 10 and f"at training step {first_bad}," in str(info.value)
 
 
-def test_a_stop_after_an_unread_non_finite_loss_saves_nothing(tiny_diffusers, sample_dataset, tmp_path, training_cache):
+def test_a_stop_after_an_unread_non_finite_loss_saves_nothing(tmp_path, train_sample):
     calls = {"n": 0}
 
     def stop_at_step_six():
@@ -456,11 +403,7 @@ def test_a_stop_after_an_unread_non_finite_loss_saves_nothing(tiny_diffusers, sa
 
     messages = []
     with pytest.raises(TrainingInterrupted, match="non-finite at training step [1-5], so nothing was saved"):
-        run(
-            tiny_diffusers,
-            sample_dataset,
-            tmp_path,
-            training_cache,
+        train_sample(
             config=quick_config(training_steps=40, save_every=0, log_every=10, learning_rate=1e6),
             callbacks=TrainCallbacks(should_stop=stop_at_step_six, log=messages.append),
         )

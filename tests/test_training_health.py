@@ -1,6 +1,7 @@
 """Training health on the tiny Klein: a normal run is healthy, an unstable one is flagged with the guide's ordered
 advice, the best checkpoint is kept and explained, and the regularization set mixes in at its weight."""
 
+import functools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -40,6 +41,12 @@ def normal_runs(tiny_diffusers, sample_dataset, training_cache, tmp_path_factory
     ]
 
 
+@pytest.fixture
+def train_sample(tiny_diffusers, sample_dataset, tmp_path, training_cache):
+    """Train the tiny Klein on the sample dataset into the test's folder: ``train_sample(config=...)``."""
+    return functools.partial(run, tiny_diffusers, sample_dataset, tmp_path, training_cache)
+
+
 def test_a_normal_run_raises_no_collapse_alarm_over_several_seeds(normal_runs):
     for result in normal_runs:
         assert result.health.collapse is None, result.health.verdict
@@ -58,16 +65,10 @@ def test_best_checkpoint_is_written_atomically_and_the_reason_is_recorded(normal
 
 
 def test_an_unstable_run_is_flagged_by_its_validation_loss_and_nan_with_the_guides_four_fixes_in_order(
-    tiny_diffusers, sample_dataset, training_cache, tmp_path
+    tmp_path, train_sample
 ):
     with pytest.raises(NonFiniteLoss) as info:
-        run(
-            tiny_diffusers,
-            sample_dataset,
-            tmp_path,
-            training_cache,
-            quick_config(training_steps=40, save_every=2, learning_rate=UNSTABLE_LR),
-        )
+        train_sample(quick_config(training_steps=40, save_every=2, learning_rate=UNSTABLE_LR))
     health = info.value.health
     assert health.collapse is not None
     # the non-finite loss itself, and the validation loss rising before it
@@ -85,20 +86,14 @@ def test_an_unstable_run_is_flagged_by_its_validation_loss_and_nan_with_the_guid
     assert not (tmp_path / "klein_lora.safetensors").exists()
 
 
-def test_a_run_that_gets_better_then_turns_to_chaos_is_caught_by_its_previews_and_likeness(
-    tiny_diffusers, sample_dataset, training_cache, tmp_path
-):
+def test_a_run_that_gets_better_then_turns_to_chaos_is_caught_by_its_previews_and_likeness(train_sample):
     # better: 15 training steps at a sound LR, checkpoints every 5 with health previews; then chaos: the run goes on
     # at LR 100, which turns the next preview into one flat colour long before the loss goes non-finite
     good = quick_config(training_steps=15, save_every=5, learning_rate=3e-3, rank=16, health_sample_steps=8)
     prompts = ("photo of [trigger]",)
-    run(tiny_diffusers, sample_dataset, tmp_path, training_cache, good, preview_prompts=prompts)
+    train_sample(good, preview_prompts=prompts)
     try:
-        result = run(
-            tiny_diffusers,
-            sample_dataset,
-            tmp_path,
-            training_cache,
+        result = train_sample(
             replace(good, training_steps=40, learning_rate=UNSTABLE_LR, stop_on_collapse=True),
             preview_prompts=prompts,
             resume=True,
@@ -113,14 +108,8 @@ def test_a_run_that_gets_better_then_turns_to_chaos_is_caught_by_its_previews_an
     assert "4. Stop early and keep the last good checkpoint: step 15" in health.verdict
 
 
-def test_health_previews_give_likeness_and_preview_statistics_per_checkpoint(
-    tiny_diffusers, sample_dataset, training_cache, tmp_path
-):
-    result = run(
-        tiny_diffusers,
-        sample_dataset,
-        tmp_path,
-        training_cache,
+def test_health_previews_give_likeness_and_preview_statistics_per_checkpoint(train_sample):
+    result = train_sample(
         quick_config(training_steps=4, save_every=2, health_sample_steps=4),
         preview_prompts=("photo of [trigger]",),
     )
