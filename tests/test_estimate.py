@@ -89,8 +89,9 @@ def test_checkpointing_costs_about_one_more_forward():
     assert checkpointed.training_step_tflop / checkpointed.forward_tflop == pytest.approx(3.2, abs=0.05)
 
 
-# No GC: the published per-block figures; GC: what the fit-check audit counts (2.83 GiB at 1024, tests/test_fitcheck.py)
-@pytest.mark.parametrize("resolution,no_gc,gc", [(512, 10.8, 0.94), (768, 19.8, 1.72), (1024, 32.4, 2.81)])
+# Both calibrated to the fit-check audit at 1024 px (tests/test_fitcheck.py): no GC 24.2 GiB (peft's plain fp32 LoRA,
+# which published per-block figures describe, keeps a third more), and the inputs every checkpointed block keeps
+@pytest.mark.parametrize("resolution,no_gc,gc", [(512, 8.06, 0.85), (768, 14.78, 1.56), (1024, 24.19, 2.56)])
 def test_9b_activation_memory_per_resolution(resolution, no_gc, gc):
     assert estimate("9B", resolution).memory.activations == pytest.approx(no_gc, abs=0.1)
     assert estimate("9B", resolution, mode=GC).memory.activations == pytest.approx(gc, abs=0.1)
@@ -203,8 +204,8 @@ def test_plan_rejects_a_non_positive_gpu_memory(capsys):
 def test_automatic_checkpointing_turns_on_only_when_the_gpu_needs_it():
     mode, lines, _ = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=23.6)
     assert mode.gradient_checkpointing
-    assert lines[0].startswith("gradient checkpointing: every block (automatic")
-    assert lines[-1].startswith("estimate (9B, 1024 px, rank 16, bf16 base + gradient checkpointing)")
+    assert lines[0].startswith(f"gradient checkpointing: {mode.checkpointed_blocks} of 32 blocks (automatic")
+    assert lines[-1].startswith("estimate (9B, 1024 px, rank 16, bf16 base + gradient checkpointing")
     mode, lines, _ = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=79.1)
     assert mode == Mode() and len(lines) == 1
     # no GPU detected (CPU): automatic means off, and the estimate is still shown
@@ -212,14 +213,14 @@ def test_automatic_checkpointing_turns_on_only_when_the_gpu_needs_it():
     assert mode == Mode() and lines[-1].startswith("estimate (9B")
 
 
-def test_automatic_checkpointing_on_a_48gib_card_checkpoints_only_the_blocks_it_must():
-    mode, lines, _ = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=47.5)
+def test_automatic_checkpointing_on_a_40gib_card_checkpoints_only_the_blocks_it_must():
+    mode, lines, _ = decide_memory_mode("9B", 1024, 16, None, gpu_memory_gib=39.5)
     assert mode.gradient_checkpointing and mode.checkpointed_blocks is not None and mode.checkpointed_blocks <= 10
     assert lines[0].startswith(f"gradient checkpointing: {mode.checkpointed_blocks} of 32 blocks (automatic")
     partial = estimate_module.estimate("9B", 1024, 16, mode)
     every = estimate_module.estimate("9B", 1024, 16, GC)
     assert partial.training_step_tflop < 0.85 * every.training_step_tflop  # most blocks skip the recompute
-    assert estimate_module.fits(partial, 47.5)
+    assert estimate_module.fits(partial, 39.5)
 
 
 def test_the_memory_decision_carries_the_estimate_its_last_line_shows_for_the_chosen_mode():

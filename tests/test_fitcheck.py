@@ -47,13 +47,31 @@ def test_checkpoint_health_work_is_at_most_a_tenth_of_the_training_between_check
     assert len(validation_subset(20, 8)) == len(validation_subset(50, 8)) == 8
 
 
-def test_the_lora_training_step_moves_and_keeps_about_what_the_frozen_model_does(klein_9b_on_24gib):
-    # bf16 LoRA compute on the bf16 base (fp32 master weights): peft's plain fp32 LoRA measured 1.63x the frozen
-    # model's element-wise bytes and 1.48x its saved activations without checkpointing
-    overhead = klein_9b_on_24gib.lora_overhead
-    assert overhead.traffic_ratio <= 1.15, overhead.as_dict()
-    assert overhead.saved_activations_ratio <= 1.10, overhead.as_dict()
+@pytest.fixture(scope="module")
+def klein_9b_without_checkpointing():
+    return fit_check(FitCheckRequest(variant="9B", resolution=1024, gpu_memory_gib=80.0, gradient_checkpointing=False))
+
+
+def test_the_lora_training_step_moves_and_keeps_about_what_the_frozen_model_does(
+    klein_9b_on_24gib, klein_9b_without_checkpointing
+):
+    # peft's plain fp32 LoRA measured 1.63x the frozen model's element-wise bytes and 1.48x its saved activations
+    # without checkpointing; the bf16 LoRA compute alone 1.04x and 1.20x (the single blocks' 16384-wide output
+    # projection input, now kept as its parts)
+    for report in (klein_9b_without_checkpointing, klein_9b_on_24gib):
+        overhead = report.lora_overhead
+        assert overhead.traffic_ratio <= 1.15, overhead.as_dict()
+        assert overhead.saved_activations_ratio <= 1.10, overhead.as_dict()
+    assert not klein_9b_without_checkpointing.mode.gradient_checkpointing
     assert "element-wise traffic" in render_table(klein_9b_on_24gib)
+
+
+def test_the_estimate_without_checkpointing_agrees_with_the_audit_within_a_tenth(klein_9b_without_checkpointing):
+    from klein_core.train.estimate import Mode, memory
+
+    audited = next(p.peak_gib for p in klein_9b_without_checkpointing.phases if p.name == "training step")
+    estimated = memory("9B", 1024, 16, Mode(gradient_checkpointing=False), images=20)
+    assert abs(estimated.total - estimated.context - audited) <= 0.10 * audited
 
 
 def test_the_same_run_on_a_12gib_card_does_not_fit_and_names_the_phases(klein_9b_on_24gib):

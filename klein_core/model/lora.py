@@ -21,6 +21,7 @@ from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from ..atomic import atomic_save_safetensors
 from ..errors import LoraFormatError
 from .keymap import _DOUBLE_BLOCK, _DOUBLE_QKV, _SINGLE_BLOCK
+from .single_block_lora import use_parts_processor
 
 # The complete attention set of every block: image and text streams of the double blocks (q/k/v/out each), and the
 # fused qkv+mlp-in and output projection of the single blocks. Double-block ``to_out`` is a ModuleList, hence ``.0``.
@@ -71,7 +72,8 @@ class BaseDtypeLora(LoraVariant):
 
 def add_lora(transformer, rank: int, alpha: float | None = None, adapter_name: str = "default"):
     """Inject a fresh peft LoRA (fp32 parameters, B = 0 so it starts as a no-op) into ``transformer``, computed in
-    the base's dtype (:class:`BaseDtypeLora`)."""
+    the base's dtype (:class:`BaseDtypeLora`); the single blocks' output projection reads its input's parts
+    (:mod:`.single_block_lora`)."""
     config = LoraConfig(
         r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=LORA_TARGETS, init_lora_weights=True
     )
@@ -89,6 +91,7 @@ def add_lora(transformer, rank: int, alpha: float | None = None, adapter_name: s
         param.requires_grad_(is_lora)
         if is_lora:
             param.data = param.data.float()
+    use_parts_processor(transformer, attached=True)
     return transformer
 
 
@@ -100,6 +103,7 @@ def remove_lora(transformer) -> None:
             parent = transformer.get_submodule(parent_name) if parent_name else transformer
             setattr(parent, child, module.get_base_layer())
     transformer.__dict__.pop("peft_config", None)  # peft's record of the adapter: a later add_lora starts clean
+    use_parts_processor(transformer, attached=False)
 
 
 def lora_parameters(transformer) -> list[torch.nn.Parameter]:

@@ -31,11 +31,13 @@ the same FLOPs (weight-only int8 dequantises per layer), so its time here is opt
 * weights: exact parameter count × 2 bytes (bf16); with the 8-bit base the block Linear weights take 1 byte (+ one
   bf16 scale per output row) and one dequantised bf16 copy of the largest Linear is alive during its matmul;
 * LoRA + AdamW: LoRA parameters × 16 bytes (fp32 weight, gradient and two Adam moments);
-* activations, calibrated to the per-block figures of the published Klein per-block figures (to be re-checked by a
-  GPU measurement): without GC ``ACTIVATION_BYTES × T × d × n`` (≈ 29 bf16 values per token per hidden unit per
-  block; 9B: 10.8 / 19.8 / 32.4 GiB at 512 / 768 / 1024 px); with per-block GC only each block's inputs are kept
-  (3.2 bytes × T × d per block: the streams, modulation and rope, as the fit-check audit counts them) plus one
-  block's full activations while it is recomputed (9B: 0.7 / 1.3 / 2.1 GiB). Fused attention (SDPA
+* activations, calibrated to the fit-check audit's count of the pack's own LoRA training step (9B, 1024 px, no
+  checkpointing: 24.2 GiB kept and transient; GPU measurements in ``bench/RESULTS.md`` when a card has run it):
+  without GC ``ACTIVATION_BYTES × T × d × n`` (≈ 21.5 bf16 values per token per hidden unit per block; 9B: 8.1 /
+  14.8 / 24.2 GiB at 512 / 768 / 1024 px; published figures for peft's plain fp32 LoRA are a third higher, see
+  ``model.lora``); with per-block GC only each block's inputs are kept (3.2 bytes × T × d per block: the streams,
+  modulation and rope, as the audit counts them) plus one block's full activations while it is recomputed (9B:
+  0.9 / 1.6 / 2.6 GiB in all with every block checkpointed). Fused attention (SDPA
   flash / memory-efficient) is assumed: the math kernel would add the T² score matrices (~162 GiB at 1024 for 9B);
 * the cached dataset on the device: latents (fp32) for every image at every resolution, and one (512, joint dim)
   bf16 embedding per distinct caption (the trainer moves them to the device once);
@@ -61,9 +63,9 @@ from ..facts import TEXT_TOKENS
 from ..preset import PRESET
 
 GIB = 2**30
-# Bytes per token per hidden unit per block: without GC (calibrated to the published per-block figures), and what a
-# checkpointed block keeps (its inputs, modulation and rope; the fit-check audit's count).
-ACTIVATION_BYTES = 57.6
+# Bytes per token per hidden unit per block: without GC, and what a checkpointed block keeps (its inputs, modulation
+# and rope); both the fit-check audit's count.
+ACTIVATION_BYTES = 43.0
 CHECKPOINT_BYTES = 3.2
 CONTEXT_GIB = 1.0
 USABLE_FRACTION = 0.95  # of the card: the caching allocator's fragmentation needs the rest
