@@ -52,6 +52,7 @@ from _common import (
     versions,
 )
 
+from klein_core.facts import KLEIN_SHAPES
 from klein_core.model import lora as lora_io
 from klein_core.model.lowvram import BACKENDS, backend_available, quantize_base_8bit
 from klein_core.preset import PRESET
@@ -69,16 +70,8 @@ COMPILE_RESERVE_S = 150  # torch.compile of both block kinds, forward and backwa
 
 
 def transformer_config(variant: str) -> dict:
-    if variant == "tiny":
-        return dict(TINY_TRANSFORMER_CONFIG)
-    shape = est.VARIANTS[variant]
-    return dict(
-        TINY_TRANSFORMER_CONFIG,
-        num_layers=shape.num_layers,
-        num_single_layers=shape.num_single_layers,
-        num_attention_heads=shape.hidden_size // shape.head_dim,
-        joint_attention_dim=shape.joint_attention_dim,
-    )
+    """The diffusers config of ``tiny`` or a released size (``9B``, ``4B``)."""
+    return dict(TINY_TRANSFORMER_CONFIG) if variant == "tiny" else KLEIN_SHAPES[variant].transformer_config
 
 
 def fused_attention_only(device: str):

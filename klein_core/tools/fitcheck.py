@@ -28,7 +28,6 @@ from ..model import lora as lora_io
 from ..model.latents import decode_latents, encode_images
 from ..model.loading import (
     read_shapes,
-    released_transformer_config,
     text_encoder_layers_needed,
     variant_from_bfl_shapes,
 )
@@ -222,7 +221,7 @@ def released_shape(variant: str) -> KleinShape:
 def decide_mode(request: FitCheckRequest) -> Mode:
     """The memory mode as the trainer decides it for this card (automatic unless the request says)."""
     return decide_memory_mode(
-        released_transformer_config(request.shape),
+        request.shape.transformer_config,
         request.resolution,
         request.rank,
         request.gradient_checkpointing,
