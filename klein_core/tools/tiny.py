@@ -20,7 +20,10 @@ from ..model.keymap import diffusers_to_bfl_transformer, diffusers_to_ldm_vae
 from ..model.loading import VAE_GROUPS_METADATA
 
 TINY_TRANSFORMER_CONFIG = transformer_config(
-    hidden_size=128, num_layers=2, num_single_layers=2, joint_attention_dim=48  # 3 x text-encoder hidden size (16)
+    hidden_size=128,
+    num_layers=2,
+    num_single_layers=2,
+    joint_attention_dim=48,  # 3 x text-encoder hidden size (16)
 )
 TINY_VAE_CONFIG = dict(
     block_out_channels=(32, 32, 32, 32),
