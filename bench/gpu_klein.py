@@ -591,26 +591,29 @@ def results_table(runs: list[dict]) -> str:
                     f"{_fmt(m['achieved_tflops'], '{:.0f}')} | {_fmt(m['mfu'], '{:.0%}')} | "
                     f"{_fmt(m['peak_reserved_gib'], '{:.1f}')} ({_fmt(m['predicted_peak_gib'], '{:.1f}')}) |"
                 )
-            p = r.get("preview")
-            if p and p.get("status") == "ok":
-                lines.append(
-                    f"{prefix} preview {p['sample_steps']} "
-                    f"sample steps, CFG {p['cfg']:g}, merged LoRA | "
-                    f"{p['seconds']:.2f} s ({_fmt(p['predicted_seconds'], '{:.2f}')} s) | "
-                    f"{p['achieved_tflops']:.0f} | | |"
-                )
-                q = p.get("ratios")
-                if q and q.get("status") == "ok":
-                    lines.append(
-                        f"{prefix} preview ratios at "
-                        f"{q['sample_steps']} sample steps | batched/two-pass CFG {q['batched_vs_two_pass']:.2f}, "
-                        f"merged/unmerged LoRA {q['merged_vs_unmerged']:.2f} | | | |"
-                    )
+            lines += preview_rows(prefix, r.get("preview") or {})
             lines += health_rows(prefix, r.get("checkpoint_health") or {})
     versions_seen = {json.dumps(run["versions"], sort_keys=True) for run in runs}
     lines.append("")
     lines += [f"Versions: `{v}`" for v in sorted(versions_seen)]
     return "\n".join(lines)
+
+
+def preview_rows(prefix: str, preview: dict) -> list[str]:
+    """The Base preview's time, then its batched/two-pass CFG and merged/unmerged LoRA ratios (at fewer steps)."""
+    if preview.get("status") != "ok":
+        return []
+    seconds = f"{preview['seconds']:.2f} s ({_fmt(preview['predicted_seconds'], '{:.2f}')} s)"
+    setting = f"{preview['sample_steps']} sample steps, CFG {preview['cfg']:g}, merged LoRA"
+    lines = [f"{prefix} preview {setting} | {seconds} | {preview['achieved_tflops']:.0f} | | |"]
+    ratios = preview.get("ratios") or {}
+    if ratios.get("status") == "ok":
+        compared = (
+            f"batched/two-pass CFG {ratios['batched_vs_two_pass']:.2f}, "
+            f"merged/unmerged LoRA {ratios['merged_vs_unmerged']:.2f}"
+        )
+        lines.append(f"{prefix} preview ratios at {ratios['sample_steps']} sample steps | {compared} | | | |")
+    return lines
 
 
 def health_rows(prefix: str, health: dict) -> list[str]:
