@@ -52,6 +52,7 @@ from _common import (
     versions,
 )
 
+from klein_core.facts import KLEIN_SHAPES
 from klein_core.model import lora as lora_io
 from klein_core.model.lowvram import BACKENDS, backend_available, quantize_base_8bit
 from klein_core.preset import PRESET
@@ -69,16 +70,8 @@ COMPILE_RESERVE_S = 150  # torch.compile of both block kinds, forward and backwa
 
 
 def transformer_config(variant: str) -> dict:
-    if variant == "tiny":
-        return dict(TINY_TRANSFORMER_CONFIG)
-    shape = est.VARIANTS[variant]
-    return dict(
-        TINY_TRANSFORMER_CONFIG,
-        num_layers=shape.num_layers,
-        num_single_layers=shape.num_single_layers,
-        num_attention_heads=shape.hidden_size // shape.head_dim,
-        joint_attention_dim=shape.joint_attention_dim,
-    )
+    """The diffusers config of ``tiny`` or a released size (``9B``, ``4B``)."""
+    return dict(TINY_TRANSFORMER_CONFIG) if variant == "tiny" else KLEIN_SHAPES[variant].transformer_config
 
 
 def fused_attention_only(device: str):
@@ -598,26 +591,29 @@ def results_table(runs: list[dict]) -> str:
                     f"{_fmt(m['achieved_tflops'], '{:.0f}')} | {_fmt(m['mfu'], '{:.0%}')} | "
                     f"{_fmt(m['peak_reserved_gib'], '{:.1f}')} ({_fmt(m['predicted_peak_gib'], '{:.1f}')}) |"
                 )
-            p = r.get("preview")
-            if p and p.get("status") == "ok":
-                lines.append(
-                    f"{prefix} preview {p['sample_steps']} "
-                    f"sample steps, CFG {p['cfg']:g}, merged LoRA | "
-                    f"{p['seconds']:.2f} s ({_fmt(p['predicted_seconds'], '{:.2f}')} s) | "
-                    f"{p['achieved_tflops']:.0f} | | |"
-                )
-                q = p.get("ratios")
-                if q and q.get("status") == "ok":
-                    lines.append(
-                        f"{prefix} preview ratios at "
-                        f"{q['sample_steps']} sample steps | batched/two-pass CFG {q['batched_vs_two_pass']:.2f}, "
-                        f"merged/unmerged LoRA {q['merged_vs_unmerged']:.2f} | | | |"
-                    )
+            lines += preview_rows(prefix, r.get("preview") or {})
             lines += health_rows(prefix, r.get("checkpoint_health") or {})
     versions_seen = {json.dumps(run["versions"], sort_keys=True) for run in runs}
     lines.append("")
     lines += [f"Versions: `{v}`" for v in sorted(versions_seen)]
     return "\n".join(lines)
+
+
+def preview_rows(prefix: str, preview: dict) -> list[str]:
+    """The Base preview's time, then its batched/two-pass CFG and merged/unmerged LoRA ratios (at fewer steps)."""
+    if preview.get("status") != "ok":
+        return []
+    seconds = f"{preview['seconds']:.2f} s ({_fmt(preview['predicted_seconds'], '{:.2f}')} s)"
+    setting = f"{preview['sample_steps']} sample steps, CFG {preview['cfg']:g}, merged LoRA"
+    lines = [f"{prefix} preview {setting} | {seconds} | {preview['achieved_tflops']:.0f} | | |"]
+    ratios = preview.get("ratios") or {}
+    if ratios.get("status") == "ok":
+        compared = (
+            f"batched/two-pass CFG {ratios['batched_vs_two_pass']:.2f}, "
+            f"merged/unmerged LoRA {ratios['merged_vs_unmerged']:.2f}"
+        )
+        lines.append(f"{prefix} preview ratios at {ratios['sample_steps']} sample steps | {compared} | | | |")
+    return lines
 
 
 def health_rows(prefix: str, health: dict) -> list[str]:

@@ -26,7 +26,52 @@ def image_tokens(width: int, height: int) -> int:
     return (height // PIXEL_MULTIPLE) * (width // PIXEL_MULTIPLE)
 
 
-# --- released transformer shapes --------------------------------------------------------------------------------
+# --- transformer shapes -----------------------------------------------------------------------------------------
+HEAD_DIM = 128  # every attention head is 128 wide: a transformer's hidden size is its heads x 128
+
+
+def transformer_config(
+    hidden_size: int,
+    num_layers: int,
+    num_single_layers: int,
+    joint_attention_dim: int,
+    timestep_channels: int = 256,
+    mlp_ratio: float = 3.0,
+) -> dict:
+    """The diffusers ``Flux2Transformer2DModel`` config of a Klein transformer of these widths and block counts.
+
+    What every Klein shares, the released sizes and the tiny test model alike, is written here once: patch size 1
+    on the 128 latent channels, 128-wide heads, rope axes 32x4 at theta 2000, and no guidance embedding (the
+    guidance-distilled FLUX.2-dev has one). ComfyUI recognises a Flux2 transformer by these.
+    """
+    return dict(
+        patch_size=1,
+        in_channels=LATENT_CHANNELS,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=hidden_size // HEAD_DIM,
+        joint_attention_dim=joint_attention_dim,
+        timestep_guidance_channels=timestep_channels,
+        mlp_ratio=mlp_ratio,
+        axes_dims_rope=(32, 32, 32, 32),
+        rope_theta=2000,
+        eps=1e-6,
+        guidance_embeds=False,
+    )
+
+
+# The released text encoders (Qwen3 configs): what the fit-check audit builds for the text-encoder phase. Both have
+# 36 layers of 32 query and 8 key/value heads 128 wide over the same vocabulary; they differ in width.
+_QWEN3_SHARED = dict(
+    num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936
+)
+QWEN3_CONFIGS = {
+    "Qwen3-8B": dict(_QWEN3_SHARED, hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False),
+    "Qwen3-4B": dict(_QWEN3_SHARED, hidden_size=2560, intermediate_size=9728, tie_word_embeddings=True),
+}
+
+
 @dataclass(frozen=True)
 class KleinShape:
     """One released Klein size: its transformer's block counts and widths, and the text encoder that feeds it."""
@@ -35,41 +80,25 @@ class KleinShape:
     hidden_size: int  # heads x 128
     num_layers: int  # double-stream blocks
     num_single_layers: int
-    text_encoder: str
-    text_encoder_hidden_size: int
+    text_encoder: str  # a key of QWEN3_CONFIGS
+
+    @property
+    def text_encoder_hidden_size(self) -> int:
+        return QWEN3_CONFIGS[self.text_encoder]["hidden_size"]
 
     @property
     def joint_attention_dim(self) -> int:
         """The transformer's text input width: three stacked text-encoder layers."""
         return len(TEXT_ENCODER_LAYERS) * self.text_encoder_hidden_size
 
+    @property
+    def transformer_config(self) -> dict:
+        """The released transformer's diffusers config (the fit-check audit builds its fake model from it)."""
+        return transformer_config(self.hidden_size, self.num_layers, self.num_single_layers, self.joint_attention_dim)
 
-# The released text encoders (Qwen3 configs): what the fit-check audit builds for the text-encoder phase.
-QWEN3_CONFIGS = {
-    "Qwen3-8B": dict(
-        hidden_size=4096,
-        intermediate_size=12288,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=151936,
-        tie_word_embeddings=False,
-    ),
-    "Qwen3-4B": dict(
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
-}
 
-KLEIN_9B = KleinShape("9B", 4096, 8, 24, "Qwen3-8B", 4096)
-KLEIN_4B = KleinShape("4B", 3072, 5, 20, "Qwen3-4B", 2560)
+KLEIN_9B = KleinShape("9B", 4096, 8, 24, "Qwen3-8B")
+KLEIN_4B = KleinShape("4B", 3072, 5, 20, "Qwen3-4B")
 KLEIN_SHAPES = {shape.name: shape for shape in (KLEIN_9B, KLEIN_4B)}
 
 # --- timestep shifts --------------------------------------------------------------------------------------------

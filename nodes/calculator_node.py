@@ -151,13 +151,7 @@ class KleinRepeatsCalculator(io.ComfyNode):
 
 def _estimate_text(run_plan, variant: str, resolution: int) -> str:
     """The estimate line, plus the fit on this machine's GPU (and the mode that would fit) when there is one."""
-    kwargs = dict(
-        training_steps=run_plan.training_steps,
-        batch_size=run_plan.batch_size,
-        grad_accum=run_plan.grad_accum,
-        images=run_plan.images,
-        device_name=detect_gpu_name(),
-    )
+    kwargs = dict(run_plan.estimate_kwargs(), device_name=detect_gpu_name())
     text = estimate(variant, resolution, PRESET.rank, Mode(), **kwargs).summary()
     gpu_memory = detect_gpu_memory()
     if gpu_memory is not None:

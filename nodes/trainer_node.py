@@ -18,6 +18,7 @@ from comfy_api.latest import io, ui
 
 from ..klein_core.data.cache import default_cache_dir
 from ..klein_core.data.captions import REGULARIZATION_CAPTION
+from ..klein_core.fields import from_attributes
 from ..klein_core.preset import PRESET
 from ..klein_core.train.config import TrainCallbacks, TrainConfig
 from ..klein_core.train.distributed import DistributedContext
@@ -372,13 +373,7 @@ class KleinLoRATrainer(io.ComfyNode):
                 extend=_continuation(continue_from, extra_repeats_per_image),
                 device=str(comfy.model_management.get_torch_device()),
                 dist=DistributedContext(),  # one process, whatever the environment says
-                callbacks=TrainCallbacks(
-                    on_step=progress.on_step,
-                    on_progress=progress.on_progress,
-                    should_stop=progress.should_stop,
-                    on_checkpoint=progress.on_checkpoint,
-                    log=progress.log,
-                ),
+                callbacks=from_attributes(TrainCallbacks, progress),  # its methods are named like the callbacks
             )
         memory.register(run)  # its transformer and VAE leave the GPU when ComfyUI frees memory (nodes/memory.py)
         lora_name = _publish_to_loras(run)

@@ -14,13 +14,11 @@ Two levels:
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 
 import pytest
 import torch
-from harness.comfyui import REPO_ROOT, TESTS_DIR
+from harness.comfyui import TESTS_DIR
 from safetensors.torch import load_file
 
 from klein_core.model.keymap import diffusers_to_bfl_transformer
@@ -148,21 +146,12 @@ def test_comfyui_stock_lora_loader_loads_every_key_and_patches_exactly_our_delta
     weights = random_lora(transformer, seed=7)
     lora_path = save_lora(tmp_path / "ours.safetensors", weights)
     deltas_path = tmp_path / "comfy_deltas.safetensors"
-    env = dict(os.environ, PYTHONPATH=comfy_env.server_pythonpath(), PYTHONDONTWRITEBYTECODE="1")
-    completed = subprocess.run(
-        [
-            str(comfy_env.python),
-            str(TESTS_DIR / "harness" / "lora_check.py"),
-            str(tiny_model / "comfyui" / COMFY_FILES["transformer"]),
-            str(lora_path),
-            str(deltas_path),
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+    completed = comfy_env.run_python(
+        str(TESTS_DIR / "harness" / "lora_check.py"),
+        str(tiny_model / "comfyui" / COMFY_FILES["transformer"]),
+        str(lora_path),
+        str(deltas_path),
         timeout=300,
-        stdin=subprocess.DEVNULL,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     report = json.loads(completed.stdout.strip().splitlines()[-1])

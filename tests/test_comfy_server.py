@@ -6,9 +6,7 @@ COMFYUI_DIR to run the same tests against a current ComfyUI.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -114,16 +112,8 @@ def test_node_unit_tests_pass_inside_comfyui_python(comfy_env):
     """The node execute tests skip where comfy_api is absent; here they run in the real ComfyUI's venv."""
     node_test_files = sorted(str(path.relative_to(REPO_ROOT)) for path in TESTS_DIR.glob("test_*_node.py"))
     assert node_test_files
-    env = dict(os.environ, PYTHONPATH=comfy_env.server_pythonpath(), PYTHONDONTWRITEBYTECODE="1")
-    env.pop("COMFYUI_DIR", None)
-    completed = subprocess.run(
-        [str(comfy_env.python), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *node_test_files],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        stdin=subprocess.DEVNULL,
+    completed = comfy_env.run_python(
+        "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *node_test_files, timeout=600, unset=("COMFYUI_DIR",)
     )
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-6000:]

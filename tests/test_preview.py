@@ -263,28 +263,27 @@ def test_a_lora_file_knows_its_training_step(model, tmp_path):
     assert checkpoint_from_file(unnamed).training_step == 120
 
 
+def preview_cli(**flags) -> int:
+    """``klein-lora preview`` with ``--flag value`` per keyword (``True``: the bare flag; a list: its values)."""
+    argv = ["preview"]
+    for name, value in flags.items():
+        argv.append("--" + name.replace("_", "-"))
+        if value is not True:
+            argv += [str(v) for v in (value if isinstance(value, list) else [value])]
+    return main(argv)
+
+
 def test_cli_preview_renders_the_base_model_alone_and_warns_when_under_sampled(tiny_diffusers, tmp_path, capsys):
-    code = main(
-        [
-            "preview",
-            "--model",
-            str(tiny_diffusers),
-            "--prompt",
-            "photo of [trigger]",
-            "--trigger",
-            "kleinchar",
-            "--sample-steps",
-            "1",
-            "--cfg",
-            "4",
-            "--width",
-            str(SIZE),
-            "--height",
-            str(SIZE),
-            "--out",
-            str(tmp_path),
-            "--json",
-        ]
+    code = preview_cli(
+        model=tiny_diffusers,
+        prompt="photo of [trigger]",
+        trigger="kleinchar",
+        sample_steps=1,
+        cfg=4,
+        width=SIZE,
+        height=SIZE,
+        out=tmp_path,
+        json=True,
     )
     captured = capsys.readouterr()
     assert code == 0
@@ -300,32 +299,18 @@ def test_cli_preview_with_lora_files_and_a_strength_sweep_on_comfyui_files(tiny_
         random_lora(model.transformer, 4),
         {"training_steps": 300, "trigger_word": "kleinchar"},
     )
-    code = main(
-        [
-            "preview",
-            "--model",
-            str(tiny_comfy_files["transformer"]),
-            "--text-encoder",
-            str(tiny_comfy_files["text_encoder"]),
-            "--vae",
-            str(tiny_comfy_files["vae"]),
-            "--lora",
-            str(lora),
-            "--prompt",
-            "photo of [trigger]",
-            "--sample-steps",
-            "1",
-            "--width",
-            str(SIZE),
-            "--height",
-            str(SIZE),
-            "--strengths",
-            "0.5",
-            "1.0",
-            "--out",
-            str(tmp_path / "out"),
-            "--json",
-        ]
+    code = preview_cli(
+        model=tiny_comfy_files["transformer"],
+        text_encoder=tiny_comfy_files["text_encoder"],
+        vae=tiny_comfy_files["vae"],
+        lora=lora,
+        prompt="photo of [trigger]",
+        sample_steps=1,
+        width=SIZE,
+        height=SIZE,
+        strengths=[0.5, 1.0],
+        out=tmp_path / "out",
+        json=True,
     )
     assert code == 0
     listing = json.loads(capsys.readouterr().out)
@@ -335,21 +320,7 @@ def test_cli_preview_with_lora_files_and_a_strength_sweep_on_comfyui_files(tiny_
 
 
 def test_cli_preview_refuses_a_size_that_is_not_a_multiple_of_16(tiny_diffusers, tmp_path, capsys):
-    code = main(
-        [
-            "preview",
-            "--model",
-            str(tiny_diffusers),
-            "--prompt",
-            "x",
-            "--width",
-            "40",
-            "--height",
-            "32",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    code = preview_cli(model=tiny_diffusers, prompt="x", width=40, height=32, out=tmp_path)
     assert code == 2 and "width 40" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 

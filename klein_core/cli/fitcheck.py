@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..fields import from_attributes
 from ..preset import PRESET
 from ..train.estimate import ASSUMED_MFU
 from ._common import print_json
@@ -37,20 +38,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..tools.fitcheck import FitCheckRequest, fit_check, render_table
 
-    request = FitCheckRequest(
-        variant=args.variant,
-        resolution=args.resolution,
-        gpu_memory_gib=args.gpu_memory,
-        rank=args.rank,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        base_8bit=args.base_8bit,
-        gradient_checkpointing=args.gradient_checkpointing,
-        images=args.images,
-        save_every=args.save_every,
-        mfu=args.mfu,
-    )
-    report = fit_check(request)
+    report = fit_check(from_attributes(FitCheckRequest, args, gpu_memory_gib=args.gpu_memory))
     if args.json:
         print_json(report.as_dict())
     else:

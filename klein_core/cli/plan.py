@@ -77,13 +77,7 @@ def estimate_report(args, result) -> dict:
         raise PlanError(f"--gpu-memory must be a size in GiB > 0, got {args.gpu_memory:g}")
     mode = Mode(gradient_checkpointing=args.gradient_checkpointing, base_8bit=args.base_8bit)
     gpu_memory = args.gpu_memory if args.gpu_memory is not None else detect_gpu_memory()
-    kwargs = dict(
-        training_steps=result.training_steps,
-        batch_size=result.batch_size,
-        grad_accum=result.grad_accum,
-        images=result.images,
-        device_name=detect_gpu_name(),
-    )
+    kwargs = dict(result.estimate_kwargs(), device_name=detect_gpu_name())
     the_estimate = estimate(args.variant, args.resolution, args.rank, mode, **kwargs)
     report = {
         **the_estimate.as_dict(),

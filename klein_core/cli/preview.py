@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..fields import from_attributes
 from ..model.loading import resolve_model
 from ..preset import PRESET
 from ..preview.grid import (
@@ -77,14 +78,7 @@ def run_preview(args) -> int:
     prompts = substitute_prompts(args.prompt, args.trigger, args.lora)
     resolved = resolve_model(args.model, args.text_encoder, args.vae, args.tokenizer)
     checkpoints = [checkpoint_from_file(path) for path in args.lora]
-    settings = PreviewSettings(
-        width=args.width,
-        height=args.height,
-        sample_steps=args.sample_steps,
-        cfg=args.cfg,
-        seed=args.seed,
-        batched_cfg=not args.two_pass_cfg,
-    )
+    settings = from_attributes(PreviewSettings, args, batched_cfg=not args.two_pass_cfg)
     for warning in [*resolved.warnings, *settings.warnings()]:
         print(f"warning: {warning}", file=sys.stderr)
 

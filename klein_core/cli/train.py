@@ -12,6 +12,7 @@ from pathlib import Path
 from ..data.captions import REGULARIZATION_CAPTION
 from ..data.spec import DatasetSpec
 from ..errors import ConfigError, NonFiniteLoss
+from ..fields import from_attributes
 from ..model.loading import resolve_model
 from ..preset import PRESET
 from ..train.config import TrainCallbacks, TrainConfig
@@ -288,27 +289,11 @@ def _inputs_from_args(args) -> RunInputs:
     ]
     if missing:
         raise ConfigError(f"{' and '.join(missing)} required (or `--resume RUN` alone, to continue a run as saved)")
-    config = TrainConfig(
+    config = from_attributes(
+        TrainConfig,
+        args,
         output_name=args.name,
-        training_steps=args.training_steps,
-        target_repeats=args.target_repeats,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
         learning_rate=args.lr if args.lr is not None else PRESET.learning_rate,
-        warmup_steps=args.warmup_steps,
-        rank=args.rank,
-        seed=args.seed,
-        save_every=args.save_every,
-        keep_last=args.keep_last,
-        gradient_checkpointing=args.gradient_checkpointing,
-        base_8bit=args.base_8bit,
-        compile_blocks=args.compile_blocks,
-        stop_on_collapse=args.stop_on_collapse,
-        validation_every=args.validation_every,
-        validation_images=args.validation_images,
-        health_preview_every=args.health_preview_every,
-        log_every=args.log_every,
-        regularization_weight=args.regularization_weight,
     )
     spec = DatasetSpec(
         folder=args.images,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
-from ..facts import KLEIN_SHAPES, LATENT_CHANNELS, TEXT_ENCODER_LAYERS, KleinShape
+from ..facts import HEAD_DIM, KLEIN_SHAPES, LATENT_CHANNELS, TEXT_ENCODER_LAYERS, transformer_config
 from .keymap import COMFY_TRANSFORMER_PREFIX, bfl_to_diffusers_transformer, ldm_to_diffusers_vae, strip_prefix
 
 KNOWN_VARIANTS = {shape.hidden_size: shape for shape in KLEIN_SHAPES.values()}  # transformer hidden size -> shape
@@ -175,10 +175,10 @@ def variant_from_bfl_shapes(shapes: dict[str, tuple[int, ...]], path: Path) -> t
     singles = len({k.split(".")[1] for k in keys if k.startswith("single_blocks.")})
     if any(k.startswith("guidance_in.") for k in keys):
         raise ModelError(
-            f"{path} is FLUX.2 [dev] (it has a guidance embedding, {hidden // 128} heads, {singles} single blocks), "
-            "not FLUX.2 [klein]; use flux-2-klein-base-9b.safetensors or -4b"
+            f"{path} is FLUX.2 [dev] (it has a guidance embedding, {hidden // HEAD_DIM} heads, {singles} single "
+            "blocks), not FLUX.2 [klein]; use flux-2-klein-base-9b.safetensors or -4b"
         )
-    if in_channels != 128 or hidden % 128:
+    if in_channels != LATENT_CHANNELS or hidden % HEAD_DIM:
         raise ModelError(f"{path} has {in_channels} input channels / hidden {hidden}: not a FLUX.2 [klein] transformer")
     variant = _name_variant(hidden, doubles, singles, joint)
     config = transformer_config(
@@ -190,32 +190,6 @@ def variant_from_bfl_shapes(shapes: dict[str, tuple[int, ...]], path: Path) -> t
         mlp_ratio=shapes["double_blocks.0.img_mlp.2.weight"][1] / hidden,
     )
     return variant, config
-
-
-def transformer_config(
-    hidden: int, doubles: int, singles: int, joint: int, timestep_channels: int = 256, mlp_ratio: float = 3.0
-) -> dict:
-    """The diffusers ``Flux2Transformer2DModel`` config of a Klein transformer of these widths (128-wide heads)."""
-    return dict(
-        patch_size=1,
-        in_channels=LATENT_CHANNELS,
-        num_layers=doubles,
-        num_single_layers=singles,
-        attention_head_dim=128,
-        num_attention_heads=hidden // 128,
-        joint_attention_dim=joint,
-        timestep_guidance_channels=timestep_channels,
-        mlp_ratio=mlp_ratio,
-        axes_dims_rope=(32, 32, 32, 32),
-        rope_theta=2000,
-        eps=1e-6,
-        guidance_embeds=False,
-    )
-
-
-def released_transformer_config(shape: KleinShape) -> dict:
-    """The config of a released Klein transformer (9B, 4B), for the fit-check audit's fake model."""
-    return transformer_config(shape.hidden_size, shape.num_layers, shape.num_single_layers, shape.joint_attention_dim)
 
 
 def _name_variant(hidden: int, doubles: int, singles: int, joint: int) -> KleinVariant:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -55,7 +55,10 @@ CONTROL = PreviewCheckpoint(CONTROL_STEP, "no LoRA (control)", None)
 
 @dataclass(frozen=True)
 class PreviewSettings:
-    """How every cell is sampled: Base-correct defaults from the preset (50 sample steps, CFG 4)."""
+    """How every cell is sampled: Base-correct defaults from the preset (50 sample steps, CFG 4).
+
+    Its fields are ``sampling.denoise_base``'s sampling arguments, by name: the grid passes them on as they are.
+    """
 
     width: int = PRESET.resolution
     height: int = PRESET.resolution
@@ -317,13 +320,7 @@ def render_preview_grid(
                     vae,
                     embeds,
                     negative_embeds,
-                    settings.width,
-                    settings.height,
-                    settings.sample_steps,
-                    settings.cfg,
-                    settings.seed,
-                    batched_cfg=settings.batched_cfg,
-                    is_distilled=settings.is_distilled,
+                    **asdict(settings),
                     progress=step_progress,
                     interrupt=interrupt,
                 )[0]

@@ -27,6 +27,7 @@ import torch
 from ..data.buckets import fit_to_bucket
 from ..data.images import is_image_file, load_image_rgb, pixels_from_image
 from ..data.spec import DatasetSpec
+from ..fields import from_attributes
 from ..model.latents import encode_images
 from ..preset import PRESET
 
@@ -264,13 +265,8 @@ def _train(
 def _grid(run, scale: DemoScale, out: Path, log: Callable[[str], None], on_sample_step):
     from ..preview.grid import PreviewSettings, preview_run
 
-    settings = PreviewSettings(
-        width=scale.resolution,
-        height=scale.resolution,
-        sample_steps=scale.sample_steps,
-        cfg=scale.cfg,
-        seed=scale.seed,
-    )  # training runs only on Base (a distilled model is refused), so the previews are Base previews
+    # training runs only on Base (a distilled model is refused), so the previews are Base previews
+    settings = from_attributes(PreviewSettings, scale, width=scale.resolution, height=scale.resolution)
     log(
         f"[4/5] preview grid: rows = no-LoRA control (step 0) + {len(run.checkpoints)} checkpoints, "
         f"{settings.sample_steps} sample steps, CFG {settings.cfg:g}, seed {settings.seed} for every cell"

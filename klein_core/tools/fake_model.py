@@ -18,7 +18,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 
 from ..facts import QWEN3_CONFIGS, KleinShape
-from ..model.loading import released_transformer_config
 
 STAND_IN_DEVICE = "cpu"  # the GPU's stand-in for the audit's fake tensors
 OFF_DEVICE = "meta"  # where the audit puts what a real run keeps in host memory
@@ -45,7 +44,7 @@ def meta_transformer(shape: KleinShape, dtype: torch.dtype = torch.bfloat16) -> 
     from diffusers import Flux2Transformer2DModel
 
     with torch.device("meta"):
-        return Flux2Transformer2DModel(**released_transformer_config(shape)).to(dtype)
+        return Flux2Transformer2DModel(**shape.transformer_config).to(dtype)
 
 
 def meta_vae(dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -24,11 +24,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from ..facts import KLEIN_SHAPES, LATENT_CHANNELS, PIXEL_MULTIPLE, TEXT_TOKENS, KleinShape
+from ..fields import from_attributes
 from ..model import lora as lora_io
 from ..model.latents import decode_latents, encode_images
 from ..model.loading import (
     read_shapes,
-    released_transformer_config,
     text_encoder_layers_needed,
     variant_from_bfl_shapes,
 )
@@ -100,14 +100,12 @@ class FitCheckRequest:
         return KLEIN_SHAPES[self.variant]
 
     def train_config(self, mode: Mode) -> TrainConfig:
-        return TrainConfig(
-            rank=self.rank,
-            batch_size=self.batch_size,
-            grad_accum=self.grad_accum,
-            base_8bit=self.base_8bit,
+        """The trainer's config of this run: the request's settings of the same names, in the decided mode."""
+        return from_attributes(
+            TrainConfig,
+            self,
             gradient_checkpointing=mode.gradient_checkpointing,
             checkpointed_blocks=mode.checkpointed_blocks,
-            save_every=self.save_every,
         )
 
 
@@ -222,7 +220,7 @@ def released_shape(variant: str) -> KleinShape:
 def decide_mode(request: FitCheckRequest) -> Mode:
     """The memory mode as the trainer decides it for this card (automatic unless the request says)."""
     return decide_memory_mode(
-        released_transformer_config(request.shape),
+        request.shape.transformer_config,
         request.resolution,
         request.rank,
         request.gradient_checkpointing,

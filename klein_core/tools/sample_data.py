@@ -193,6 +193,25 @@ def sample_file_names(count: int) -> list[tuple[str, str]]:
     return [(f"sample_{i:02d}.{'png' if i % 2 == 0 else 'jpg'}", f"sample_{i:02d}.txt") for i in range(count)]
 
 
+def claim_dataset_folder(folder: str | Path, names: list[tuple[str, str]], what: str) -> Path:
+    """``folder``, created if needed, for a generated ``what`` of these (image, caption) file ``names``.
+
+    Refused when it holds anything else (a previous set of the same names is overwritten), so a generated set never
+    mixes into a user's dataset.
+    """
+    root = Path(folder).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"{root} exists and is not a folder")
+    ours = {name for pair in names for name in pair}
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in ours) if root.is_dir() else []
+    if foreign:
+        raise DatasetError(
+            f"{root} already holds other files ({', '.join(foreign[:3])}…): give a new or empty folder for the {what}"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def make_sample_dataset(
     folder: str | Path,
     count: int = 10,
@@ -210,19 +229,8 @@ def make_sample_dataset(
     if isinstance(size, bool) or not isinstance(size, int) or size < 64:
         raise DatasetError(f"size must be a whole number of pixels >= 64, got {size!r}")
     del trigger  # captions carry the placeholder, so the same set serves any trigger word
-    root = Path(folder).expanduser()
-    if root.exists() and not root.is_dir():
-        raise DatasetError(f"{root} exists and is not a folder")
     names = sample_file_names(count)
-    ours = {n for pair in names for n in pair}
-    if root.is_dir():
-        foreign = sorted(p.name for p in root.iterdir() if p.name not in ours)
-        if foreign:
-            raise DatasetError(
-                f"{root} already holds other files ({', '.join(foreign[:3])}…): give a new or empty folder for "
-                "the sample dataset"
-            )
-    root.mkdir(parents=True, exist_ok=True)
+    root = claim_dataset_folder(folder, names, "sample dataset")
     paths: list[Path] = []
     for index, (image_name, caption_name) in enumerate(names):
         image, caption = render_sample(index, seed=seed, size=size)

@@ -15,23 +15,15 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_save_safetensors, atomic_write_json
+from ..facts import transformer_config
 from ..model.keymap import diffusers_to_bfl_transformer, diffusers_to_ldm_vae
 from ..model.loading import VAE_GROUPS_METADATA
 
-TINY_TRANSFORMER_CONFIG = dict(
-    patch_size=1,
-    in_channels=128,
+TINY_TRANSFORMER_CONFIG = transformer_config(
+    hidden_size=128,
     num_layers=2,
     num_single_layers=2,
-    attention_head_dim=128,
-    num_attention_heads=1,
     joint_attention_dim=48,  # 3 x text-encoder hidden size (16)
-    timestep_guidance_channels=256,
-    mlp_ratio=3.0,
-    axes_dims_rope=(32, 32, 32, 32),
-    rope_theta=2000,
-    eps=1e-6,
-    guidance_embeds=False,
 )
 TINY_VAE_CONFIG = dict(
     block_out_channels=(32, 32, 32, 32),

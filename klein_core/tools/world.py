@@ -20,8 +20,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from ..atomic import atomic_write_bytes
-from ..errors import DatasetError
 from ..preset import PRESET
+from .sample_data import claim_dataset_folder
 
 COLOURS = {
     "red": (215, 30, 35),
@@ -181,19 +181,8 @@ def make_identity_dataset(folder: str | Path, count: int = 4, seed: int = 0, siz
 
     Refuses a folder holding anything but a previous identity set, so it never mixes into a user's dataset.
     """
-    root = Path(folder).expanduser()
     names = identity_file_names(count)
-    ours = {n for pair in names for n in pair}
-    if root.is_dir():
-        foreign = sorted(p.name for p in root.iterdir() if p.name not in ours)
-        if foreign:
-            raise DatasetError(
-                f"{root} already holds other files ({', '.join(foreign[:3])}…): give a new or empty "
-                "folder for the identity dataset"
-            )
-    elif root.exists():
-        raise DatasetError(f"{root} exists and is not a folder")
-    root.mkdir(parents=True, exist_ok=True)
+    root = claim_dataset_folder(folder, names, "identity dataset")
     paths = []
     for index, (image_name, caption_name) in enumerate(names):
         image = render(IDENTITY, random.Random(f"klein-identity:{seed}:{index}"), size)

@@ -97,6 +97,10 @@ class Plan:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def estimate_kwargs(self) -> dict:
+        """The run's size as ``estimate``'s keyword arguments, so the estimate shown beside a plan is of that run."""
+        return {name: getattr(self, name) for name in ("training_steps", "batch_size", "grad_accum", "images")}
+
     def summary(self) -> str:
         aim = f" (target {self.target_repeats:g})" if self.target_repeats is not None else ""
         return (

@@ -57,6 +57,18 @@ class ComfyEnv:
         """PYTHONPATH for processes that run ComfyUI code: the torchvision shim, then the tree itself."""
         return os.pathsep.join([str(SHIM_DIR), str(self.tree)])
 
+    def run_python(self, *args: str, timeout: float, unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        """Run this venv's interpreter on ``args`` from the repository root, with the server's PYTHONPATH, output
+        captured and no stdin: for code that must meet the real ComfyUI rather than the test interpreter's packages.
+        ``unset`` names environment variables the child must not inherit."""
+        env = dict(os.environ, PYTHONPATH=self.server_pythonpath(), PYTHONDONTWRITEBYTECODE="1")
+        for name in unset:
+            env.pop(name, None)
+        command = [str(self.python), *args]
+        return subprocess.run(
+            command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+
 
 def prepare_comfy_env() -> ComfyEnv:
     """Run tests/setup_comfyui.sh (idempotent) and return what it built. Honours $COMFYUI_DIR."""

@@ -128,58 +128,54 @@ PREVIEW_DEFAULTS = {
     "width": 0, "height": 0, "checkpoints": "all", "strengths": "",
 }  # fmt: skip
 
+CALCULATOR_DEFAULTS = {
+    "target_repeats": PRESET.target_repeats, "batch_size": PRESET.batch_size, "grad_accum": PRESET.grad_accum,
+    "variant": "9B", "resolution": PRESET.resolution,
+}  # fmt: skip
+NO_MODEL = "(none)"
+
+
+def node(key: str, node_type: str, pos: list, size: list, **rest) -> dict:
+    """One node of a spec: its key (for links), type, place and size, then ``widgets``, ``title`` or ``text``."""
+    return {"key": key, "type": node_type, "pos": pos, "size": size, **rest}
+
+
+def note(pos: list, size: list, text: str) -> dict:
+    return node("note", "MarkdownNote", pos, size, text=text)
+
+
+def save_image(pos: list, prefix: str) -> dict:
+    return node("save", "SaveImage", pos, [420, 560], widgets={"filename_prefix": prefix})
+
+
 WORKFLOWS = {
     "train_then_preview": {
         "nodes": [
-            {"key": "note", "type": "MarkdownNote", "pos": [0, 0], "size": [620, 560], "text": TRAIN_NOTE},
-            {
-                "key": "dataset",
-                "type": "KleinCaptionDataset",
-                "pos": [0, 680],
-                "size": [300, 330],
-                "widgets": {"folder": "my_character", "trigger": TRIGGER, "resolutions": str(PRESET.resolution)},
-            },
-            {
-                "key": "calculator",
-                "type": "KleinRepeatsCalculator",
-                "pos": [340, 680],
-                "size": [280, 230],
-                "widgets": {
-                    "target_repeats": PRESET.target_repeats,
-                    "batch_size": PRESET.batch_size,
-                    "grad_accum": PRESET.grad_accum,
-                    "variant": "9B",
-                    "resolution": PRESET.resolution,
-                },
-            },
-            {
-                "key": "trainer",
-                "type": "KleinLoRATrainer",
-                "pos": [660, 0],
-                "size": [420, 760],
-                "widgets": TRAINER_DEFAULTS,
-            },
-            {
-                "key": "preview",
-                "type": "KleinBasePreviewSampler",
-                "pos": [1120, 0],
-                "size": [400, 560],
-                "widgets": {
-                    "diffusion_model": "(none)",
-                    "text_encoder": "(none)",
-                    "vae": "(none)",
-                    "lora": "(none)",
+            note([0, 0], [620, 560], TRAIN_NOTE),
+            node(
+                "dataset",
+                "KleinCaptionDataset",
+                [0, 680],
+                [300, 330],
+                widgets={"folder": "my_character", "trigger": TRIGGER, "resolutions": str(PRESET.resolution)},
+            ),
+            node("calculator", "KleinRepeatsCalculator", [340, 680], [280, 230], widgets=CALCULATOR_DEFAULTS),
+            node("trainer", "KleinLoRATrainer", [660, 0], [420, 760], widgets=TRAINER_DEFAULTS),
+            node(
+                "preview",
+                "KleinBasePreviewSampler",
+                [1120, 0],
+                [400, 560],
+                widgets={
+                    "diffusion_model": NO_MODEL,
+                    "text_encoder": NO_MODEL,
+                    "vae": NO_MODEL,
+                    "lora": NO_MODEL,
                     **PREVIEW_DEFAULTS,
                 },
-            },
-            {"key": "report", "type": "KleinTrainingReport", "pos": [1120, 660], "size": [400, 330]},
-            {
-                "key": "save",
-                "type": "SaveImage",
-                "pos": [1560, 0],
-                "size": [420, 560],
-                "widgets": {"filename_prefix": "klein_lora/preview_grid"},
-            },
+            ),
+            node("report", "KleinTrainingReport", [1120, 660], [400, 330]),
+            save_image([1560, 0], "klein_lora/preview_grid"),
         ],
         "links": [
             ("dataset", "image_count", "calculator", "images"),
@@ -197,64 +193,39 @@ WORKFLOWS = {
     },
     "preview_existing_lora": {
         "nodes": [
-            {"key": "note", "type": "MarkdownNote", "pos": [0, 0], "size": [460, 520], "text": PREVIEW_NOTE},
-            {
-                "key": "preview",
-                "type": "KleinBasePreviewSampler",
-                "pos": [500, 0],
-                "size": [400, 560],
-                "widgets": {
+            note([0, 0], [460, 520], PREVIEW_NOTE),
+            node(
+                "preview",
+                "KleinBasePreviewSampler",
+                [500, 0],
+                [400, 560],
+                widgets={
                     **MODEL_FILES,
                     "lora": "klein/my_character.safetensors",
                     **PREVIEW_DEFAULTS,
                     "prompts": PRESET.default_caption,
                     "strengths": "0.8, 1.2",
                 },
-            },
-            {
-                "key": "save",
-                "type": "SaveImage",
-                "pos": [940, 0],
-                "size": [420, 560],
-                "widgets": {"filename_prefix": "klein_lora/lora_preview"},
-            },
+            ),
+            save_image([940, 0], "klein_lora/lora_preview"),
         ],
         "links": [("preview", "grid", "save", "images")],
         "groups": [],
     },
     "plan_only": {
         "nodes": [
-            {"key": "note", "type": "MarkdownNote", "pos": [0, 0], "size": [420, 400], "text": PLAN_NOTE},
-            {
-                "key": "plan_g1",
-                "type": "KleinRepeatsCalculator",
-                "pos": [460, 0],
-                "size": [360, 300],
-                "title": "Klein Repeats Calculator (grad accum 1)",
-                "widgets": {
-                    "images": 55,
-                    "target_repeats": PRESET.target_repeats,
-                    "batch_size": 1,
-                    "grad_accum": 1,
-                    "variant": "9B",
-                    "resolution": PRESET.resolution,
-                },
-            },
-            {
-                "key": "plan_g4",
-                "type": "KleinRepeatsCalculator",
-                "pos": [860, 0],
-                "size": [360, 300],
-                "title": "Klein Repeats Calculator (grad accum 4)",
-                "widgets": {
-                    "images": 55,
-                    "target_repeats": PRESET.target_repeats,
-                    "batch_size": 1,
-                    "grad_accum": 4,
-                    "variant": "9B",
-                    "resolution": PRESET.resolution,
-                },
-            },
+            note([0, 0], [420, 400], PLAN_NOTE),
+            *(
+                node(
+                    f"plan_g{grad_accum}",
+                    "KleinRepeatsCalculator",
+                    [x, 0],
+                    [360, 300],
+                    title=f"Klein Repeats Calculator (grad accum {grad_accum})",
+                    widgets={"images": 55, **CALCULATOR_DEFAULTS, "batch_size": 1, "grad_accum": grad_accum},
+                )
+                for grad_accum, x in ((1, 460), (4, 860))
+            ),
         ],
         "links": [],
         "groups": [],
