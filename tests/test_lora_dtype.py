@@ -4,22 +4,11 @@ GPU run), and exactly the plain LoRA formula on an fp32 base (the CPU)."""
 from __future__ import annotations
 
 import torch
-from diffusers import Flux2Transformer2DModel
 
 from klein_core.model import lora as lora_io
 from klein_core.model.latents import predict_velocity
 from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
-
-
-def _tiny_transformer(dtype: torch.dtype) -> torch.nn.Module:
-    torch.manual_seed(0)
-    transformer = Flux2Transformer2DModel(**TINY_TRANSFORMER_CONFIG).to(dtype)
-    lora_io.add_lora(transformer, rank=4)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for param in lora_io.lora_parameters(transformer):
-            param.copy_(torch.randn_like(param) * 0.05)  # a trained-looking adapter: B no longer zero
-    return transformer
+from harness.tiny_lora import adapted_tiny_transformer
 
 
 def _forward(transformer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -36,15 +25,15 @@ def _plain_lora_output(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_on_an_fp32_base_each_adapted_layer_gives_the_plain_lora_formula():
-    transformer = _tiny_transformer(torch.float32)
+    transformer = adapted_tiny_transformer(torch.float32)
     layer = transformer.transformer_blocks[0].attn.to_q
     x = torch.randn(1, 16, layer.in_features, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(layer(x), _plain_lora_output(layer, x), rtol=1e-6, atol=1e-6)
 
 
 def test_on_a_bf16_base_the_lora_runs_in_bf16_with_fp32_master_weights_and_gradients():
-    reference = _tiny_transformer(torch.float32)
-    transformer = _tiny_transformer(torch.bfloat16)
+    reference = adapted_tiny_transformer(torch.float32)
+    transformer = adapted_tiny_transformer(torch.bfloat16)
     with torch.no_grad():
         for ours, theirs in zip(transformer.parameters(), reference.parameters()):
             theirs.copy_(ours.float())  # the same bf16-representable weights in both
@@ -76,8 +65,8 @@ def _saved_bytes_by_dtype(transformer: torch.nn.Module) -> dict[torch.dtype, int
 
 
 def test_a_bf16_lora_keeps_no_fp32_copies_of_its_inputs_as_peft_plain_lora_does():
-    ours = _saved_bytes_by_dtype(_tiny_transformer(torch.bfloat16))
-    plain_transformer = _tiny_transformer(torch.bfloat16)
+    ours = _saved_bytes_by_dtype(adapted_tiny_transformer(torch.bfloat16))
+    plain_transformer = adapted_tiny_transformer(torch.bfloat16)
     for module in plain_transformer.modules():
         if isinstance(module, lora_io.LoraLayer):  # peft's own path: inputs cast to the fp32 adapter
             module.lora_variant.pop("default")

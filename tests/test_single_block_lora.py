@@ -5,7 +5,6 @@ and gradients as the plain LoRA, and that much less memory (3.4 GiB at 9B, 1024 
 from __future__ import annotations
 
 import torch
-from diffusers import Flux2Transformer2DModel
 from diffusers.models.transformers.transformer_flux2 import Flux2ParallelSelfAttnProcessor
 
 from klein_core.model import lora as lora_io
@@ -13,20 +12,9 @@ from klein_core.model.single_block_lora import PartsLoraParallelProcessor, use_p
 from klein_core.tools.tiny import TINY_TRANSFORMER_CONFIG
 from klein_core.tools.traffic import SavedActivations
 from klein_core.train.objective import flow_matching_loss
+from harness.tiny_lora import adapted_tiny_transformer
 
 IMAGE_TOKENS, TEXT_TOKENS = 16, 8
-
-
-def _adapted_tiny_transformer() -> torch.nn.Module:
-    torch.manual_seed(0)
-    transformer = Flux2Transformer2DModel(**TINY_TRANSFORMER_CONFIG)
-    transformer.requires_grad_(False)
-    lora_io.add_lora(transformer, rank=4)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for param in lora_io.lora_parameters(transformer):
-            param.copy_(torch.randn_like(param) * 0.05)  # a trained-looking adapter: B no longer zero
-    return transformer
 
 
 def _training_step(transformer: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor], int]:
@@ -46,7 +34,7 @@ def _training_step(transformer: torch.nn.Module) -> tuple[torch.Tensor, list[tor
 
 
 def test_while_a_lora_trains_the_single_blocks_read_the_parts_and_learn_exactly_what_the_plain_lora_does():
-    transformer = _adapted_tiny_transformer()
+    transformer = adapted_tiny_transformer()
     assert all(isinstance(b.attn.processor, PartsLoraParallelProcessor) for b in transformer.single_transformer_blocks)
     parts_loss, parts_grads, _ = _training_step(transformer)
     use_parts_processor(transformer, attached=False)  # diffusers' processor: the LoRA sees the concatenation
@@ -58,7 +46,7 @@ def test_while_a_lora_trains_the_single_blocks_read_the_parts_and_learn_exactly_
 
 
 def test_the_lora_keeps_no_concatenated_output_projection_input():
-    transformer = _adapted_tiny_transformer()
+    transformer = adapted_tiny_transformer()
     *_, parts_saved = _training_step(transformer)
     use_parts_processor(transformer, attached=False)
     *_, plain_saved = _training_step(transformer)
@@ -69,7 +57,7 @@ def test_the_lora_keeps_no_concatenated_output_projection_input():
 
 
 def test_without_autograd_and_after_the_lora_is_removed_the_single_blocks_are_diffusers_own():
-    transformer = _adapted_tiny_transformer()
+    transformer = adapted_tiny_transformer()
     hidden = torch.randn(1, IMAGE_TOKENS + TEXT_TOKENS, 128)
     block_attention = transformer.single_transformer_blocks[0].attn
     with torch.no_grad():  # a health preview inside the training run: nothing to save, the plain LoRA path
