@@ -10,7 +10,8 @@ diffusers' ``Flux2ParallelSelfAttnProcessor``, then the base projection of the c
 the LoRA's down projection, which keeps the two parts instead of their concatenation (:class:`DownFromParts`). The
 parts are what the frozen model keeps anyway (the attention kernel keeps its output, the SwiGLU and the q/k norms
 keep the fused projection's output), so the LoRA keeps no new activation there; its backward recomputes the
-SwiGLU once for ``A``'s gradient (3% more element-wise traffic than the frozen model's at 9B).
+SwiGLU once for ``A``'s gradient. The audit at 9B, 1024 px without checkpointing: saved activations 1.20x ->
+1.05x the frozen model's, element-wise traffic 1.04x -> 1.07x.
 """
 
 from __future__ import annotations
