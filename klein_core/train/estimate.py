@@ -32,13 +32,12 @@ the same FLOPs (weight-only int8 dequantises per layer), so its time here is opt
   bf16 scale per output row) and one dequantised bf16 copy of the largest Linear is alive during its matmul;
 * LoRA + AdamW: LoRA parameters × 16 bytes (fp32 weight, gradient and two Adam moments);
 * activations, calibrated to the fit-check audit's count of the pack's own LoRA training step (9B, 1024 px, no
-  checkpointing: 24.2 GiB kept and transient; GPU measurements in ``bench/RESULTS.md`` when a card has run it):
-  without GC ``ACTIVATION_BYTES × T × d × n`` (≈ 21.5 bf16 values per token per hidden unit per block; 9B: 8.1 /
-  14.8 / 24.2 GiB at 512 / 768 / 1024 px; published figures for peft's plain fp32 LoRA are a third higher, see
-  ``model.lora``); with per-block GC only each block's inputs are kept (3.2 bytes × T × d per block: the streams,
-  modulation and rope, as the audit counts them) plus one block's full activations while it is recomputed (9B:
-  0.9 / 1.6 / 2.6 GiB in all with every block checkpointed). Fused attention (SDPA flash / memory-efficient) is
-  assumed: the math kernel would add the T² score matrices (~162 GiB at 1024 for 9B);
+  GC: 24.2 GiB kept and transient): without GC ``ACTIVATION_BYTES × T × d × n`` (≈ 21.5 bf16 values per token per
+  hidden unit per block; 9B: 8.1 / 14.8 / 24.2 GiB at 512 / 768 / 1024 px; published figures for peft's plain fp32
+  LoRA are a third higher); with per-block GC only each block's inputs are kept (3.2 bytes × T × d per block: the
+  streams, modulation and rope, as the audit counts them) plus one block's full activations while it is recomputed
+  (9B: 0.9 / 1.6 / 2.6 GiB in all with every block checkpointed). Fused attention (SDPA flash / memory-efficient)
+  is assumed: the math kernel would add the T² score matrices (~162 GiB at 1024 for 9B);
 * the cached dataset on the device: latents (fp32) for every image at every resolution, and one (512, joint dim)
   bf16 embedding per distinct caption (the trainer moves them to the device once);
 * the VAE (84 M parameters, 0.31 GiB fp32), which stays on the device for the health previews;
