@@ -111,41 +111,23 @@ def test_the_part_colour_reader_reads_fresh_world_pictures():
     assert accuracy["parts"] > 0.9, accuracy
 
 
-COLOUR_LOOKS = 24  # 72 parts: one part more or less moves the part share by 1.4%, still a few seconds of sampling
-
-
-@pytest.fixture(scope="module")
-def drawn_colours() -> dict:
-    """The share of the shipped base's samples (50 sample steps, CFG 4) whose part colours the reader finds as
-    prompted; the manifest's figure is measured on other looks and seeds at the same settings."""
+@pytest.mark.xfail(
+    strict=True,
+    reason="goal not met yet: the shipped base draws characters but not the prompted colours (manifest: 19% of "
+    "parts, 0% of samples all three; chance 12.5%): its loss barely depends on the caption; an XPASS means update this",
+)
+def test_the_shipped_base_draws_the_prompted_part_colours_far_above_chance():
+    """Chance is 1/8 per part; the manifest's figure is measured on more samples at the same settings."""
     resolved = resolve_model(SHIPPED / "diffusers")
     transformer, vae = load_transformer(resolved), load_vae(resolved)
     text_encoder, tokenizer = load_text_encoder(resolved)
     rng = random.Random("test-colours")
-    looks = [world_look(rng) for _ in range(COLOUR_LOOKS)]
+    looks = [world_look(rng) for _ in range(12)]
     embeds = caption_embeddings(text_encoder, tokenizer, [look.caption() for look in looks])
     accuracy = colour_accuracy(
         load_reader(SHIPPED / READER_FILE), transformer, vae, embeds, looks, PretrainBudget(), seed=1
     )
-    print(f"prompted colours drawn: {accuracy}")
-    return accuracy
-
-
-def test_the_shipped_base_draws_the_prompted_part_colours_far_above_chance(drawn_colours):
-    """Chance is 1/8 per part and 1/512 for all three. Measured on these 24 looks: 65% of parts, 29% of samples with
-    all three (7 of 24); the manifest: 60% and 27% on 48 held-out looks. The old base (trained with the LoRA
-    trainer's σ) drew 19% of parts and no sample with all three."""
-    assert drawn_colours["parts"] > 0.5, drawn_colours
-    assert drawn_colours["all_parts"] > 0.125, drawn_colours  # at least 4 of 24
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="goal not met yet: 70% of samples with all three part colours right (the manifest: 27%, and 29% here); "
-    "an XPASS means update this",
-)
-def test_the_shipped_base_draws_all_three_prompted_colours_in_most_samples(drawn_colours):
-    assert drawn_colours["all_parts"] >= 0.7, drawn_colours
+    assert accuracy["parts"] > 0.5, accuracy
 
 
 def test_make_tiny_pretrained_runs_every_stage_and_writes_a_checked_manifest(tmp_path, capsys):

@@ -129,22 +129,22 @@ def _character(
         width=max(1, line // 2),
     )
     if look.star:
-        _star(draw, cx, (shoulder_y + hip_y) / 2 + 0.5 * u, 1.0 * u)
-    draw.rectangle(  # wider than the body and down over its chest: a thin scarf was the colour drawn least often
-        (cx - 1.9 * u, neck_y, cx + 1.9 * u, shoulder_y + 1.2 * u), fill=scarf, outline=INK, width=max(1, line // 2)
+        _star(draw, cx, (shoulder_y + hip_y) / 2 + 0.3 * u, 1.2 * u)
+    draw.rectangle(
+        (cx - 1.5 * u, neck_y, cx + 1.5 * u, shoulder_y + 0.5 * u), fill=scarf, outline=INK, width=max(1, line // 2)
     )
     draw.ellipse((cx - head_r, head_y - head_r, cx + head_r, head_y + head_r), fill=SKIN)
     for side in (-1, 1):
         ex = cx + side * 0.5 * u + facing * 0.2 * u
         draw.ellipse((ex - 0.2 * u, head_y - 0.4 * u, ex + 0.2 * u, head_y + 0.05 * u), fill=INK)
-    brim_y = head_y - 0.6 * head_r
+    brim_y = head_y - 0.7 * head_r
     draw.polygon(
-        [(cx - 1.4 * head_r, brim_y), (cx + 1.4 * head_r, brim_y), (cx + facing * 0.5 * u, brim_y - 2.4 * u)],
+        [(cx - 1.1 * head_r, brim_y), (cx + 1.1 * head_r, brim_y), (cx + facing * 0.5 * u, brim_y - 2.4 * u)],
         fill=hat,
         outline=INK,
     )
     draw.rounded_rectangle(
-        (cx - 1.8 * head_r, brim_y - 0.35 * u, cx + 1.8 * head_r, brim_y + 0.45 * u),
+        (cx - 1.5 * head_r, brim_y - 0.25 * u, cx + 1.5 * head_r, brim_y + 0.35 * u),
         radius=0.2 * u,
         fill=hat,
         outline=INK,
