@@ -108,4 +108,7 @@ def use_parts_processor(transformer: torch.nn.Module, attached: bool) -> None:
     """Give every single block the parts-reading processor while a LoRA is ``attached``, diffusers' own after."""
     for module in transformer.modules():
         if isinstance(module, Flux2ParallelSelfAttention):
-            module.set_processor(PartsLoraParallelProcessor() if attached else Flux2ParallelSelfAttnProcessor())
+            processor = PartsLoraParallelProcessor() if attached else Flux2ParallelSelfAttnProcessor()
+            for setting in ("_attention_backend", "_parallel_config"):  # what diffusers set on the one it replaces
+                setattr(processor, setting, getattr(module.processor, setting, None))
+            module.set_processor(processor)
