@@ -21,7 +21,7 @@ from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from ..atomic import atomic_save_safetensors
 from ..errors import LoraFormatError
 from .keymap import _DOUBLE_BLOCK, _DOUBLE_QKV, _SINGLE_BLOCK
-from .single_block_lora import use_parts_processor
+from .single_block_lora import adapter_matrices, use_parts_processor
 
 # The complete attention set of every block: image and text streams of the double blocks (q/k/v/out each), and the
 # fused qkv+mlp-in and output projection of the single blocks. Double-block ``to_out`` is a ModuleList, hence ``.0``.
@@ -64,8 +64,7 @@ class BaseDtypeLora(LoraVariant):
 
     @staticmethod
     def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
-        down = module.lora_A[active_adapter].weight.to(x.dtype)
-        up = (module.lora_B[active_adapter].weight * module.scaling[active_adapter]).to(x.dtype)
+        down, up = adapter_matrices(module, active_adapter, x.dtype)
         hidden = module.lora_dropout[active_adapter](x).flatten(0, -2) @ down.T
         return torch.addmm(result.flatten(0, -2), hidden, up.T).view_as(result)
 

@@ -57,11 +57,18 @@ def output_projection(attn, attention: torch.Tensor, mlp_in: torch.Tensor) -> to
         return to_out(joined)
     result = to_out.base_layer(joined)
     for adapter in to_out.active_adapters:
-        down = to_out.lora_A[adapter].weight.to(joined.dtype)
-        up = (to_out.lora_B[adapter].weight * to_out.scaling[adapter]).to(joined.dtype)
+        down, up = adapter_matrices(to_out, adapter, joined.dtype)
         hidden = DownFromParts.apply(joined, down, attention, mlp_in, attn.mlp_act_fn)
         result = torch.addmm(result.flatten(0, -2), hidden, up.T).view_as(result)
     return result
+
+
+def adapter_matrices(module: LoraLayer, adapter: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's A and B·scaling in the compute dtype: the fp32 master weights cast (their gradients flow back
+    through the cast to what AdamW updates)."""
+    down = module.lora_A[adapter].weight.to(dtype)
+    up = (module.lora_B[adapter].weight * module.scaling[adapter]).to(dtype)
+    return down, up
 
 
 class DownFromParts(torch.autograd.Function):
