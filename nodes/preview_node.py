@@ -34,7 +34,7 @@ from ..klein_core.preview.grid import (
 from ..klein_core.preview.sampling import PreviewError, check_size
 from . import memory
 from .model_inputs import NONE, file_choice, full_path, resolve_choice
-from .types import KleinLoraRun
+from .types import KleinLoraRun, fixed_seed_input
 
 MAX_SIDE = 4096
 MAX_SAMPLE_STEPS = 1000
@@ -140,14 +140,10 @@ def _grid_inputs() -> list:
             tooltip=f"True classifier-free guidance against the empty prompt, pred = neg + cfg*(cond - neg). "
             f"Base needs about {PRESET.cfg:g}; at {PRESET.min_base_cfg:g} or below there is no real guidance.",
         ),
-        io.Int.Input(
-            "seed",
-            default=PRESET.preview_seed,
-            min=0,
-            max=0xFFFFFFFFFFFFFFFF,
-            control_after_generate=False,  # fixed: grids of successive runs stay comparable
-            tooltip="One seed for every cell, so cells differ only by checkpoint, strength and prompt. Noise "
-            "is drawn on the CPU like diffusers and ComfyUI, so the same seed gives the same image.",
+        fixed_seed_input(
+            PRESET.preview_seed,
+            "One seed for every cell, so cells differ only by checkpoint, strength and prompt. Noise is drawn on "
+            "the CPU like diffusers and ComfyUI, so the same seed gives the same image.",
         ),
         _side_input("width"),
         _side_input("height"),

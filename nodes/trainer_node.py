@@ -27,7 +27,7 @@ from ..klein_core.train.resume import Extension, continuation_summary, step_chec
 from . import memory
 from .calculator_node import repeats_input
 from .model_inputs import NONE, diffusers_choices, file_choice, resolve_choice
-from .types import KleinDataset, KleinLoraRun
+from .types import KleinDataset, KleinLoraRun, fixed_seed_input
 
 EVENT = "klein.training"  # server event: {node, kind: step|checkpoint|done, ...} drawn by web/js/training_chart.js
 RUN_FOLDER = "klein_lora"  # runs go to <output>/klein_lora/<output_name>/
@@ -180,16 +180,10 @@ def _optimisation_inputs() -> list:
             tooltip="Training steps between LoRA checkpoints (0: only the final LoRA). Each checkpoint "
             "gets a fixed-noise validation loss for the health report.",
         ),
-        # control_after_generate=False: the frontend would otherwise add "randomize" to any input named
-        # seed, and every queue would silently retrain.
-        io.Int.Input(
-            "seed",
-            default=0,
-            min=0,
-            max=0xFFFFFFFFFFFFFFFF,
-            control_after_generate=False,
-            tooltip="Seed of noise, timesteps and batch order. Same inputs are cached by ComfyUI; "
-            "change the seed to train again.",
+        fixed_seed_input(
+            0,
+            "Seed of noise, timesteps and batch order. Same inputs are cached by ComfyUI; change the seed to train "
+            "again.",
         ),
     ]
 

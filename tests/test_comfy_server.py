@@ -145,3 +145,17 @@ def test_every_pack_node_has_a_help_page_naming_its_inputs_and_the_base_sampling
             for name, spec in info["input"].get(section, {}).items():
                 label = spec[1].get("display_name", name) if len(spec) > 1 else name
                 assert name in text or label in text, (node_id, name)
+
+
+def test_seed_inputs_are_not_randomized_after_each_queue(comfy_server):
+    """The frontend adds "randomize after generate" to any input named seed unless the schema says otherwise: the
+    trainer would silently train again on every queue and preview grids would stop being comparable."""
+    listed = pack_entries(comfy_server.object_info())
+    seeds = {
+        node_id: info["input"]["required"]["seed"]
+        for node_id, info in listed.items()
+        if "seed" in info["input"].get("required", {})
+    }
+    assert {"KleinLoRATrainer", "KleinBasePreviewSampler"} <= set(seeds), seeds
+    for node_id, spec in seeds.items():
+        assert spec[1].get("control_after_generate") is False, (node_id, spec)
