@@ -119,6 +119,15 @@ def _add_monitoring_args(p) -> None:
         help=f"loss weight of the regularization set (default {PRESET.regularization_weight:g}: low)",
     )
     p.add_argument(
+        "--empty-prompt-preservation",
+        type=float,
+        default=TrainConfig.empty_prompt_preservation,
+        metavar="WEIGHT",
+        help="keep the LoRA's prediction for the empty prompt the base model's, at this loss weight (default 0: "
+        "off; 1 on the tiny demo model). Real CFG guides against the empty prompt, so a LoRA that also moved it is "
+        "partly subtracted in guided previews; costs about one more forward and backward per micro-batch",
+    )
+    p.add_argument(
         "--held-out",
         metavar="DIR",
         help="optional folder of images of the same person kept out of training (captions as in --images): "

@@ -105,6 +105,19 @@ def remove_lora(transformer) -> None:
     use_parts_processor(transformer, attached=False)
 
 
+@contextmanager
+def adapters_disabled(transformer) -> Iterator[None]:
+    """The base model's own predictions while a LoRA stays attached (peft's switch on every LoRA layer)."""
+    layers = [module for module in transformer.modules() if isinstance(module, LoraLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
 def lora_parameters(transformer) -> list[torch.nn.Parameter]:
     return [p for n, p in transformer.named_parameters() if "lora_" in n]
 

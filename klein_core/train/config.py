@@ -57,6 +57,7 @@ class TrainConfig:
     health_preview_resolution: int = PRESET.health_preview_resolution  # their largest side (capped by the training's)
     validation_images: int = PRESET.validation_images  # training images in each checkpoint's validation pass
     regularization_weight: float = PRESET.regularization_weight  # loss weight of the optional class-image set
+    empty_prompt_preservation: float = 0.0  # weight of keeping the empty prompt's prediction the base's (objective.py)
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
@@ -76,7 +77,13 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
-        numbers = {"learning_rate": True, "alpha": True, "regularization_weight": False, "weight_decay": False}
+        numbers = {
+            "learning_rate": True,
+            "alpha": True,
+            "regularization_weight": False,
+            "weight_decay": False,
+            "empty_prompt_preservation": False,
+        }
         for name, positive in numbers.items():  # name -> must be > 0 (else >= 0); alpha None means alpha = rank
             value = getattr(self, name)
             if value is not None and (not math.isfinite(value) or value < 0 or (positive and value == 0)):

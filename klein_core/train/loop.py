@@ -29,7 +29,7 @@ from ..errors import NonFiniteLoss, TrainingInterrupted
 from ..model.loading import ResolvedModel
 from .config import TrainCallbacks, TrainConfig, TrainedRun
 from .distributed import DistributedContext, in_process_group
-from .objective import accumulate_gradients
+from .objective import EmptyPromptPreservation, accumulate_gradients
 from .preflight import preflight
 from .resume import Extension
 from .session import Progress, TrainingSession
@@ -109,9 +109,11 @@ def run_training_steps(session: TrainingSession, progress: Progress, callbacks: 
     training steps (the loop's only host-device sync), at checkpoints and at the end."""
     config, monitor = session.config, session.monitor
     start_step, started = progress.step, time.perf_counter()
+    weight = config.empty_prompt_preservation
+    preservation = EmptyPromptPreservation(session.data.embeds[""], weight) if weight > 0 else None
     session.transformer.train()
     while progress.step < config.training_steps:
-        loss = training_step_loss(session, progress.step, callbacks.should_stop)
+        loss = training_step_loss(session, progress.step, callbacks.should_stop, preservation)
         session.optimizer_step()
         progress.step += 1
         progress.pending.append(loss)
@@ -138,13 +140,17 @@ def run_training_steps(session: TrainingSession, progress: Progress, callbacks: 
             return
 
 
-def training_step_loss(session: TrainingSession, step: int, should_stop) -> torch.Tensor:
+def training_step_loss(
+    session: TrainingSession, step: int, should_stop, preservation: EmptyPromptPreservation | None = None
+) -> torch.Tensor:
     """This rank's gradients of one training step, then their sum over the ranks with the loss and the stop votes
     (distributed.py): a stop asked of any rank after its current micro-batch stops every rank before the update."""
     stop = False
     try:
         micro_batches = session.micro_batches(step)
-        loss = accumulate_gradients(session.transformer, micro_batches, should_stop, session.config.grad_accum)
+        loss = accumulate_gradients(
+            session.transformer, micro_batches, should_stop, session.config.grad_accum, preservation
+        )
     except TrainingInterrupted:
         if not session.dist.is_distributed:
             raise

@@ -18,6 +18,7 @@ import torch
 from ..errors import TrainingInterrupted
 from ..facts import exponential_shift, training_shift_mu
 from ..model.latents import pack, predict_velocity
+from ..model.lora import adapters_disabled
 from ..preset import PRESET
 
 
@@ -32,18 +33,39 @@ def micro_batch_generator(seed: int, training_step: int, micro: int) -> torch.Ge
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """xt = (1-σ)·x0 + σ·noise for latents (B,128,h,w) and σ (B,)."""
+    s = sigma.view(len(latents), 1, 1, 1).to(latents.dtype)
+    return (1 - s) * latents + s * noise
+
+
 def flow_matching_loss(
     transformer, latents: torch.Tensor, embeds: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor
 ) -> torch.Tensor:
     """MSE between the prediction at xt = (1-σ)x0 + σ·noise and the target noise - x0 (latents: B,128,h,w)."""
-    b, _, h, w = latents.shape
-    s = sigma.view(b, 1, 1, 1).to(latents.dtype)
-    noisy = (1 - s) * latents + s * noise
+    _, _, h, w = latents.shape
     param = next(transformer.parameters())
-    prediction = predict_velocity(
-        transformer, pack(noisy).to(param.dtype), sigma.to(param.dtype), embeds.to(param.dtype), h, w
-    )
+    noisy = pack(noisy_latents(latents, noise, sigma)).to(param.dtype)
+    prediction = predict_velocity(transformer, noisy, sigma.to(param.dtype), embeds.to(param.dtype), h, w)
     return torch.nn.functional.mse_loss(prediction.float(), pack(noise - latents).float())
+
+
+def empty_prompt_preservation_loss(transformer, micro: MicroBatch, empty_embeds: torch.Tensor) -> torch.Tensor:
+    """MSE between the LoRA's and the base model's prediction for the empty prompt, at the micro-batch's xt.
+
+    Real CFG guides against the empty prompt: v = v("") + g·(v(prompt) - v("")). A LoRA moves v("") too (its weights
+    serve every prompt, and caption dropout trains "" on the identity's pictures), and guidance subtracts that part
+    of what it learned: on the tiny drawn Klein a LoRA showed 46% of kleinchar's part colours at CFG 4 against 58% at
+    CFG 1. Holding v("") at the base's keeps the LoRA in the guided difference (92% at CFG 4, 52% at CFG 1)."""
+    _, _, h, w = micro.latents.shape
+    param = next(transformer.parameters())
+    noisy = pack(noisy_latents(micro.latents, micro.noise, micro.sigma)).to(param.dtype)
+    sigma = micro.sigma.to(param.dtype)
+    embeds = empty_embeds.to(param.dtype).expand(len(noisy), -1, -1)
+    with torch.no_grad(), adapters_disabled(transformer):
+        base = predict_velocity(transformer, noisy, sigma, embeds, h, w)
+    prediction = predict_velocity(transformer, noisy, sigma, embeds, h, w)
+    return torch.nn.functional.mse_loss(prediction.float(), base.float())
 
 
 @dataclass
@@ -56,15 +78,26 @@ class MicroBatch:
     is_regularization: bool = False
 
 
+@dataclass(frozen=True)
+class EmptyPromptPreservation:
+    """The empty prompt's embeddings and the weight of :func:`empty_prompt_preservation_loss` in a training step."""
+
+    embeds: torch.Tensor
+    weight: float
+
+
 def accumulate_gradients(
     transformer,
     micro_batches: list[MicroBatch],
     should_stop: Callable[[], bool] | None = None,
     grad_accum: int | None = None,
+    preservation: EmptyPromptPreservation | None = None,
 ) -> torch.Tensor:
     """Backward over the micro-batches of one training step, each loss scaled by weight/G (G = ``grad_accum``, by
     default the identity micro-batches given). Returns the mean identity loss (plus the weighted regularization
-    loss). A rank of a data-parallel run may have no micro-batch at all (its slice of a short batch is empty)."""
+    loss); the empty-prompt preservation term, when on, adds to the gradients but not to the returned loss (the
+    loss the health monitor reads stays the flow-matching loss). A rank of a data-parallel run may have no
+    micro-batch at all (its slice of a short batch is empty)."""
     grad_accum = grad_accum or sum(not m.is_regularization for m in micro_batches)
     device = micro_batches[0].latents.device if micro_batches else next(transformer.parameters()).device
     total = torch.zeros((), device=device)
@@ -80,6 +113,9 @@ def accumulate_gradients(
         )
         loss.backward()
         total = total + loss.detach()
+        if preservation is not None and not micro.is_regularization:
+            kept = empty_prompt_preservation_loss(transformer, micro, preservation.embeds)
+            (kept * preservation.weight * micro.weight / grad_accum).backward()
     return total
 
 
