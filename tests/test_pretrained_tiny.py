@@ -111,23 +111,20 @@ def test_the_part_colour_reader_reads_fresh_world_pictures():
     assert accuracy["parts"] > 0.9, accuracy
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="goal not met yet: the shipped base draws characters but not the prompted colours (manifest: 19% of "
-    "parts, 0% of samples all three; chance 12.5%): its loss barely depends on the caption; an XPASS means update this",
-)
-def test_the_shipped_base_draws_the_prompted_part_colours_far_above_chance():
-    """Chance is 1/8 per part; the manifest's figure is measured on more samples at the same settings."""
+def test_the_shipped_base_draws_the_prompted_part_colours():
+    """At 50 sample steps and CFG 4 the three part colours of a prompt are drawn as asked (chance: 1/8 per part,
+    0.2% all three); the manifest's figure is measured on 48 held-out looks at the same settings."""
     resolved = resolve_model(SHIPPED / "diffusers")
     transformer, vae = load_transformer(resolved), load_vae(resolved)
     text_encoder, tokenizer = load_text_encoder(resolved)
     rng = random.Random("test-colours")
-    looks = [world_look(rng) for _ in range(12)]
+    looks = [world_look(rng) for _ in range(24)]
     embeds = caption_embeddings(text_encoder, tokenizer, [look.caption() for look in looks])
     accuracy = colour_accuracy(
         load_reader(SHIPPED / READER_FILE), transformer, vae, embeds, looks, PretrainBudget(), seed=1
     )
-    assert accuracy["parts"] > 0.5, accuracy
+    print(accuracy)
+    assert accuracy["all_parts"] >= 0.7 and accuracy["parts"] > 0.85, accuracy
 
 
 def test_make_tiny_pretrained_runs_every_stage_and_writes_a_checked_manifest(tmp_path, capsys):

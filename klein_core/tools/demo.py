@@ -83,15 +83,20 @@ class DemoScale:
     - ``resolution``: 64 px instead of 1024: the tiny Klein was pre-trained on 64 px pictures of its world;
     - ``learning_rate``: 1e-3 instead of 1e-4: the tiny transformer is 1.6 M parameters with one attention head,
       and 400 training steps at 1e-4 move its rank-16 LoRA too little; on a real Klein keep the preset's 1e-4.
+    - ``empty_prompt_preservation``: 1 instead of off: the tiny model's LoRA moves its empty-prompt prediction
+      almost as much as its trigger's, so CFG 4 (which guides against the empty prompt) showed less of kleinchar
+      than CFG 1 (46% vs 58% of its part colours); held at the base's, CFG 4 shows more (92% vs 52%)
+      (:func:`klein_core.train.objective.empty_prompt_preservation_loss`).
 
-    Measured: 26 s of CPU time with one torch thread (117 s wall on 2 shared cores at load 7-8), most of it training;
-    the README has the figures.
+    Measured: done in 46 s on 2 idle cores (55.8 s wall with the imports), most of it training; the README has the
+    figures.
     """
 
     images: int = 4
     image_size: int = 128  # the generated pictures are 128 px (no "tiny image" warning), trained at 64
     resolution: int = 64
     learning_rate: float = 1e-3
+    empty_prompt_preservation: float = 1.0
     rank: int = PRESET.rank
     target_repeats: float = PRESET.target_repeats
     batch_size: int = PRESET.batch_size
@@ -115,6 +120,8 @@ class DemoScale:
             f"resolution {self.resolution} px (preset {PRESET.resolution}: the tiny Klein knows 64 px pictures)",
             f"LR {format_learning_rate(self.learning_rate)} (preset {format_learning_rate(PRESET.learning_rate)}: "
             "the tiny transformer's LoRA needs more in 400 training steps; keep the preset's on a real Klein)",
+            f"empty-prompt preservation {self.empty_prompt_preservation:g} (preset off: without it this model's "
+            "LoRA moves the empty prompt as much as its trigger, and CFG 4 guides part of it away)",
         ]
 
 
@@ -246,6 +253,7 @@ def _train(
         batch_size=scale.batch_size,
         grad_accum=scale.grad_accum,
         learning_rate=scale.learning_rate,
+        empty_prompt_preservation=scale.empty_prompt_preservation,
         rank=scale.rank,
         seed=scale.training_seed,
         save_every=max(1, math.ceil(training_steps / scale.step_checkpoints)),

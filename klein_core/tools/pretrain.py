@@ -10,15 +10,16 @@ classes and on-disk formats (and the same ComfyUI-detectable shape: head dim 128
    set its batch-norm statistics from the latents, so normalised latents have unit variance as on Klein;
 3. fit the part-colour reader (:mod:`.colour_reader`) that scores samples;
 4. pre-train the ``Flux2Transformer2DModel`` as a text-to-image Base with the trainer's own flow-matching objective
-   and timestep sampling (:mod:`klein_core.train.objective`), captions dropped to ``""`` now and then so true CFG
-   works; the text encoder stays the random tiny Qwen3 (its hidden states still tell the colour words apart);
+   (:mod:`klein_core.train.objective`) and σ drawn where the sampler spends its steps (:func:`pretraining_sigmas`),
+   captions dropped to ``""`` now and then so true CFG works; the text encoder stays the random tiny Qwen3 (its
+   hidden states still tell the colour words apart);
 5. measure: PSNR of decode(encode(x)) on held-out pictures, and the share of Base samples (50 sample steps, CFG 4)
    whose three part colours the reader finds as prompted;
 6. write fp16 weights in the asked formats, the reader, and a manifest (seed, command, sha256 per file, figures).
 
 Everything draws from generators seeded from ``seed``: the same seed, thread count, torch build and CPU instruction set
 give the same bytes (torch picks its CPU kernels by instruction set: on an AVX2-only CPU the same command gave another
-VAE and reader than the shipped ones, 22.34 against 22.29 dB).
+VAE and reader than an earlier recipe's shipped ones, 22.34 against 22.29 dB).
 The text is 32 tokens, a property of this model (its tokenizer's ``model_max_length``; Klein's is 512), because
 the 512 padded tokens would be most of the cost at 64 px.
 """
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write_bytes, atomic_write_json
-from ..facts import image_tokens
+from ..facts import exponential_shift, image_tokens, sampling_shift_mu
 from ..model.text import klein_chat_text
 from ..preset import PRESET
 from .colour_reader import look_labels, part_accuracy, read_colours, save_reader, train_reader
@@ -70,11 +71,11 @@ class PretrainBudget:
     resolution: int = 64
     world_images: int = 2400
     held_out_images: int = 96
-    vae_training_steps: int = 1500
-    vae_batch_size: int = 16
+    vae_training_steps: int = 4000  # at batch 8: 25.6 dB (2000 at LR 3e-3: 22.4 dB, and a transformer on its latents
+    vae_batch_size: int = 8  # drew 17% of samples right against 92%); batch 8 learned more per second than 16
     vae_learning_rate: float = 2e-3
     reader_training_steps: int = 400
-    transformer_training_steps: int = 2000
+    transformer_training_steps: int = 3000
     transformer_batch_size: int = 32
     transformer_learning_rate: float = 2e-3
     caption_dropout: float = 0.1
@@ -125,9 +126,10 @@ COLOUR_POOL = 4  # the colour term compares 4x4-pixel means: a part's flat colou
 def reconstruction_loss(decoded: torch.Tensor, pictures: torch.Tensor) -> torch.Tensor:
     """MSE (what PSNR measures) + L1 (sharper outlines) + MSE of 4x4 means (the parts' colours).
 
-    Plain MSE spends the first thousand VAE training steps on edges and shifts flat colours (pink decoded as orange,
-    purple as blue: the part-colour reader read 27% of its reconstructions right); with the colour term the same
-    budget keeps the colours, so the transformer learns from latents that hold what the captions name."""
+    Plain MSE spends the first thousand VAE training steps on edges and shifts flat colours (on an earlier palette
+    pink decoded as orange, purple as blue: the part-colour reader read 27% of its reconstructions right); with the
+    colour term the same budget keeps the colours, so the transformer learns from latents that hold what the captions
+    name."""
     error = decoded - pictures
     pooled = torch.nn.functional.avg_pool2d(error, COLOUR_POOL)
     return error.pow(2).mean() + 0.5 * error.abs().mean() + pooled.pow(2).mean()
@@ -200,6 +202,20 @@ def caption_embeddings(text_encoder, tokenizer, captions: list[str]) -> dict[str
 
 
 # --- the transformer ---------------------------------------------------------------------------------------------
+def pretraining_sigmas(batch: int, tokens: int, sample_steps: int, generator: torch.Generator) -> torch.Tensor:
+    """σ for pre-training the Base: logit-normal, shifted with the sampler's μ (not the LoRA trainer's training μ).
+
+    The caption decides the part colours at high σ, where the sampler spends its steps: at 16 image tokens and 50
+    sample steps its shift is e^1.6, so 36% of the sample steps are at σ > 0.9, where the LoRA trainer's shift
+    (e^0.46) draws 4% of its σ (this one: 27%). With the trainer's σ the loss at σ 0.95 hardly told the right caption
+    from a wrong one (0.856 vs 0.866 after 2000 training steps); with this σ the gap was 9x larger after as many
+    steps (0.79 vs 0.88). A LoRA trains on this Base with the trainer's own σ
+    (:func:`klein_core.train.objective.sample_sigmas`)."""
+    return exponential_shift(
+        torch.sigmoid(torch.randn(batch, generator=generator)), sampling_shift_mu(tokens, sample_steps)
+    )
+
+
 def fit_transformer(
     latents: torch.Tensor,
     captions: list[str],
@@ -211,7 +227,7 @@ def fit_transformer(
     """Pre-train a tiny Flux2 transformer as a text-to-image Base with the trainer's flow-matching objective."""
     from diffusers import Flux2Transformer2DModel
 
-    from ..train.objective import flow_matching_loss, sample_sigmas
+    from ..train.objective import flow_matching_loss
 
     torch.manual_seed(seed + 3)
     transformer = Flux2Transformer2DModel(**TINY_TRANSFORMER_CONFIG)
@@ -226,7 +242,7 @@ def fit_transformer(
         batch_embeds = torch.where(dropped[:, None, None], embeds[""][None], caption_stack[batch])
         x0 = latents[batch]
         noise = torch.randn(x0.shape, generator=generator)
-        sigma = sample_sigmas(len(batch), tokens, generator)
+        sigma = pretraining_sigmas(len(batch), tokens, budget.sample_steps, generator)
         _cosine_lr(optimizer, budget.transformer_learning_rate, step, budget.transformer_training_steps)
         loss = flow_matching_loss(transformer, x0, batch_embeds, noise, sigma)
         optimizer.zero_grad(set_to_none=True)

@@ -23,15 +23,17 @@ from ..atomic import atomic_write_bytes
 from ..preset import PRESET
 from .sample_data import claim_dataset_folder
 
-COLOURS = {
-    "red": (215, 30, 35),
-    "orange": (250, 135, 20),
-    "yellow": (250, 220, 35),
-    "green": (35, 165, 55),
-    "blue": (35, 75, 220),
-    "purple": (135, 45, 185),
-    "pink": (250, 125, 190),
+COLOURS = {  # the RGB cube's corners: guidance pushes a colour away from the average picture, and a corner stays
+    # itself when pushed further out (in-between colours did not: at CFG 4 pink was drawn in 14% of samples, purple
+    # in 24%, orange in 54%, blue and white in 100%)
+    "red": (225, 20, 20),
+    "yellow": (240, 225, 20),
+    "green": (20, 190, 40),
+    "cyan": (20, 215, 230),
+    "blue": (25, 40, 225),
+    "magenta": (225, 30, 215),
     "white": (248, 248, 248),
+    "black": (20, 20, 20),
 }
 COLOUR_NAMES = tuple(COLOURS)
 PARTS = ("hat", "scarf", "body")
@@ -59,7 +61,7 @@ class Look:
         return f"photo of a character with a {self.hat} hat, a {self.scarf} scarf and a {self.body} body"
 
 
-IDENTITY = Look("pink", "green", "orange", star=True)  # the demo's kleinchar: never drawn by the world
+IDENTITY = Look("magenta", "cyan", "yellow", star=True)  # the demo's kleinchar: never drawn by the world
 
 
 def world_look(rng: random.Random) -> Look:
@@ -109,7 +111,12 @@ def _star(draw: ImageDraw.ImageDraw, cx: float, cy: float, radius: float) -> Non
 def _character(
     draw: ImageDraw.ImageDraw, look: Look, cx: float, ground: float, u: float, pose: str, facing: int
 ) -> None:
-    """Draw ``look`` with its feet at (cx, ground); ``u`` is a tenth of its height."""
+    """Draw ``look`` with its feet at (cx, ground); ``u`` is a tenth of its height.
+
+    Chunky on purpose: a wide cone hat, a scarf as broad as a collar, a wide body, each part a similar share of the
+    picture. With a thin scarf and a narrow hat (each a few pixels at 64 px) the pre-trained Base drew the prompted
+    body colour in 73% of samples but the hat in 15% and the scarf in 23% (chance 12.5%): too few pixels for the
+    loss to care. At these proportions the same training drew 60%, 73% and 71%."""
     hat, scarf, body = (COLOURS[c] for c in look.colours)
     line = max(2, int(u * 0.5))
     hip_y, shoulder_y, neck_y = ground - 3.0 * u, ground - 6.2 * u, ground - 7.2 * u
@@ -122,16 +129,17 @@ def _character(
         draw.line((cx + side * 1.3 * u, shoulder_y + 0.4 * u, hx, hy), fill=body, width=int(line * 1.8))
         draw.ellipse((hx - 0.45 * u, hy - 0.45 * u, hx + 0.45 * u, hy + 0.45 * u), fill=SKIN)
     draw.rounded_rectangle(
-        (cx - 1.6 * u, shoulder_y, cx + 1.6 * u, hip_y + 0.3 * u),
+        (cx - 2.0 * u, shoulder_y, cx + 2.0 * u, hip_y + 0.3 * u),
         radius=0.6 * u,
         fill=body,
         outline=INK,
         width=max(1, line // 2),
     )
-    if look.star:
-        _star(draw, cx, (shoulder_y + hip_y) / 2 + 0.3 * u, 1.2 * u)
+    scarf_bottom = shoulder_y + 1.4 * u
+    if look.star:  # on the body below the scarf
+        _star(draw, cx, (scarf_bottom + hip_y + 0.3 * u) / 2, 0.9 * u)
     draw.rectangle(
-        (cx - 1.5 * u, neck_y, cx + 1.5 * u, shoulder_y + 0.5 * u), fill=scarf, outline=INK, width=max(1, line // 2)
+        (cx - 2.2 * u, neck_y - 0.3 * u, cx + 2.2 * u, scarf_bottom), fill=scarf, outline=INK, width=max(1, line // 2)
     )
     draw.ellipse((cx - head_r, head_y - head_r, cx + head_r, head_y + head_r), fill=SKIN)
     for side in (-1, 1):
@@ -139,12 +147,12 @@ def _character(
         draw.ellipse((ex - 0.2 * u, head_y - 0.4 * u, ex + 0.2 * u, head_y + 0.05 * u), fill=INK)
     brim_y = head_y - 0.7 * head_r
     draw.polygon(
-        [(cx - 1.1 * head_r, brim_y), (cx + 1.1 * head_r, brim_y), (cx + facing * 0.5 * u, brim_y - 2.4 * u)],
+        [(cx - 1.6 * head_r, brim_y), (cx + 1.6 * head_r, brim_y), (cx + facing * 0.5 * u, brim_y - 3.0 * u)],
         fill=hat,
         outline=INK,
     )
     draw.rounded_rectangle(
-        (cx - 1.5 * head_r, brim_y - 0.25 * u, cx + 1.5 * head_r, brim_y + 0.35 * u),
+        (cx - 2.0 * head_r, brim_y - 0.45 * u, cx + 2.0 * head_r, brim_y + 0.55 * u),
         radius=0.2 * u,
         fill=hat,
         outline=INK,
