@@ -85,7 +85,7 @@ class DemoScale:
       and 400 training steps at 1e-4 move its rank-16 LoRA too little; on a real Klein keep the preset's 1e-4.
     - ``empty_prompt_preservation``: 1 instead of off: the tiny model's LoRA moves its empty-prompt prediction
       almost as much as its trigger's, so CFG 4 (which guides against the empty prompt) showed less of kleinchar
-      than CFG 1 (46% vs 58% of its part colours); held at the base's, CFG 4 shows more (92% vs 52%)
+      than CFG 1 (46% vs 58% of its part colours); held at the base's, CFG 4 shows more (92% vs 57%)
       (:func:`klein_core.train.objective.empty_prompt_preservation_loss`).
 
     Measured: done in 46 s on 2 idle cores (55.8 s wall with the imports), most of it training; the README has the
