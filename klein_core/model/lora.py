@@ -105,10 +105,14 @@ def remove_lora(transformer) -> None:
     use_parts_processor(transformer, attached=False)
 
 
+def lora_layers(transformer) -> list[LoraLayer]:
+    """Every layer an adapter was injected into (walk the model once, not at every training step)."""
+    return [module for module in transformer.modules() if isinstance(module, LoraLayer)]
+
+
 @contextmanager
-def adapters_disabled(transformer) -> Iterator[None]:
-    """The base model's own predictions while a LoRA stays attached (peft's switch on every LoRA layer)."""
-    layers = [module for module in transformer.modules() if isinstance(module, LoraLayer)]
+def adapters_disabled(layers: list[LoraLayer]) -> Iterator[None]:
+    """The base model's own predictions while a LoRA stays attached (peft's switch on each of ``layers``)."""
     for layer in layers:
         layer.enable_adapters(False)
     try:

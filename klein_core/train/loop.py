@@ -29,7 +29,7 @@ from ..errors import NonFiniteLoss, TrainingInterrupted
 from ..model.loading import ResolvedModel
 from .config import TrainCallbacks, TrainConfig, TrainedRun
 from .distributed import DistributedContext, in_process_group
-from .objective import EmptyPromptPreservation, accumulate_gradients
+from .objective import EmptyPromptPreservation, accumulate_gradients, preservation_for
 from .preflight import preflight
 from .resume import Extension
 from .session import Progress, TrainingSession
@@ -109,8 +109,7 @@ def run_training_steps(session: TrainingSession, progress: Progress, callbacks: 
     training steps (the loop's only host-device sync), at checkpoints and at the end."""
     config, monitor = session.config, session.monitor
     start_step, started = progress.step, time.perf_counter()
-    weight = config.empty_prompt_preservation
-    preservation = EmptyPromptPreservation(session.data.embeds[""], weight) if weight > 0 else None
+    preservation = preservation_for(config.empty_prompt_preservation, session.data.embeds[""], session.transformer)
     session.transformer.train()
     while progress.step < config.training_steps:
         loss = training_step_loss(session, progress.step, callbacks.should_stop, preservation)

@@ -18,7 +18,7 @@ import torch
 from ..errors import TrainingInterrupted
 from ..facts import exponential_shift, training_shift_mu
 from ..model.latents import pack, predict_velocity
-from ..model.lora import adapters_disabled
+from ..model.lora import adapters_disabled, lora_layers
 from ..preset import PRESET
 
 
@@ -50,7 +50,24 @@ def flow_matching_loss(
     return torch.nn.functional.mse_loss(prediction.float(), pack(noise - latents).float())
 
 
-def empty_prompt_preservation_loss(transformer, micro: MicroBatch, empty_embeds: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class EmptyPromptPreservation:
+    """What :func:`empty_prompt_preservation_loss` needs at every training step, gathered once per run: the empty
+    prompt's embeddings, the term's weight and the LoRA layers to switch off for the base's prediction."""
+
+    embeds: torch.Tensor
+    weight: float
+    lora_layers: list
+
+
+def preservation_for(weight: float, empty_embeds: torch.Tensor, transformer) -> EmptyPromptPreservation | None:
+    """The run's preservation term, or None when its weight is 0 (off)."""
+    return EmptyPromptPreservation(empty_embeds, weight, lora_layers(transformer)) if weight > 0 else None
+
+
+def empty_prompt_preservation_loss(
+    transformer, micro: MicroBatch, preservation: EmptyPromptPreservation
+) -> torch.Tensor:
     """MSE between the LoRA's and the base model's prediction for the empty prompt, at the micro-batch's xt.
 
     Real CFG guides against the empty prompt: v = v("") + g·(v(prompt) - v("")). A LoRA moves v("") too (its weights
@@ -61,8 +78,8 @@ def empty_prompt_preservation_loss(transformer, micro: MicroBatch, empty_embeds:
     param = next(transformer.parameters())
     noisy = pack(noisy_latents(micro.latents, micro.noise, micro.sigma)).to(param.dtype)
     sigma = micro.sigma.to(param.dtype)
-    embeds = empty_embeds.to(param.dtype).expand(len(noisy), -1, -1)
-    with torch.no_grad(), adapters_disabled(transformer):
+    embeds = preservation.embeds.to(param.dtype).expand(len(noisy), -1, -1)
+    with torch.no_grad(), adapters_disabled(preservation.lora_layers):
         base = predict_velocity(transformer, noisy, sigma, embeds, h, w)
     prediction = predict_velocity(transformer, noisy, sigma, embeds, h, w)
     return torch.nn.functional.mse_loss(prediction.float(), base.float())
@@ -76,14 +93,6 @@ class MicroBatch:
     sigma: torch.Tensor
     weight: float = 1.0  # regularization micro-batches carry the (low) regularization weight
     is_regularization: bool = False
-
-
-@dataclass(frozen=True)
-class EmptyPromptPreservation:
-    """The empty prompt's embeddings and the weight of :func:`empty_prompt_preservation_loss` in a training step."""
-
-    embeds: torch.Tensor
-    weight: float
 
 
 def accumulate_gradients(
@@ -114,7 +123,7 @@ def accumulate_gradients(
         loss.backward()
         total = total + loss.detach()
         if preservation is not None and not micro.is_regularization:
-            kept = empty_prompt_preservation_loss(transformer, micro, preservation.embeds)
+            kept = empty_prompt_preservation_loss(transformer, micro, preservation)
             (kept * preservation.weight * micro.weight / grad_accum).backward()
     return total
 
