@@ -282,6 +282,24 @@ def test_a_likeness_drop_is_still_seen_when_old_checkpoint_files_were_pruned():
     assert report is not None and report.signal_names == [LIKENESS_DROP] and report.began_step == 400
 
 
+def test_a_sudden_likeness_fall_held_for_two_checkpoints_is_flagged_at_once():
+    """The tiny Klein's 30x-LR run: 0.80 -> 0.53, 0.54. The smoothed likeness is only 22% down by then; both
+    checkpoints after the fall are 30% below the smoothed peak."""
+    history = TrainingHistory()
+    for i, like in enumerate([0.74, 0.71, 0.72, 0.74, 0.80, 0.53, 0.54]):
+        history.add_checkpoint(i * 50, ckpt_path(i * 50) if i else None, likeness=like)
+    report = detect_collapse(history)
+    assert report is not None and report.signal_names == [LIKENESS_DROP]
+    assert report.began_step == 250 and report.detected_step == 300 and report.last_good_path == ckpt_path(200)
+
+
+def test_one_bad_preview_between_good_ones_is_not_a_likeness_drop():
+    history = TrainingHistory()
+    for i, like in enumerate([0.74, 0.71, 0.72, 0.74, 0.80, 0.60, 0.79, 0.80]):
+        history.add_checkpoint(i * 50, ckpt_path(i * 50) if i else None, likeness=like)
+    assert detect_collapse(history) is None
+
+
 def test_small_likeness_wobble_is_not_a_drop():
     history = TrainingHistory()
     for i, like in enumerate([0.2, 0.5, 0.7, 0.72, 0.66, 0.71, 0.68]):

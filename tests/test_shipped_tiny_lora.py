@@ -121,9 +121,9 @@ def test_a_run_that_gets_better_then_turns_to_chaos_at_30x_its_lr_keeps_a_checkp
     learned, identity, tmp_path
 ):
     """The sound run's health previews peak at its last checkpoint (step 200, likeness 0.80); 100 more training steps
-    at 30x the LR are flagged by the loss (spikes from step 205, then the validation loss), and the health previews
-    of steps 250 and 300 have lost the likeness (0.53, 0.54). That drop is not what flags the run: the monitor's
-    likeness, smoothed over checkpoints, fell 22% by step 300, under its 25% threshold."""
+    at 30x the LR are flagged by the loss (spikes from step 205, then the validation loss) and by the pictures: the
+    health previews of steps 250 and 300 have lost the likeness (0.53, 0.54, below the untrained base's 0.74), both
+    30% below the smoothed peak. The previews turn noisy and pale but do not clip, so blow-out stays quiet."""
     _run, _distance, out = learned
     shutil.copytree(out / "run", tmp_path / "run")  # the sound run stays as it was for the other tests
     chaos = replace(SOUND, training_steps=SOUND_STEPS + 100, learning_rate=CHAOS_LR)
@@ -132,7 +132,7 @@ def test_a_run_that_gets_better_then_turns_to_chaos_at_30x_its_lr_keeps_a_checkp
     except NonFiniteLoss as exc:
         health = exc.health
     print(health.verdict)
-    assert health.collapse.signal_names, health.verdict
+    assert "likeness_drop" in health.collapse.signal_names, health.verdict
     assert health.collapse.last_good_step <= SOUND_STEPS < health.collapse.began_step
     assert health.best.step <= SOUND_STEPS
     checkpoints = json.loads((tmp_path / "run" / "run.json").read_text())["history"]["checkpoints"]
