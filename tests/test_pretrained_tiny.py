@@ -23,10 +23,12 @@ from klein_core.tools.pretrain import (
     PRETRAINED_TEXT_TOKENS,
     READER_FILE,
     SHIPPED_FOLDER,
+    SMOKE_BUDGET,
     PretrainBudget,
     caption_embeddings,
     colour_accuracy,
     file_hashes,
+    pretrain_tiny,
     render_world,
     shipped_tiny,
 )
@@ -129,7 +131,7 @@ def test_the_shipped_base_draws_the_prompted_part_colours():
 
 def test_make_tiny_pretrained_runs_every_stage_and_writes_a_checked_manifest(tmp_path, capsys):
     out = tmp_path / "pretrained"
-    assert main(["make-tiny", "--pretrained", "--smoke", "--out", str(out)]) == 0
+    assert main(["make-tiny", "--pretrained", "--smoke", "--processes", "2", "--out", str(out)]) == 0
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["files"] == file_hashes(out)
     assert {"diffusers/model_index.json", READER_FILE, f"comfyui/{COMFY_FILES['transformer']}"} <= set(
@@ -143,5 +145,21 @@ def test_make_tiny_pretrained_runs_every_stage_and_writes_a_checked_manifest(tmp
     }
     assert resolve_model(out / "diffusers").variant.name
     assert torch.isfinite(torch.tensor(manifest["psnr_db"]))
+    assert manifest["processes"] == 2 and "--processes 2" in manifest["command"]
+    assert main(["make-tiny", "--pretrained", "--smoke", "--processes", "3", "--out", str(tmp_path / "y")]) == 2
+    assert "processes must be 1 or more and divide the batch sizes (8, 32), got 3" in capsys.readouterr().err
     assert main(["make-tiny", "--smoke", "--out", str(tmp_path / "x")]) == 2  # --smoke alone is refused by name
-    assert "--smoke only goes with --pretrained" in capsys.readouterr().err
+    assert "--smoke and --processes go with --pretrained" in capsys.readouterr().err
+
+
+def test_two_pretraining_processes_fit_what_one_process_fits_with_the_whole_batch(tmp_path):
+    """``--processes 2`` pre-trains data parallel (one single-threaded process per core): each process draws the
+    whole batch, fits its half, and the gradients are summed, so the whole batch's loss at every training step is the
+    one a single process computes (the log prints it to 4 decimals)."""
+    losses = {}
+    for processes in (1, 2):
+        lines: list[str] = []
+        pretrain_tiny(tmp_path / str(processes), SMOKE_BUDGET, log=lines.append, processes=processes)
+        losses[processes] = [float(line.rsplit("loss", 1)[1]) for line in lines if "training step" in line]
+    assert len(losses[1]) == SMOKE_BUDGET.vae_training_steps + SMOKE_BUDGET.transformer_training_steps
+    assert losses[2] == pytest.approx(losses[1], abs=2e-4)

@@ -17,9 +17,15 @@ classes and on-disk formats (and the same ComfyUI-detectable shape: head dim 128
    whose three part colours the reader finds as prompted;
 6. write fp16 weights in the asked formats, the reader, and a manifest (seed, command, sha256 per file, figures).
 
-Everything draws from generators seeded from ``seed``: the same seed, thread count, torch build and CPU instruction set
-give the same bytes (torch picks its CPU kernels by instruction set: on an AVX2-only CPU the same command gave another
-VAE and reader than an earlier recipe's shipped ones, 22.34 against 22.29 dB).
+The VAE and the transformer can train data parallel on ``processes`` single-threaded processes (one per core;
+:func:`data_parallel_step`): every process draws the whole batch from the same generators and fits its share, the
+gradients are summed, so the models are those of one process with the whole batch, up to float rounding. Rounding is
+enough to change how well the transformer binds colours (see ``PRETRAIN_PROCESSES``): the shipped base is one process's.
+
+Everything draws from generators seeded from ``seed``: the same seed, process count, torch build and CPU instruction
+set give the same bytes (torch picks its CPU kernels by instruction set: on an AVX2-only CPU the same command gave
+another VAE and reader than an earlier recipe's shipped ones, 22.34 against 22.29 dB). A script that calls
+:func:`pretrain_tiny` with more than one process needs the ``if __name__ == "__main__":`` guard of spawned processes.
 The text is 32 tokens, a property of this model (its tokenizer's ``model_max_length``; Klein's is 512), because
 the 512 padded tokens would be most of the cost at 64 px.
 """
@@ -40,6 +46,7 @@ from ..atomic import atomic_write_bytes, atomic_write_json
 from ..facts import exponential_shift, image_tokens, sampling_shift_mu
 from ..model.text import klein_chat_text
 from ..preset import PRESET
+from ..train.distributed import DistributedContext, process_group
 from .colour_reader import look_labels, part_accuracy, read_colours, save_reader, train_reader
 from .tiny import SCHEDULER_CONFIG, TINY_TEXT_ENCODER_CONFIG, TINY_TRANSFORMER_CONFIG, TOKENIZER_CORPUS
 from .world import COLOUR_NAMES, world_sample
@@ -59,8 +66,10 @@ PRETRAINED_TOKENIZER_CORPUS = (
 READER_FILE = "reader.safetensors"
 REGENERATE_FILE = "regenerate.sh"
 MANIFEST_FILE = "manifest.json"
-PRETRAIN_THREADS = 1  # these ops are too small to split well, two threads fighting other load run 3-5x slower, and
+PRETRAIN_THREADS = 1  # per process: these ops are too small to split (2 threads in one process: 10-15% faster), and
 # one thread gives the same bytes on any machine with the same torch build and CPU instruction set
+PRETRAIN_PROCESSES = 1  # the shipped base's; 2 (one per core, data parallel) took 20.5 minutes instead of 27 on 2
+# cores, with other bytes: seed 0 then gave the same VAE quality (25.6 dB) but a base that drew 44%, not 92%
 WORLD_SEED_OFFSET, HELD_OUT_SEED_OFFSET = 0, 1_000_003  # the held-out pictures come from another world seed
 
 
@@ -135,23 +144,48 @@ def reconstruction_loss(decoded: torch.Tensor, pictures: torch.Tensor) -> torch.
     return error.pow(2).mean() + 0.5 * error.abs().mean() + pooled.pow(2).mean()
 
 
-def fit_vae(pictures: torch.Tensor, budget: PretrainBudget, seed: int, log: Callable[[str], None]):
+def data_parallel_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    dist: DistributedContext,
+    max_grad_norm: float | None = None,
+) -> torch.Tensor:
+    """One optimizer step on the whole batch's gradient, from this rank's mean ``loss`` over its equal share.
+
+    Each rank back-propagates its loss over the number of ranks and the pack's one all-reduce
+    (:meth:`DistributedContext.sum_step`) sums the gradients: the gradient of the whole batch's mean, the same on
+    every rank, so every rank's model takes the same step. Returns the whole batch's loss. One process: a plain step.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    share = loss / dist.world_size
+    share.backward()
+    total, _stop = dist.sum_step(list(model.parameters()), share.detach(), False)
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    return total
+
+
+def fit_vae(
+    pictures: torch.Tensor, budget: PretrainBudget, seed: int, log: Callable[[str], None], dist: DistributedContext
+):
     """A small AutoencoderKLFlux2 fitted to reproduce the pictures through its latent mode (MSE on whole pictures:
-    its mid-block attention sees the latent grid it will decode)."""
+    its mid-block attention sees the latent grid it will decode). Each rank draws the whole batch, fits its share."""
     from diffusers import AutoencoderKLFlux2
 
     torch.manual_seed(seed)
     vae = AutoencoderKLFlux2(**PRETRAINED_VAE_CONFIG)
     optimizer = torch.optim.Adam(vae.parameters(), lr=budget.vae_learning_rate)
     generator = torch.Generator().manual_seed(seed)
+    mine = dist.batch_slice(budget.vae_batch_size // dist.world_size)
     for step in range(budget.vae_training_steps):
-        batch = pictures[torch.randint(0, len(pictures), (budget.vae_batch_size,), generator=generator)] * 2 - 1
+        drawn = torch.randint(0, len(pictures), (budget.vae_batch_size,), generator=generator)
+        batch = pictures[drawn[mine]] * 2 - 1
         _cosine_lr(optimizer, budget.vae_learning_rate, step, budget.vae_training_steps)
         latents = vae.encode(batch).latent_dist.mode()
         loss = reconstruction_loss(vae.decode(latents).sample, batch) + 1e-4 * latents.pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = data_parallel_step(vae, optimizer, loss, dist)
         if (step + 1) % max(1, budget.vae_training_steps // 4) == 0:
             log(f"  VAE training step {step + 1}/{budget.vae_training_steps}, loss {loss.item():.4f}")
     return vae.eval()
@@ -223,8 +257,10 @@ def fit_transformer(
     budget: PretrainBudget,
     seed: int,
     log: Callable[[str], None],
+    dist: DistributedContext,
 ):
-    """Pre-train a tiny Flux2 transformer as a text-to-image Base with the trainer's flow-matching objective."""
+    """Pre-train a tiny Flux2 transformer as a text-to-image Base with the trainer's flow-matching objective. Each
+    rank draws the whole batch (pictures, dropped captions, noise, σ) and computes the loss of its share."""
     from diffusers import Flux2Transformer2DModel
 
     from ..train.objective import flow_matching_loss
@@ -236,6 +272,7 @@ def fit_transformer(
     caption_stack = torch.stack([embeds[c] for c in captions])
     tokens = image_tokens(latents.shape[-1] * 16, latents.shape[-2] * 16)
     transformer.train()
+    mine = dist.batch_slice(budget.transformer_batch_size // dist.world_size)
     for step in range(budget.transformer_training_steps):
         batch = torch.randint(0, len(latents), (budget.transformer_batch_size,), generator=generator)
         dropped = torch.rand(len(batch), generator=generator) < budget.caption_dropout
@@ -244,11 +281,8 @@ def fit_transformer(
         noise = torch.randn(x0.shape, generator=generator)
         sigma = pretraining_sigmas(len(batch), tokens, budget.sample_steps, generator)
         _cosine_lr(optimizer, budget.transformer_learning_rate, step, budget.transformer_training_steps)
-        loss = flow_matching_loss(transformer, x0, batch_embeds, noise, sigma)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        optimizer.step()
+        loss = flow_matching_loss(transformer, x0[mine], batch_embeds[mine], noise[mine], sigma[mine])
+        loss = data_parallel_step(transformer, optimizer, loss, dist, max_grad_norm=1.0)
         if (step + 1) % max(1, budget.transformer_training_steps // 6) == 0:
             log(f"  transformer training step {step + 1}/{budget.transformer_training_steps}, loss {loss.item():.4f}")
     return transformer.eval()
@@ -307,8 +341,10 @@ def pretrain_tiny(
     fmt: str = "both",
     command: str = "",
     log: Callable[[str], None] = print,
+    processes: int = PRETRAIN_PROCESSES,
 ) -> PretrainResult:
-    """Pre-train the tiny Klein into ``out`` (``diffusers/`` and/or ``comfyui/``, reader, manifest, regenerate.sh).
+    """Pre-train the tiny Klein into ``out`` (``diffusers/``, ``comfyui/``, reader, manifest, regenerate.sh) on
+    ``processes`` single-threaded processes (data parallel; the bytes depend on the count, the manifest records it).
 
     ``out`` must be new, empty, or a previous output (it has a manifest): nothing else is ever overwritten."""
     from ..errors import KleinError
@@ -318,17 +354,63 @@ def pretrain_tiny(
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).is_file())):
         raise KleinError(f"{out} is not empty and holds no earlier tiny Klein ({MANIFEST_FILE}): give a new folder")
+    batches = (budget.vae_batch_size, budget.transformer_batch_size)
+    if processes < 1 or any(batch % processes for batch in batches):
+        raise KleinError(f"processes must be 1 or more and divide the batch sizes {batches}, got {processes}")
     threads = torch.get_num_threads()
     torch.set_num_threads(PRETRAIN_THREADS)
     try:
-        return _pretrain(out, budget, seed, fmt, command, log)
+        if processes == 1:
+            return _pretrain(out, budget, seed, fmt, command, log, DistributedContext())
+        return _pretrain_in_processes(out, budget, seed, fmt, command, log, processes)
     finally:
         torch.set_num_threads(threads)
 
 
-def _pretrain(out: Path, budget: PretrainBudget, seed: int, fmt: str, command: str, log) -> PretrainResult:
-    from diffusers import FlowMatchEulerDiscreteScheduler
+def _pretrain_in_processes(
+    out: Path, budget: PretrainBudget, seed: int, fmt: str, command: str, log, processes: int
+) -> PretrainResult:
+    """Rank 0 here, ranks 1.. in spawned processes that run the same seeded recipe and write nothing; they meet in a
+    gloo group through a file in a temporary folder. A rank that fails stops the others at their next all-reduce."""
+    import tempfile
 
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="klein-pretrain-") as meeting:
+        init_method = (Path(meeting) / "rendezvous").as_uri()
+        spawn = mp.get_context("spawn")
+        helpers = [
+            spawn.Process(target=_helper_rank, args=(rank, processes, init_method, budget, seed), daemon=True)
+            for rank in range(1, processes)
+        ]
+        for helper in helpers:
+            helper.start()
+        dist = DistributedContext(0, processes)
+        try:
+            with process_group(dist, "cpu", init_method):
+                return _pretrain(out, budget, seed, fmt, command, log, dist)
+        finally:
+            if torch.distributed.is_initialized():  # left behind by a failed peer: gloo tears down cleanly
+                torch.distributed.destroy_process_group()
+            for helper in helpers:
+                helper.join(timeout=60)
+                if helper.is_alive():
+                    helper.terminate()
+
+
+def _helper_rank(rank: int, processes: int, init_method: str, budget: PretrainBudget, seed: int) -> None:
+    """A spawned rank: the same fits on its share of every batch; rank 0 measures and writes."""
+    torch.set_num_threads(PRETRAIN_THREADS)
+    dist = DistributedContext(rank, processes)
+    with process_group(dist, "cpu", init_method):
+        _pretrain(None, budget, seed, "", "", lambda _message: None, dist)
+
+
+def _pretrain(
+    out: Path | None, budget: PretrainBudget, seed: int, fmt: str, command: str, log, dist: DistributedContext
+) -> PretrainResult | None:
+    """The recipe on one rank. Every rank renders the same world and fits the VAE and the transformer on its share of
+    each batch, so their models stay equal; rank 0 alone measures, fits the reader and writes (others return None)."""
     from ..model.latents import encode_images
 
     started, seconds = time.perf_counter(), {}
@@ -340,20 +422,23 @@ def _pretrain(out: Path, budget: PretrainBudget, seed: int, fmt: str, command: s
     pictures, looks = render_world(budget.world_images, seed + WORLD_SEED_OFFSET, size)
     held_pictures, held_looks = render_world(budget.held_out_images, seed + HELD_OUT_SEED_OFFSET, size)
     log(f"rendered {len(pictures)} world pictures and {len(held_pictures)} held-out ones at {size} px")
-    vae = fit_vae(pictures, budget, seed, log)
+    vae = fit_vae(pictures, budget, seed, log, dist)
     set_latent_statistics(vae, pictures)
-    psnr = reconstruction_psnr(vae, held_pictures)
-    log(f"VAE: PSNR {psnr:.1f} dB on held-out pictures")
-    lap("vae")
-    reader = train_reader(pictures, look_labels(looks), seed + 5, budget.reader_training_steps)
-    reader_accuracy = part_accuracy(read_colours(reader, held_pictures), look_labels(held_looks))
-    log(f"part-colour reader: {100 * reader_accuracy['all_parts']:.0f}% of held-out pictures read right")
-    lap("reader")
+    if dist.is_main:
+        psnr = reconstruction_psnr(vae, held_pictures)
+        log(f"VAE: PSNR {psnr:.1f} dB on held-out pictures")
+        lap("vae")
+        reader = train_reader(pictures, look_labels(looks), seed + 5, budget.reader_training_steps)
+        reader_accuracy = part_accuracy(read_colours(reader, held_pictures), look_labels(held_looks))
+        log(f"part-colour reader: {100 * reader_accuracy['all_parts']:.0f}% of held-out pictures read right")
+        lap("reader")
     tokenizer, text_encoder = build_text_side(seed)
     evaluated = held_looks[: budget.colour_samples]
     embeds = caption_embeddings(text_encoder, tokenizer, [look.caption() for look in looks + evaluated])
     latents = torch.cat([encode_images(vae, chunk * 2 - 1) for chunk in pictures.split(128)])
-    transformer = fit_transformer(latents, [look.caption() for look in looks], embeds, budget, seed, log)
+    transformer = fit_transformer(latents, [look.caption() for look in looks], embeds, budget, seed, log, dist)
+    if not dist.is_main:
+        return None
     lap("transformer")
     accuracy = colour_accuracy(reader, transformer, vae, embeds, evaluated, budget, PRESET.preview_seed)
     log(
@@ -361,34 +446,35 @@ def _pretrain(out: Path, budget: PretrainBudget, seed: int, fmt: str, command: s
         f"all three part colours right, {100 * accuracy['parts']:.0f}% of parts"
     )
     lap("evaluation")
-    components = (
-        transformer,
-        vae,
-        text_encoder,
-        tokenizer,
-        FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER_CONFIG),
-    )
-    _write_model(out, components, reader, fmt)
-    atomic_write_bytes(
-        out / REGENERATE_FILE,
-        (
-            "#!/bin/sh\n# Rebuilds this folder from the repository root (same bytes with the same torch build).\n"
-            f"{command}\n"
-        ).encode(),
-    )
     manifest = {
         "seed": seed,
         "command": command,
         "budget": asdict(budget),
         "torch": torch.__version__,
+        "processes": dist.world_size,
         "threads": PRETRAIN_THREADS,
         "psnr_db": round(psnr, 2),
         "colour_accuracy": accuracy,
         "reader_accuracy_held_out": reader_accuracy,
         "seconds": seconds,
-        "files": file_hashes(out),
     }
-    atomic_write_json(out / MANIFEST_FILE, manifest)
+    return _write_outputs(out, (transformer, vae, text_encoder, tokenizer), reader, fmt, manifest)
+
+
+def _write_outputs(out: Path, models: tuple, reader, fmt: str, manifest: dict) -> PretrainResult:
+    """The weights in the asked formats, the reader, ``regenerate.sh`` and the manifest (with each file's sha256)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    components = (*models, FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER_CONFIG))
+    _write_model(out, components, reader, fmt)
+    atomic_write_bytes(
+        out / REGENERATE_FILE,
+        (
+            "#!/bin/sh\n# Rebuilds this folder from the repository root (same bytes with the same torch build).\n"
+            f"{manifest['command']}\n"
+        ).encode(),
+    )
+    atomic_write_json(out / MANIFEST_FILE, {**manifest, "files": file_hashes(out)})
     return PretrainResult(out, manifest, components)
 
 

@@ -135,9 +135,11 @@ def rank_device(dist: DistributedContext, device: str) -> str:
 
 
 @contextmanager
-def process_group(dist: DistributedContext, device: str) -> Iterator[str]:
+def process_group(dist: DistributedContext, device: str, init_method: str | None = None) -> Iterator[str]:
     """Join the launcher's process group (NCCL on CUDA, gloo on the CPU) for the run and yield this rank's device
     (:func:`rank_device`), also when the group already exists. One process: nothing to join, the device unchanged.
+    ``init_method`` is where the ranks meet (None: the launcher's ``MASTER_ADDR``/``MASTER_PORT``; the pack's own
+    processes use a ``file://`` path).
 
     The group is left on a normal end and on stops every rank agreed on; after a peer's failure it is not (tearing
     down a broken NCCL communicator can block) and the process exit releases it."""
@@ -149,7 +151,11 @@ def process_group(dist: DistributedContext, device: str) -> Iterator[str]:
         yield device
         return
     torch.distributed.init_process_group(
-        "nccl" if cuda else "gloo", rank=dist.rank, world_size=dist.world_size, timeout=GROUP_TIMEOUT
+        "nccl" if cuda else "gloo",
+        init_method=init_method,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        timeout=GROUP_TIMEOUT,
     )
     agreed = False
     try:
