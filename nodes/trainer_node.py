@@ -94,7 +94,13 @@ def _continuation(continue_from: str, extra_repeats_per_image: float) -> Extensi
 
 def _inputs() -> list:
     """The node's inputs, in widget order (saved workflows store widget values by position: new ones go last)."""
-    return _dose_and_model_inputs() + _optimisation_inputs() + _health_inputs() + _continuation_inputs()
+    return (
+        _dose_and_model_inputs()
+        + _optimisation_inputs()
+        + _health_inputs()
+        + _continuation_inputs()
+        + [_preservation_input()]
+    )
 
 
 def _dose_and_model_inputs() -> list:
@@ -271,6 +277,22 @@ def _continuation_inputs() -> list:
     ]
 
 
+def _preservation_input():
+    """The empty-prompt preservation weight (after the continuation inputs: saved workflows keep their positions)."""
+    return io.Float.Input(
+        "empty_prompt_preservation",
+        default=0.0,
+        min=0.0,
+        max=10.0,
+        step=0.1,
+        optional=True,
+        tooltip="0 (off, the starter preset): plain flow matching. Above 0: a loss term, at this weight, that keeps "
+        "the LoRA's prediction for the empty prompt the base model's, so real CFG (which guides against the empty "
+        "prompt) shows the LoRA instead of subtracting it. One more forward and backward per micro-batch. The "
+        "tiny demo model needs it (weight 1); on Klein 9B it is not measured.",
+    )
+
+
 class KleinLoRATrainer(io.ComfyNode):
     """Trains a character LoRA on FLUX.2 [klein] Base; re-queue with a new seed to train again."""
 
@@ -333,6 +355,7 @@ class KleinLoRATrainer(io.ComfyNode):
         held_out=None,
         continue_from: str = NONE,
         extra_repeats_per_image: float = PRESET.extension_repeats,
+        empty_prompt_preservation: float = 0.0,
     ) -> io.NodeOutput:
         import comfy.model_management
 
@@ -349,6 +372,7 @@ class KleinLoRATrainer(io.ComfyNode):
             gradient_checkpointing=True if gradient_checkpointing else None,
             stop_on_collapse=stop_on_collapse,
             regularization_weight=regularization_weight,
+            empty_prompt_preservation=empty_prompt_preservation,
         )
         run_dir = _runs_root() / config.output_name
         progress = _ComfyProgress(cls.hidden.unique_id, training_steps)

@@ -232,6 +232,22 @@ def test_a_regularization_dataset_linked_to_the_trainer_mixes_in_apart_from_the_
     assert "2 regularization captions contain the trigger" in json.dumps(entry["status"]["messages"])
 
 
+def test_the_trainer_s_empty_prompt_preservation_reaches_the_run_and_a_negative_weight_is_refused(comfy_assets):
+    server = comfy_assets.server
+    prompt = tiny_train_then_preview(comfy_assets, "wf_preserved", preview=False)
+    trainer_id, trainer = node_of(prompt, "KleinLoRATrainer")
+    trainer["inputs"]["empty_prompt_preservation"] = 1.0
+    entry = server.run(prompt, timeout_s=300)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000] + server.log_tail()
+    manifest = json.loads((run_dir(comfy_assets, "wf_preserved") / "run.json").read_text())
+    assert manifest["config"]["empty_prompt_preservation"] == 1.0
+
+    trainer["inputs"]["empty_prompt_preservation"] = -1.0
+    _status, body = server.request("POST", "/prompt", {"prompt": prompt})
+    (error,) = body["node_errors"][trainer_id]["errors"]  # ComfyUI refuses it by the widget's min, naming the input
+    assert (error["type"], error["details"]) == ("value_smaller_than_min", "empty_prompt_preservation")
+
+
 # ---- cancel, cache, memory -----------------------------------------------------------------------------------------
 def test_interrupt_during_training_stops_it_and_keeps_the_last_checkpoint_intact(comfy_assets):
     server = comfy_assets.server
