@@ -89,6 +89,14 @@ def test_checkpointing_costs_about_one_more_forward():
     assert checkpointed.training_step_tflop / checkpointed.forward_tflop == pytest.approx(3.2, abs=0.05)
 
 
+def test_empty_prompt_preservation_costs_a_base_forward_and_one_more_training_step_but_no_memory():
+    """Per micro-batch the term runs the base's forward for the empty prompt (no gradients), then the LoRA's forward
+    and backward for it, after the flow-matching loss's backward: the peak stays one training step's."""
+    plain, kept = estimate("9B", 1024, mode=GC), estimate("9B", 1024, mode=GC, empty_prompt_preservation=True)
+    assert kept.training_step_tflop == pytest.approx(2 * plain.training_step_tflop + plain.forward_tflop)
+    assert kept.memory == plain.memory
+
+
 # Both calibrated to the fit-check audit at 1024 px (tests/test_fitcheck.py): no GC 24.2 GiB (peft's plain fp32 LoRA,
 # which published per-block figures describe, keeps a third more), and the inputs every checkpointed block keeps
 @pytest.mark.parametrize("resolution,no_gc,gc", [(512, 8.06, 0.85), (768, 14.78, 1.56), (1024, 24.19, 2.56)])

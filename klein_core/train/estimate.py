@@ -365,9 +365,8 @@ def peak_tflops(device_name: str | None) -> tuple[str, float] | None:
 @dataclass(frozen=True)
 class CheckpointWork:
     """One checkpoint's health work: the validation pass on at most ``validation_images`` training images (each at
-    the fixed σ), and a health preview at most ``health_preview_resolution`` a side (50 sample steps, the CFG pair),
-    rendered at every ``health_preview_every``-th checkpoint; ``fraction`` is its average share of the training
-    between two checkpoints."""
+    the fixed σ) and a health preview at most ``health_preview_resolution`` a side (50 sample steps, CFG pair) at
+    every ``health_preview_every``-th checkpoint; ``fraction``: its average share of the training between two."""
 
     validation_tflop: float
     preview_tflop: float
@@ -542,14 +541,15 @@ def estimate(
     preview_sample_steps: int = PRESET.sample_steps,
     preview_cfg: float = PRESET.cfg,
     checkpoints: CheckpointSettings = CheckpointSettings(),
+    empty_prompt_preservation: bool = False,  # per micro-batch also a base forward and a LoRA forward+backward
 ) -> Estimate:
     """Estimate VRAM and time of a run. ``device_name`` picks the peak from ``PEAK_TFLOPS`` (``peak`` overrides it);
     with neither, times are for ``REFERENCE_DEVICE``. ``resolution`` is the largest training resolution."""
     shape = model_shape(variant)
     _check_settings(resolution, rank, batch_size, grad_accum, images, training_steps, mfu)
     micro = flops(shape, resolution, rank, batch_size)
-    blocks = model_shape(variant).blocks
-    step = micro.training_step(mode.checkpointed(blocks) / blocks) * grad_accum
+    micro_step = micro.training_step(mode.checkpointed(shape.blocks) / shape.blocks)
+    step = (2 * micro_step + micro.forward if empty_prompt_preservation else micro_step) * grad_accum
     preview = micro.forward / batch_size * preview_sample_steps * (2 if preview_cfg > 1 else 1)
     notes = []
     time_device, peak_value = None, peak

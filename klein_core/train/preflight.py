@@ -193,6 +193,7 @@ def _estimate_memory_mode(
         training_steps=config.training_steps or 0,
         device_name=detect_gpu_name(),
         checkpoints=CheckpointSettings.of(config),
+        empty_prompt_preservation=config.empty_prompt_preservation > 0,
     )
     for line in decision.lines:
         log(line)
