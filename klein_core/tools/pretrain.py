@@ -145,7 +145,7 @@ def reconstruction_loss(decoded: torch.Tensor, pictures: torch.Tensor) -> torch.
 
 
 def data_parallel_step(
-    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     loss: torch.Tensor,
     dist: DistributedContext,
@@ -156,13 +156,14 @@ def data_parallel_step(
     Each rank back-propagates its loss over the number of ranks and the pack's one all-reduce
     (:meth:`DistributedContext.sum_step`) sums the gradients: the gradient of the whole batch's mean, the same on
     every rank, so every rank's model takes the same step. Returns the whole batch's loss. One process: a plain step.
+    ``params``: the model's parameters, listed once per run (not at every step).
     """
     optimizer.zero_grad(set_to_none=True)
     share = loss / dist.world_size
     share.backward()
-    total, _stop = dist.sum_step(list(model.parameters()), share.detach(), False)
+    total, _stop = dist.sum_step(params, share.detach(), False)
     if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     return total
 
@@ -176,7 +177,8 @@ def fit_vae(
 
     torch.manual_seed(seed)
     vae = AutoencoderKLFlux2(**PRETRAINED_VAE_CONFIG)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=budget.vae_learning_rate)
+    params = list(vae.parameters())
+    optimizer = torch.optim.Adam(params, lr=budget.vae_learning_rate)
     generator = torch.Generator().manual_seed(seed)
     mine = dist.batch_slice(budget.vae_batch_size // dist.world_size)
     for step in range(budget.vae_training_steps):
@@ -185,7 +187,7 @@ def fit_vae(
         _cosine_lr(optimizer, budget.vae_learning_rate, step, budget.vae_training_steps)
         latents = vae.encode(batch).latent_dist.mode()
         loss = reconstruction_loss(vae.decode(latents).sample, batch) + 1e-4 * latents.pow(2).mean()
-        loss = data_parallel_step(vae, optimizer, loss, dist)
+        loss = data_parallel_step(params, optimizer, loss, dist)
         if (step + 1) % max(1, budget.vae_training_steps // 4) == 0:
             log(f"  VAE training step {step + 1}/{budget.vae_training_steps}, loss {loss.item():.4f}")
     return vae.eval()
@@ -267,7 +269,8 @@ def fit_transformer(
 
     torch.manual_seed(seed + 3)
     transformer = Flux2Transformer2DModel(**TINY_TRANSFORMER_CONFIG)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=budget.transformer_learning_rate, weight_decay=0.0)
+    params = list(transformer.parameters())
+    optimizer = torch.optim.AdamW(params, lr=budget.transformer_learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed + 4)
     caption_stack = torch.stack([embeds[c] for c in captions])
     tokens = image_tokens(latents.shape[-1] * 16, latents.shape[-2] * 16)
@@ -282,7 +285,7 @@ def fit_transformer(
         sigma = pretraining_sigmas(len(batch), tokens, budget.sample_steps, generator)
         _cosine_lr(optimizer, budget.transformer_learning_rate, step, budget.transformer_training_steps)
         loss = flow_matching_loss(transformer, x0[mine], batch_embeds[mine], noise[mine], sigma[mine])
-        loss = data_parallel_step(transformer, optimizer, loss, dist, max_grad_norm=1.0)
+        loss = data_parallel_step(params, optimizer, loss, dist, max_grad_norm=1.0)
         if (step + 1) % max(1, budget.transformer_training_steps // 6) == 0:
             log(f"  transformer training step {step + 1}/{budget.transformer_training_steps}, loss {loss.item():.4f}")
     return transformer.eval()
