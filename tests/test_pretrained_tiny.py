@@ -153,9 +153,9 @@ def test_make_tiny_pretrained_runs_every_stage_and_writes_a_checked_manifest(tmp
 
 
 def test_two_pretraining_processes_fit_what_one_process_fits_with_the_whole_batch(tmp_path):
-    """``--processes 2`` pre-trains data parallel (one single-threaded process per core): each process draws the
-    whole batch, fits its half, and the gradients are summed, so the whole batch's loss at every training step is the
-    one a single process computes (the log prints it to 4 decimals)."""
+    """``--processes 2`` pre-trains data parallel (one single-threaded process per core, torch's DDP): each process
+    draws the whole batch, fits its half, and the gradients are averaged, so the whole batch's loss at every training
+    step is the one a single process computes (the log prints it to 4 decimals)."""
     losses = {}
     for processes in (1, 2):
         lines: list[str] = []

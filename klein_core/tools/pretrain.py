@@ -17,10 +17,11 @@ classes and on-disk formats (and the same ComfyUI-detectable shape: head dim 128
    whose three part colours the reader finds as prompted;
 6. write fp16 weights in the asked formats, the reader, and a manifest (seed, command, sha256 per file, figures).
 
-The VAE and the transformer can train data parallel on ``processes`` single-threaded processes (one per core;
-:func:`data_parallel_step`): every process draws the whole batch from the same generators and fits its share, the
-gradients are summed, so the models are those of one process with the whole batch, up to float rounding. Rounding is
-enough to change how well the transformer binds colours (see ``PRETRAIN_PROCESSES``): the shipped base is one process's.
+The VAE and the transformer can train data parallel on ``processes`` single-threaded processes (one per core, torch's
+``DistributedDataParallel``: :func:`data_parallel`): every process draws the whole batch from the same generators and
+fits its share, the gradients are averaged, so the models are those of one process with the whole batch, up to float
+rounding. Rounding is enough to change how well the transformer binds colours (see ``PRETRAIN_PROCESSES``): the
+shipped base is one process's.
 
 Everything draws from generators seeded from ``seed``: the same seed, process count, torch build and CPU instruction
 set give the same bytes (torch picks its CPU kernels by instruction set: on an AVX2-only CPU the same command gave
@@ -144,28 +145,47 @@ def reconstruction_loss(decoded: torch.Tensor, pictures: torch.Tensor) -> torch.
     return error.pow(2).mean() + 0.5 * error.abs().mean() + pooled.pow(2).mean()
 
 
-def data_parallel_step(
-    params: list[torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    loss: torch.Tensor,
-    dist: DistributedContext,
-    max_grad_norm: float | None = None,
-) -> torch.Tensor:
-    """One optimizer step on the whole batch's gradient, from this rank's mean ``loss`` over its equal share.
+def data_parallel(module: torch.nn.Module, dist: DistributedContext) -> torch.nn.Module:
+    """``module`` wrapped in torch's ``DistributedDataParallel`` when there are several ranks, else itself.
 
-    Each rank back-propagates its loss over the number of ranks and the pack's one all-reduce
-    (:meth:`DistributedContext.sum_step`) sums the gradients: the gradient of the whole batch's mean, the same on
-    every rank, so every rank's model takes the same step. Returns the whole batch's loss. One process: a plain step.
-    ``params``: the model's parameters, listed once per run (not at every step).
-    """
+    Each rank's loss is the mean over its equal share of the batch and DDP averages the gradients, so every rank
+    takes the step of the whole batch's mean. DDP all-reduces gradient buckets while the backward pass still runs: on
+    2 cores a transformer training step took 0.111 s against 0.137 s with one all-reduce after the backward pass (a
+    whole-batch step in one process: 0.18 s)."""
+    if not dist.is_distributed:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(module, forward_sync_buffers=False)
+
+
+def batch_mean(loss: torch.Tensor, dist: DistributedContext) -> float:
+    """The whole batch's loss from this rank's share (for the log; every rank must call it at the same step)."""
+    total = loss.detach().clone()
+    if dist.is_distributed:
+        torch.distributed.all_reduce(total)
+    return float(total) / dist.world_size
+
+
+def optimizer_step(
+    params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm=None
+) -> None:
+    """Back-propagate ``loss`` (DDP averages the gradients over the ranks meanwhile), clip, step."""
     optimizer.zero_grad(set_to_none=True)
-    share = loss / dist.world_size
-    share.backward()
-    total, _stop = dist.sum_step(params, share.detach(), False)
+    loss.backward()
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
-    return total
+
+
+class ThroughLatentMode(torch.nn.Module):
+    """decode(encode(x)) through the latent mode as one ``forward`` (DDP syncs what runs through ``forward``)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pictures: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        latents = self.vae.encode(pictures).latent_dist.mode()
+        return self.vae.decode(latents).sample, latents
 
 
 def fit_vae(
@@ -177,6 +197,7 @@ def fit_vae(
 
     torch.manual_seed(seed)
     vae = AutoencoderKLFlux2(**PRETRAINED_VAE_CONFIG)
+    reconstruct = data_parallel(ThroughLatentMode(vae), dist)
     params = list(vae.parameters())
     optimizer = torch.optim.Adam(params, lr=budget.vae_learning_rate)
     generator = torch.Generator().manual_seed(seed)
@@ -185,11 +206,11 @@ def fit_vae(
         drawn = torch.randint(0, len(pictures), (budget.vae_batch_size,), generator=generator)
         batch = pictures[drawn[mine]] * 2 - 1
         _cosine_lr(optimizer, budget.vae_learning_rate, step, budget.vae_training_steps)
-        latents = vae.encode(batch).latent_dist.mode()
-        loss = reconstruction_loss(vae.decode(latents).sample, batch) + 1e-4 * latents.pow(2).mean()
-        loss = data_parallel_step(params, optimizer, loss, dist)
+        decoded, latents = reconstruct(batch)
+        loss = reconstruction_loss(decoded, batch) + 1e-4 * latents.pow(2).mean()
+        optimizer_step(params, optimizer, loss)
         if (step + 1) % max(1, budget.vae_training_steps // 4) == 0:
-            log(f"  VAE training step {step + 1}/{budget.vae_training_steps}, loss {loss.item():.4f}")
+            log(f"  VAE training step {step + 1}/{budget.vae_training_steps}, loss {batch_mean(loss, dist):.4f}")
     return vae.eval()
 
 
@@ -269,6 +290,7 @@ def fit_transformer(
 
     torch.manual_seed(seed + 3)
     transformer = Flux2Transformer2DModel(**TINY_TRANSFORMER_CONFIG)
+    model = data_parallel(transformer, dist)
     params = list(transformer.parameters())
     optimizer = torch.optim.AdamW(params, lr=budget.transformer_learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed + 4)
@@ -284,10 +306,11 @@ def fit_transformer(
         noise = torch.randn(x0.shape, generator=generator)
         sigma = pretraining_sigmas(len(batch), tokens, budget.sample_steps, generator)
         _cosine_lr(optimizer, budget.transformer_learning_rate, step, budget.transformer_training_steps)
-        loss = flow_matching_loss(transformer, x0[mine], batch_embeds[mine], noise[mine], sigma[mine])
-        loss = data_parallel_step(params, optimizer, loss, dist, max_grad_norm=1.0)
+        loss = flow_matching_loss(model, x0[mine], batch_embeds[mine], noise[mine], sigma[mine])
+        optimizer_step(params, optimizer, loss, max_grad_norm=1.0)
         if (step + 1) % max(1, budget.transformer_training_steps // 6) == 0:
-            log(f"  transformer training step {step + 1}/{budget.transformer_training_steps}, loss {loss.item():.4f}")
+            whole_batch = batch_mean(loss, dist)
+            log(f"  transformer training step {step + 1}/{budget.transformer_training_steps}, loss {whole_batch:.4f}")
     return transformer.eval()
 
 
