@@ -283,7 +283,7 @@ def test_a_likeness_drop_is_still_seen_when_old_checkpoint_files_were_pruned():
 
 
 def test_a_sudden_likeness_fall_held_for_two_checkpoints_is_flagged_at_once():
-    """The tiny Klein's 30x-LR run: 0.80 -> 0.53, 0.54. The smoothed likeness is only 22% down by then; both
+    """An earlier tiny Klein's 30x-LR run: 0.80 -> 0.53, 0.54. The smoothed likeness is only 22% down by then; both
     checkpoints after the fall are 30% below the smoothed peak."""
     history = TrainingHistory()
     for i, like in enumerate([0.74, 0.71, 0.72, 0.74, 0.80, 0.53, 0.54]):
@@ -291,6 +291,19 @@ def test_a_sudden_likeness_fall_held_for_two_checkpoints_is_flagged_at_once():
     report = detect_collapse(history)
     assert report is not None and report.signal_names == [LIKENESS_DROP]
     assert report.began_step == 250 and report.detected_step == 300 and report.last_good_path == ckpt_path(200)
+
+
+def test_a_likeness_that_falls_from_above_the_untrained_base_to_under_it_is_flagged():
+    """The shipped tiny Klein's 30x-LR run: the generic likeness rose from the base's 0.568 to 0.636 and fell to
+    0.507, 0.515: only 17% below the smoothed peak, but under what the untrained base drew. The near-equal checkpoint
+    after the best (0.633) is not where the fall began."""
+    history = TrainingHistory()
+    for i, like in enumerate([0.568, 0.564, 0.572, 0.636, 0.633, 0.507, 0.515]):
+        history.add_checkpoint(i * 50, ckpt_path(i * 50) if i else None, likeness=like)
+    report = detect_collapse(history)
+    assert report is not None and report.signal_names == [LIKENESS_DROP]
+    assert report.began_step == 250 and report.detected_step == 300 and report.last_good_path == ckpt_path(200)
+    assert "under the untrained base's 0.568" in report.signals[0].detail
 
 
 def test_one_bad_preview_between_good_ones_is_not_a_likeness_drop():

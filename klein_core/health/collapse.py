@@ -22,7 +22,8 @@ Signals (thresholds in :class:`CollapseThresholds`, each documented there):
   (a too-high learning rate often lifts the loss to a new level rather than spiking it).
 - ``preview_blowout``: preview statistics (:func:`preview_statistics`) blow out against earlier checkpoints:
   saturation or clipping, high-frequency noise, or colour collapse.
-- ``likeness_drop``: likeness per checkpoint (smoothed) falls clearly below its peak.
+- ``likeness_drop``: likeness per checkpoint (smoothed) falls clearly below its peak, or from above the untrained
+  base's likeness to under it.
 
 A collapse "begins" at the first bad training-loss reading or the first bad checkpoint; the last good checkpoint is
 the last saved LoRA strictly before that step.
@@ -104,9 +105,10 @@ class CollapseThresholds:
     Likeness (0-1, one value per checkpoint), smoothed with an EMA of weight ``likeness_ema_alpha`` (0.5):
       fire when the smoothed likeness, or the better of the last two checkpoints' likeness, falls
       ``likeness_drop_fraction`` (25 %) below the smoothed likeness's earlier peak and by at least
-      ``likeness_min_drop`` (0.05), once ``likeness_min_checkpoints`` (3) have a likeness. The smoothed value
+      ``likeness_min_drop`` (0.05), or by that much to under the untrained base's likeness (step 0) after rising
+      above it, once ``likeness_min_checkpoints`` (3) have a likeness. The smoothed value
       catches a slide; the last two catch a sudden fall at once (the EMA needs a third bad checkpoint to follow a
-      fall from 0.80 to 0.53 past 25 %: a 30x-LR run on the tiny Klein) while one bad preview alone never fires.
+      fall from 0.80 to 0.53 past 25 %: a 30x-LR run on an earlier tiny Klein) while one bad preview alone never fires.
     """
 
     validation_ema_alpha: float = 0.5
@@ -376,7 +378,8 @@ def _preview_signal(history: TrainingHistory, th: CollapseThresholds) -> Collaps
 
 
 def _likeness_signal(history: TrainingHistory, th: CollapseThresholds) -> CollapseSignal | None:
-    # step 0 (the untrained base) is context for the chart, not a peak to fall from; pruned checkpoints still count
+    # step 0 (the untrained base) is a baseline, not a peak to fall from; pruned checkpoints still count
+    base = next((c.likeness for c in history.checkpoints if c.step == 0 and is_finite(c.likeness)), None)
     points = [(c.step, c.likeness) for c in history.checkpoints if c.step > 0 and is_finite(c.likeness)]
     if len(points) < th.likeness_min_checkpoints:
         return None
@@ -385,18 +388,21 @@ def _likeness_signal(history: TrainingHistory, th: CollapseThresholds) -> Collap
     smooth = _ema(raw, th.likeness_ema_alpha)
     for i in range(max(1, th.likeness_min_checkpoints - 1), len(smooth)):
         peak = max(smooth[:i])
-        level = min(smooth[i], max(raw[i - 1], raw[i]))  # the lower of the slide and the last two checkpoints
-        drop = peak - level
-        if drop >= th.likeness_drop_fraction * abs(peak) and drop >= th.likeness_min_drop:
+        held = max(raw[i - 1], raw[i])  # the better of the last two checkpoints: one bad preview is not a fall
+        drop = peak - min(smooth[i], held)  # the lower of the slide and the last two checkpoints
+        below_base = base is not None and held < base < peak and peak - held >= th.likeness_min_drop
+        if below_base or (drop >= th.likeness_min_drop and drop >= th.likeness_drop_fraction * abs(peak)):
             best = int(np.argmax(raw[: i + 1]))
-            began = steps[min(best + 1, i)]
+            # it began at the first checkpoint after the best one that is clearly lower (not a near-equal one)
+            began = next((j for j in range(best + 1, i) if raw[best] - raw[j] >= th.likeness_min_drop), i)
+            under = f", under the untrained base's {base:.3f}" if below_base else ""
             return CollapseSignal(
                 LIKENESS_DROP,
-                began,
+                steps[began],
                 steps[i],
                 f"likeness fell from its peak {raw[best]:.3f} at step {steps[best]} to {raw[i]:.3f} at step "
                 f"{steps[i]} ({drop / peak if peak > 0 else 1.0:.0%} below the smoothed peak, "
-                f"threshold {th.likeness_drop_fraction:.0%})",
+                f"threshold {th.likeness_drop_fraction:.0%}{under})",
             )
     return None
 
