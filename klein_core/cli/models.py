@@ -30,8 +30,8 @@ def register(sub) -> None:
         "--processes",
         type=int,
         default=None,
-        help="with --pretrained: data-parallel processes, one thread each (default 1, as the shipped base was made; "
-        "2 on 2 cores took 20.5 instead of 27 minutes; the bytes depend on the count, the manifest records it)",
+        help="with --pretrained: data-parallel processes, one thread each (default 2, one per core of the 2-core "
+        "budget, as the shipped base was made; the bytes depend on the count, the manifest records it)",
     )
     p.set_defaults(func=run_make_tiny)
 

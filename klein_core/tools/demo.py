@@ -81,11 +81,12 @@ class DemoScale:
     - ``images``: 4 generated pictures of kleinchar instead of a 20-60 photo set, so the planned 100 repeats per
       image are 400 training steps;
     - ``resolution``: 64 px instead of 1024: the tiny Klein was pre-trained on 64 px pictures of its world;
-    - ``learning_rate``: 1e-3 instead of 1e-4: the tiny transformer is 1.6 M parameters with one attention head,
+    - ``learning_rate``: 1e-3 instead of 1e-4: the tiny transformer is 1.0 M parameters with one attention head,
       and 400 training steps at 1e-4 move its rank-16 LoRA too little; on a real Klein keep the preset's 1e-4.
     - ``empty_prompt_preservation``: 1 instead of off: the tiny model's LoRA moves its empty-prompt prediction
       almost as much as its trigger's, so CFG 4 (which guides against the empty prompt) showed less of kleinchar
-      than CFG 1 (46% vs 58% of its part colours); held at the base's, CFG 4 shows more (92% vs 57%)
+      than CFG 1 (46% vs 58% of its part colours, on an earlier base); held at the base's, CFG 4 shows more
+      (92% vs 57% there; 75% vs 35% at 200 training steps on the shipped base)
       (:func:`klein_core.train.objective.empty_prompt_preservation_loss`).
 
     Measured: done in 46 s on 2 idle cores (55.8 s wall with the imports), most of it training; the README has the

@@ -72,8 +72,8 @@ def empty_prompt_preservation_loss(
 
     Real CFG guides against the empty prompt: v = v("") + g·(v(prompt) - v("")). A LoRA moves v("") too (its weights
     serve every prompt, and caption dropout trains "" on the identity's pictures), and guidance subtracts that part
-    of what it learned: on the tiny drawn Klein a LoRA showed 46% of kleinchar's part colours at CFG 4 against 58% at
-    CFG 1. Holding v("") at the base's keeps the LoRA in the guided difference (92% at CFG 4, 57% at CFG 1)."""
+    of what it learned: on an earlier tiny drawn Klein a LoRA showed 46% of kleinchar's part colours at CFG 4 against
+    58% at CFG 1. Holding v("") at the base's keeps the LoRA in the guided difference (92% at CFG 4, 57% at CFG 1)."""
     _, _, h, w = micro.latents.shape
     param = next(transformer.parameters())
     noisy = pack(noisy_latents(micro.latents, micro.noise, micro.sigma)).to(param.dtype)
