@@ -257,17 +257,21 @@ def test_a_blown_out_first_checkpoint_is_judged_against_the_untrained_base_previ
     assert pick_best_checkpoint(history, report) is None
 
 
-def test_the_untrained_base_likeness_is_a_baseline_not_a_peak_to_fall_from():
+def likeness_history(series: list[float], every: int) -> TrainingHistory:
+    """Checkpoints every ``every`` training steps with these likenesses; step 0 is the untrained base (no file)."""
     history = TrainingHistory()
-    for i, like in enumerate([0.6, 0.3, 0.35, 0.4, 0.45]):  # step 0 = the base model, before any LoRA
-        history.add_checkpoint(i * 100, ckpt_path(i * 100) if i else None, likeness=like)
+    for i, like in enumerate(series):
+        history.add_checkpoint(i * every, ckpt_path(i * every) if i else None, likeness=like)
+    return history
+
+
+def test_the_untrained_base_likeness_is_a_baseline_not_a_peak_to_fall_from():
+    history = likeness_history([0.6, 0.3, 0.35, 0.4, 0.45], every=100)  # step 0 = the base model, before any LoRA
     assert detect_collapse(history) is None
 
 
 def test_likeness_dropping_after_its_peak_is_flagged():
-    history = TrainingHistory()
-    for i, like in enumerate([0.2, 0.5, 0.7, 0.72, 0.5, 0.3]):
-        history.add_checkpoint(i * 100, ckpt_path(i * 100) if i else None, likeness=like)
+    history = likeness_history([0.2, 0.5, 0.7, 0.72, 0.5, 0.3], every=100)
     report = detect_collapse(history)
     assert report is not None and report.signal_names == [LIKENESS_DROP]
     assert report.began_step == 400 and report.last_good_path == ckpt_path(300)
@@ -285,9 +289,7 @@ def test_a_likeness_drop_is_still_seen_when_old_checkpoint_files_were_pruned():
 def test_a_sudden_likeness_fall_held_for_two_checkpoints_is_flagged_at_once():
     """An earlier tiny Klein's 30x-LR run: 0.80 -> 0.53, 0.54. The smoothed likeness is only 22% down by then; both
     checkpoints after the fall are 30% below the smoothed peak."""
-    history = TrainingHistory()
-    for i, like in enumerate([0.74, 0.71, 0.72, 0.74, 0.80, 0.53, 0.54]):
-        history.add_checkpoint(i * 50, ckpt_path(i * 50) if i else None, likeness=like)
+    history = likeness_history([0.74, 0.71, 0.72, 0.74, 0.80, 0.53, 0.54], every=50)
     report = detect_collapse(history)
     assert report is not None and report.signal_names == [LIKENESS_DROP]
     assert report.began_step == 250 and report.detected_step == 300 and report.last_good_path == ckpt_path(200)
@@ -297,9 +299,7 @@ def test_a_likeness_that_falls_from_above_the_untrained_base_to_under_it_is_flag
     """The shipped tiny Klein's 30x-LR run: the generic likeness rose from the base's 0.568 to 0.636 and fell to
     0.507, 0.515: only 17% below the smoothed peak, but under what the untrained base drew. The near-equal checkpoint
     after the best (0.633) is not where the fall began."""
-    history = TrainingHistory()
-    for i, like in enumerate([0.568, 0.564, 0.572, 0.636, 0.633, 0.507, 0.515]):
-        history.add_checkpoint(i * 50, ckpt_path(i * 50) if i else None, likeness=like)
+    history = likeness_history([0.568, 0.564, 0.572, 0.636, 0.633, 0.507, 0.515], every=50)
     report = detect_collapse(history)
     assert report is not None and report.signal_names == [LIKENESS_DROP]
     assert report.began_step == 250 and report.detected_step == 300 and report.last_good_path == ckpt_path(200)
@@ -307,9 +307,7 @@ def test_a_likeness_that_falls_from_above_the_untrained_base_to_under_it_is_flag
 
 
 def test_one_bad_preview_between_good_ones_is_not_a_likeness_drop():
-    history = TrainingHistory()
-    for i, like in enumerate([0.74, 0.71, 0.72, 0.74, 0.80, 0.60, 0.79, 0.80]):
-        history.add_checkpoint(i * 50, ckpt_path(i * 50) if i else None, likeness=like)
+    history = likeness_history([0.74, 0.71, 0.72, 0.74, 0.80, 0.60, 0.79, 0.80], every=50)
     assert detect_collapse(history) is None
 
 

@@ -89,7 +89,7 @@ class DemoScale:
       (92% vs 57% there; 75% vs 35% at 200 training steps on the shipped base)
       (:func:`klein_core.train.objective.empty_prompt_preservation_loss`).
 
-    Measured: done in 46 s on 2 idle cores (55.8 s wall with the imports), most of it training; the README has the
+    Measured: done in 20 s on 2 idle cores (27.7 s wall with the imports), most of it training; the README has the
     figures.
     """
 
