@@ -171,7 +171,10 @@ def batch_mean(loss: torch.Tensor, dist: DistributedContext) -> float:
 
 
 def optimizer_step(
-    params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm=None
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    max_grad_norm: float | None = None,
 ) -> None:
     """Back-propagate ``loss`` (DDP averages the gradients over the ranks meanwhile), clip, step."""
     optimizer.zero_grad(set_to_none=True)
