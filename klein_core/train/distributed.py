@@ -98,6 +98,13 @@ class DistributedContext:
         self._collective(torch.distributed.broadcast, flag, src=0)
         return bool(flag.item() > 0)
 
+    def mean(self, value: torch.Tensor) -> float:
+        """The mean of a scalar over the ranks (a whole batch's loss from each rank's share). One process: itself."""
+        total = value.detach().float().reshape(1).clone()
+        if self.is_distributed:
+            self._collective(torch.distributed.all_reduce, total)
+        return float(total) / self.world_size
+
     def barrier(self) -> None:
         if self.is_distributed:
             self._collective(torch.distributed.barrier)
