@@ -121,8 +121,8 @@ def keep_freed_memory() -> None:
     """Have glibc's malloc keep freed memory for the next allocation instead of handing it back to the system.
 
     Every training step frees and allocates the same activations again. By default glibc returns big freed blocks
-    to the system, and the next step pays a page fault for every 4 KiB it touches again: 800-1250 page faults per
-    data-parallel training step, 0-30 with this, which makes the step 3.3% faster (``bench/pretrain_steps.py``).
+    to the system, and the next step pays a page fault for every 4 KiB it touches again: 700-1550 page faults per
+    data-parallel training step, 0-34 with this, which makes the step 2.6-3.5% faster (``bench/pretrain_steps.py``).
     It holds for the rest of the process. No-op where the C library is not glibc (no ``mallopt``)."""
     import ctypes
     import ctypes.util
