@@ -5,7 +5,7 @@
 ``klein-lora make-tiny --pretrained`` trains the VAE (batch 8) and the transformer (batch 32) on two single-threaded
 processes, each fitting half of every batch, with torch's ``DistributedDataParallel`` over gloo. Each setting below
 runs both ranks in fresh processes (glibc's malloc settings are per process) and reports the mean milliseconds and
-page faults of a training step, the pack's own step (``ThroughLatentMode``/``flow_matching_loss``,
+page faults of a training step, the pack's own step (``vae_loss``/``flow_matching_loss``,
 ``optimizer_step``):
 
 * ``alone``: each rank steps on its half with no all-reduce (the floor any data-parallel step pays);
@@ -46,18 +46,14 @@ def _model_and_step(name: str, half_batch: int):
         PRETRAINED_TRANSFORMER_CONFIG,
         PRETRAINED_VAE_CONFIG,
         ThroughLatentMode,
-        reconstruction_loss,
+        vae_loss,
     )
     from klein_core.train.objective import flow_matching_loss
 
     if name == "vae":
         pictures = torch.rand(half_batch, 3, 64, 64) * 2 - 1
-
-        def vae_loss(model):
-            decoded, latents = model(pictures)
-            return reconstruction_loss(decoded, pictures) + 1e-4 * latents.pow(2).mean()
-
-        return ThroughLatentMode(AutoencoderKLFlux2(**PRETRAINED_VAE_CONFIG)), vae_loss
+        vae = ThroughLatentMode(AutoencoderKLFlux2(**PRETRAINED_VAE_CONFIG))
+        return vae, lambda model: vae_loss(model, pictures)
     latents, embeds = torch.randn(half_batch, 128, 4, 4), torch.randn(half_batch, 32, 48)
     noise, sigma = torch.randn(half_batch, 128, 4, 4), torch.rand(half_batch)
     transformer = Flux2Transformer2DModel(**PRETRAINED_TRANSFORMER_CONFIG)

@@ -206,6 +206,15 @@ class ThroughLatentMode(torch.nn.Module):
         return self.vae.decode(latents).sample, latents
 
 
+def vae_loss(reconstruct: torch.nn.Module, pictures: torch.Tensor) -> torch.Tensor:
+    """The VAE's training loss on ``pictures`` in [-1, 1] through ``reconstruct`` (:class:`ThroughLatentMode`, or
+    DDP around it): :func:`reconstruction_loss` and a small pull of the latents towards 0, so that their scale does
+    not drift while the decoder learns (:func:`set_latent_statistics` normalises them afterwards). The pre-training
+    and ``bench/pretrain_steps.py`` both train with it."""
+    decoded, latents = reconstruct(pictures)
+    return reconstruction_loss(decoded, pictures) + 1e-4 * latents.pow(2).mean()
+
+
 def fit_vae(
     pictures: torch.Tensor, budget: PretrainBudget, seed: int, log: Callable[[str], None], dist: DistributedContext
 ):
@@ -224,8 +233,7 @@ def fit_vae(
         drawn = torch.randint(0, len(pictures), (budget.vae_batch_size,), generator=generator)
         batch = pictures[drawn[mine]] * 2 - 1
         _cosine_lr(optimizer, budget.vae_learning_rate, step, budget.vae_training_steps)
-        decoded, latents = reconstruct(batch)
-        loss = reconstruction_loss(decoded, batch) + 1e-4 * latents.pow(2).mean()
+        loss = vae_loss(reconstruct, batch)
         optimizer_step(params, optimizer, loss)
         if (step + 1) % max(1, budget.vae_training_steps // 4) == 0:
             log(f"  VAE training step {step + 1}/{budget.vae_training_steps}, loss {dist.mean(loss):.4f}")
