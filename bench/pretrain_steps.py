@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed training steps per model, setting and round")
     parser.add_argument("--rounds", type=int, default=3, help="times each setting runs, in turn with the others")
     args = parser.parse_args()
+    if args.steps < 1 or args.rounds < 1:
+        parser.error(f"--steps and --rounds must be 1 or more, got {args.steps} and {args.rounds}")
     rounds = [{setting: measure(setting, args.steps) for setting in SETTINGS} for _ in range(args.rounds)]
     figures = [*MODELS, *(f"{name} faults" for name in MODELS)]
     medians = {setting: {k: statistics.median(r[setting][k] for r in rounds) for k in figures} for setting in SETTINGS}
